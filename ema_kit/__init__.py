@@ -1,0 +1,6 @@
+"""ema_kit: an exponential moving average of PyTorch model weights, for Kaggle and Jupyter."""
+
+from .ema import ModelEMA, decay_from_half_life
+
+__all__ = ["ModelEMA", "decay_from_half_life"]
+__version__ = "0.1.0"

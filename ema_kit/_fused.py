@@ -1,0 +1,227 @@
+"""The per-step EMA update as a few fused tensor ops over tensor lists built once.
+
+An EMA step pays for moving bytes (read live and shadow, write shadow: nothing beats one ``lerp_`` over
+one flat tensor) and for launching one op per tensor. Big tensors are blended with one multi-tensor
+``lerp`` straight from the live tensors. Small ones (norm-layer vectors, biases, counters), where
+launching costs more than the bytes, are gathered by ``torch.cat`` into a staging buffer and blended
+with one ``lerp_`` over the contiguous region of the shadow that holds them.
+
+Measured on a 2-core CPU (torch 2.13): a cat whose output has 32768 elements or more takes a parallel
+path that costs ~0.8 us per input instead of ~0.1 us, and a cat that converts dtypes ~1.5 us per input;
+so cats stay under that size and stage in the live tensors' own dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor
+
+CAT_CHUNK = 32_767  # elements: the largest cat output that stays on the fast serial kernel
+GATHER_BELOW = 16_384  # elements: smaller tensors are gathered (must stay below CAT_CHUNK)
+STAGE_LIMIT = 1 << 20  # elements: cap on a staging buffer, so gathering never costs a second shadow
+
+
+def memory_order_view(tensor: Tensor) -> Tensor | None:
+    """``tensor`` as a 1-D view in memory order, or None when it does not fill one dense block.
+
+    Covers contiguous and permuted-dense layouts (channels_last), so gathering never copies.
+    """
+    if tensor.is_contiguous():
+        return tensor.view(-1)
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n != 1):
+        if stride != expected:
+            return None
+        expected *= size
+    return tensor.as_strided((tensor.numel(),), (1,))
+
+
+class FusedUpdate:
+    """Blends shadow tensors towards live ones: ``shadow = lerp(shadow, live, weight)``, or copies them.
+
+    ``FusedUpdate(lives, average, placements)`` allocates ``self.shadows``: one per live tensor, with
+    its shape and memory layout, on the placement's ``(device, dtype)``, as views into one flat buffer
+    per placement; their values are left for the caller to fill. Live tensors whose ``average`` flag is
+    False (integer counters, buffers the caller copies) are copied on every call instead of blended.
+    """
+
+    def __init__(self, lives: list[Tensor], average: list[bool], placements: list[tuple]):
+        self.lives = [live.detach() for live in lives]
+        self.shadows: list[Tensor] = [None] * len(lives)  # type: ignore[list-item]
+        groups: dict[tuple, list[int]] = {}
+        for index, placement in enumerate(placements):
+            groups.setdefault(placement, []).append(index)
+        self._groups = [
+            _Group(self.lives, average, indices, *placement, self.shadows)
+            for placement, indices in groups.items()
+        ]
+        self.first_of_each_buffer = [indices[0] for indices in groups.values()]
+
+    def lerp_(self, weight: float) -> None:
+        """One EMA step: ``shadow += weight * (live - shadow)`` for averaged tensors, copy for the rest."""
+        for group in self._groups:
+            group.lerp_(weight)
+
+    def copy_(self) -> None:
+        """Make every shadow an exact copy of its live tensor (also mends a shadow holding NaN)."""
+        for group in self._groups:
+            group.copy_()
+
+    def all_finite(self) -> bool:
+        """Whether every floating-point live tensor is free of NaN and Inf (one sync on GPU)."""
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for live in self.lives:
+            if live.is_floating_point() and live.numel():
+                by_device.setdefault(live.device, []).append(live)
+        return all(
+            bool(
+                torch.stack([norm.float() for norm in torch._foreach_norm(tensors, float("inf"))])
+                .isfinite()
+                .all()
+            )
+            for tensors in by_device.values()
+        )
+
+
+class _Group:
+    """The shadows of one ``(device, dtype)``: one flat buffer, and the op lists that update it."""
+
+    def __init__(self, lives, average, indices, device, dtype, shadows_out):
+        device = torch.device(device)
+
+        def kind(i):
+            live = lives[i]
+            if live.device != device:
+                return "remote"
+            if memory_order_view(live) is None:
+                return "direct"
+            if not average[i]:
+                return "gathered copy"
+            return "gathered blend" if live.numel() < GATHER_BELOW else "direct"
+
+        kinds = {i: kind(i) for i in indices}
+        # Lay the flat buffer out so that each gathered run is contiguous: copies, then blends by live dtype.
+        rank = {"direct": 0, "gathered copy": 1, "gathered blend": 2, "remote": 3}
+        order = sorted(indices, key=lambda i: (rank[kinds[i]], str(lives[i].dtype)))
+        flat = torch.empty(_numel(order, lives), device=device, dtype=dtype)
+        starts = dict(zip(order, itertools.accumulate((lives[i].numel() for i in order), initial=0)))
+
+        def span(run):  # the part of the flat buffer that holds a contiguous run of members
+            return flat[starts[run[0]] : starts[run[0]] + _numel(run, lives)]
+
+        def members(name):
+            return [i for i in order if kinds[i] == name]
+
+        for i in order:
+            shadows_out[i] = _shaped_like(lives[i], span([i]))
+
+        direct = members("direct")
+        blend = [i for i in direct if average[i]]
+        self._blend_same = (
+            [shadows_out[i] for i in blend if lives[i].dtype == dtype],
+            [lives[i] for i in blend if lives[i].dtype == dtype],
+        )
+        self._blend_cast = (
+            [shadows_out[i] for i in blend if lives[i].dtype != dtype],
+            [lives[i] for i in blend if lives[i].dtype != dtype],
+        )
+        self._copy_direct = (
+            [shadows_out[i] for i in direct if not average[i]],
+            [lives[i] for i in direct if not average[i]],
+        )
+        self._gathered_copies = [
+            ([memory_order_view(lives[i]) for i in run], span(run))
+            for run in _runs(members("gathered copy"), lives, CAT_CHUNK)
+        ]
+        # Blended runs: each block cats its members into a staging buffer (in their own dtype), then one lerp.
+        self._gathered_blends = []
+        for live_dtype, same_dtype in itertools.groupby(
+            members("gathered blend"), key=lambda i: lives[i].dtype
+        ):
+            for block in _runs(list(same_dtype), lives, STAGE_LIMIT):
+                stage = torch.empty(span(block).numel(), device=device, dtype=live_dtype)
+                cats, start = [], 0
+                for run in _runs(block, lives, CAT_CHUNK):
+                    cats.append(
+                        (
+                            [memory_order_view(lives[i]) for i in run],
+                            stage[start : start + _numel(run, lives)],
+                        )
+                    )
+                    start += _numel(run, lives)
+                self._gathered_blends.append((cats, span(block), stage))
+        # Live tensors on another device (an EMA kept on the CPU): staged one at a time through a buffer
+        # the size of the largest, so nothing is allocated per step.
+        remote = members("remote")
+        self._remote = []
+        if remote:
+            stage = torch.empty(max(lives[i].numel() for i in remote), device=device, dtype=dtype)
+            self._remote = [
+                (lives[i], shadows_out[i], average[i], stage[: lives[i].numel()].view(lives[i].shape))
+                for i in remote
+            ]
+
+    def lerp_(self, weight: float) -> None:
+        if self._blend_same[0]:
+            torch._foreach_lerp_(*self._blend_same, weight)
+        if self._blend_cast[0]:  # lerp_ needs equal dtypes; mul_ and add_ convert inside the kernel
+            torch._foreach_mul_(self._blend_cast[0], 1.0 - weight)
+            torch._foreach_add_(*self._blend_cast, alpha=weight)
+        for cats, region, stage in self._gathered_blends:
+            for views, out in cats:
+                torch.cat(views, out=out)
+            if stage.dtype == region.dtype:
+                region.lerp_(stage, weight)
+            else:
+                region.mul_(1.0 - weight).add_(stage, alpha=weight)
+        for live, shadow, average, stage in self._remote:
+            if average:
+                shadow.lerp_(stage.copy_(live), weight)
+        self._copy_unaveraged()
+
+    def copy_(self) -> None:
+        shadows = self._blend_same[0] + self._blend_cast[0]
+        if shadows:
+            torch._foreach_copy_(shadows, self._blend_same[1] + self._blend_cast[1])
+        for cats, region, stage in self._gathered_blends:
+            for views, out in cats:
+                torch.cat(views, out=out)
+            region.copy_(stage)
+        for live, shadow, average, _ in self._remote:
+            if average:
+                shadow.copy_(live)
+        self._copy_unaveraged()
+
+    def _copy_unaveraged(self) -> None:
+        if self._copy_direct[0]:
+            torch._foreach_copy_(*self._copy_direct)
+        for views, region in self._gathered_copies:
+            torch.cat(views, out=region)
+        for live, shadow, average, _ in self._remote:
+            if not average:
+                shadow.copy_(live)
+
+
+def _numel(indices: list[int], lives: list[Tensor]) -> int:
+    return sum(lives[i].numel() for i in indices)
+
+
+def _shaped_like(live: Tensor, region: Tensor) -> Tensor:
+    """A 1-D region viewed with ``live``'s shape, and with its memory layout when it is dense."""
+    if memory_order_view(live) is None:
+        return region.view(live.shape)
+    return region.as_strided(live.shape, live.stride())
+
+
+def _runs(indices: list[int], lives: list[Tensor], limit: int) -> list[list[int]]:
+    """Split consecutive members into runs of at most ``limit`` elements (a bigger one stands alone)."""
+    runs, size = [], limit + 1
+    for i in indices:
+        if size + lives[i].numel() > limit:
+            runs.append([])
+            size = 0
+        runs[-1].append(i)
+        size += lives[i].numel()
+    return runs

@@ -1,0 +1,65 @@
+"""Where a model keeps its tensors: unwrapping wrappers, and the slots that hold each saved tensor."""
+
+from __future__ import annotations
+
+import sys
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP, DataParallel and ``torch.compile`` wrappers (any nesting).
+
+    The EMA and the weights it exports use the plain module's keys, so a state dict saved from a
+    wrapped model loads into an unwrapped one: no ``module.`` or ``_orig_mod.`` prefixes.
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    # No compiled module can exist before dynamo is imported, so don't import it here (it is slow).
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
+class Slot(NamedTuple):
+    """One saved tensor of a module: its state-dict key, and the dict entry that holds it."""
+
+    key: str
+    holder: dict  # the owning module's ``_parameters`` or ``_buffers``
+    name: str
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.holder[self.name]
+
+
+def saved_slots(module: nn.Module) -> list[Slot]:
+    """Every parameter and persistent buffer of ``module``, in state-dict order, each tensor once.
+
+    A tensor shared by two modules (tied weights) is listed once, under its first key, so that it
+    is averaged once per step rather than twice.
+    """
+    slots, seen = [], set()
+    for prefix, mod in module.named_modules():
+        dot = prefix + "." if prefix else ""
+        for holder, skip in ((mod._parameters, ()), (mod._buffers, mod._non_persistent_buffers_set)):
+            for name, tensor in holder.items():
+                if tensor is None or name in skip or id(tensor) in seen:
+                    continue
+                if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+                    raise ValueError(
+                        f"{dot}{name} is not initialized yet (a lazy module): run one forward pass "
+                        "through the model before building the EMA."
+                    )
+                seen.add(id(tensor))
+                slots.append(Slot(dot + name, holder, name))
+    return slots
