@@ -1,0 +1,499 @@
+"""ModelEMA (ema_kit/ema.py): numerics, warmup, buffers, precision, wrappers, swap, resume, files, errors."""
+
+import copy
+import math
+import os
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import ReferenceEMA, max_error, small_cnn, train_steps
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from ema_kit import ModelEMA, decay_from_half_life
+from ema_kit.ema import WARMUP_POWER
+
+# -- the formula ---------------------------------------------------------------------------------
+
+
+def test_update_matches_float64_formula_without_warmup(model):
+    ema, reference = ModelEMA(model, decay=0.9, warmup=False), ReferenceEMA(model)
+    train_steps(model, 30, lambda: (ema.update(model), reference.update(model, 0.9)))
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+    assert ema.num_updates == ema.num_steps == 30
+
+
+def test_warmup_follows_the_power_schedule_then_the_decay(model):
+    ema, reference = ModelEMA(model, decay=0.5), ReferenceEMA(model)
+    decays, errors = [], []
+
+    def step():
+        decays.append(min(0.5, (1 - 1 / (len(decays) + 1)) ** WARMUP_POWER))
+        ema.update(model)
+        reference.update(model, decays[-1])
+        errors.append(max_error(ema.module.state_dict(), reference.state))
+
+    train_steps(model, 25, step)
+    assert decays[0] == 0.0  # the first update takes the live weights, dropping the random init
+    assert decays[-1] == 0.5  # warmup has ended: the configured decay applies
+    assert max(errors) < 1e-6
+
+
+def test_warmup_keeps_early_ema_close_to_training_instead_of_the_init(model):
+    init = copy.deepcopy(model.state_dict())
+    warm, cold = ModelEMA(model, decay=0.999), ModelEMA(model, decay=0.999, warmup=False)
+    train_steps(model, 50, lambda: (warm.update(model), cold.update(model)))
+    live, warm_w, cold_w = (dict(m.named_parameters()) for m in (model, warm.module, cold.module))
+    init = {key: init[key] for key in live}
+    assert max_error(warm_w, live) < max_error(cold_w, live) / 3
+    assert max_error(cold_w, init) < max_error(warm_w, init) / 3
+
+
+def test_update_after_step_copies_the_weights_until_then(model):
+    ema = ModelEMA(model, decay=0.9, warmup=False, update_after_step=5)
+    reference = ReferenceEMA(model)
+    train_steps(model, 5, lambda: ema.update(model))
+    assert max_error(ema.module.state_dict(), model.state_dict()) == 0.0
+    assert ema.num_updates == 0
+    reference.update(model, 0.0)
+    train_steps(model, 10, lambda: (ema.update(model), reference.update(model, 0.9)), seed=1)
+    assert ema.num_updates == 10
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+
+
+def test_update_every_uses_decay_to_the_power_k_and_keeps_the_half_life(model):
+    ema = ModelEMA(model, decay=0.9, warmup=False, update_every=3)
+    reference, calls = ReferenceEMA(model), []
+
+    def step():
+        calls.append(1)
+        ema.update(model)
+        if len(calls) % 3 == 0:
+            reference.update(model, 0.9**3)
+
+    train_steps(model, 12, step)
+    assert ema.num_steps == 12 and ema.num_updates == 4
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+    assert ema.half_life == pytest.approx(math.log(0.5) / math.log(0.9))
+
+
+def test_decay_from_half_life_halves_the_weight_after_that_many_steps():
+    assert decay_from_half_life(100) ** 100 == pytest.approx(0.5)
+    assert decay_from_half_life(epochs=2, steps_per_epoch=50) == decay_from_half_life(100)
+    assert ModelEMA(nn.Linear(2, 2), decay=decay_from_half_life(250)).half_life == pytest.approx(250)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"steps": 0},
+        {"steps": -5},
+        {"steps": float("nan")},
+        {"steps": float("inf")},
+        {"steps": 10, "epochs": 1, "steps_per_epoch": 5},
+        {"epochs": 1},
+        {"epochs": 1, "steps_per_epoch": 0},
+        {"steps": "100"},
+    ],
+)
+def test_decay_from_half_life_rejects_bad_input(kwargs):
+    with pytest.raises(ValueError, match="half-life|steps_per_epoch"):
+        decay_from_half_life(**kwargs)
+
+
+# -- buffers ---------------------------------------------------------------------------------------
+
+
+def test_buffers_are_averaged_by_default_and_counters_copied(model):
+    ema, reference = ModelEMA(model, decay=0.8, warmup=False), ReferenceEMA(model)
+    train_steps(model, 10, lambda: (ema.update(model), reference.update(model, 0.8)))
+    state = ema.module.state_dict()
+    assert max_error(state, reference.state) < 1e-6
+    assert state["1.num_batches_tracked"].item() == 10 and state["1.num_batches_tracked"].dtype == torch.int64
+    assert not torch.equal(state["1.running_mean"], model.state_dict()["1.running_mean"])
+
+
+def test_buffers_copy_mode_copies_running_stats(model):
+    ema, reference = ModelEMA(model, decay=0.8, warmup=False, buffers="copy"), ReferenceEMA(model)
+    train_steps(model, 10, lambda: (ema.update(model), reference.update(model, 0.8, buffers="copy")))
+    state = ema.module.state_dict()
+    assert max_error(state, reference.state) < 1e-6
+    assert torch.equal(state["4.running_var"], model.state_dict()["4.running_var"])
+
+
+def test_tied_weights_are_averaged_once_per_step():
+    torch.manual_seed(0)
+    embed, head = nn.Embedding(20, 8), nn.Linear(8, 20, bias=False)
+    head.weight = embed.weight
+    model = nn.Sequential(embed, nn.Flatten(), head)
+    ema, reference = ModelEMA(model, decay=0.5, warmup=False), ReferenceEMA(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(5):
+        model(torch.randint(0, 20, (4, 1))).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(model)
+        reference.update(model, 0.5)
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+    assert ema.module[0].weight is ema.module[2].weight
+
+
+# -- low precision -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_keeps_a_float32_shadow_that_tracks_float64(dtype):
+    torch.manual_seed(0)
+    model = small_cnn().to(dtype)
+    ema, reference = ModelEMA(model, decay=0.999, warmup=False), ReferenceEMA(model)
+    naive = copy.deepcopy(model)  # what a copied 15-line EMA does: average in the model's own dtype
+
+    def step():
+        ema.update(model)
+        reference.update(model, 0.999)
+        with torch.no_grad():
+            for n, p in zip(naive.parameters(), model.parameters()):
+                n.mul_(0.999).add_(p, alpha=0.001)
+
+    train_steps(model, 100, step, lr=0.01)
+    assert {t.dtype for t in ema.module.parameters()} == {torch.float32}
+    ours = max_error(ema.module.state_dict(), reference.state)
+    theirs = max_error(
+        dict(naive.named_parameters()), {k: reference.state[k] for k, _ in naive.named_parameters()}
+    )
+    assert ours < 1e-5
+    assert theirs > 30 * ours  # the naive EMA's updates round away
+
+
+def test_dtype_option_sets_the_shadow_precision(model):
+    ema = ModelEMA(model, dtype=torch.float64)
+    assert {t.dtype for t in ema.module.parameters()} == {torch.float64}
+    train_steps(model, 3, lambda: ema.update(model))
+    assert ema.module.state_dict()["1.num_batches_tracked"].dtype == torch.int64
+
+
+def test_shadow_is_one_flat_buffer_per_dtype_and_nothing_is_allocated_per_step(model):
+    ema = ModelEMA(model, warmup=False)
+    tensors = list(ema.module.state_dict().values())
+    storages = {t.untyped_storage().data_ptr() for t in tensors}
+    assert len(storages) == 2  # one float32 buffer, one int64 buffer: a single shadow copy
+    floats = [t for t in tensors if t.is_floating_point()]
+    assert floats[0].untyped_storage().nbytes() == sum(t.numel() for t in floats) * 4
+    train_steps(model, 1)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(3):
+            ema.update(model)
+    allocations = [e.name for e in prof.events() if e.cpu_memory_usage and e.cpu_memory_usage > 0]
+    assert allocations == []
+
+
+def test_ema_module_is_eval_mode_and_never_tracks_gradients(model):
+    ema = ModelEMA(model)
+    assert ema.ema is ema.module and not ema.module.training
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    train_steps(model, 2, lambda: ema.update(model))
+    assert all(p.grad_fn is None and not p.requires_grad for p in ema.module.parameters())
+    assert torch.equal(ema(torch.ones(2, 1, 8, 8)), ema.module(torch.ones(2, 1, 8, 8)))
+
+
+# -- wrappers and moved models -----------------------------------------------------------------------
+
+
+def test_dataparallel_and_compiled_wrappers_are_looked_through(model, tmp_path):
+    compiled = torch.compile(nn.DataParallel(model))
+    ema = ModelEMA(compiled, decay=0.9, warmup=False)
+    reference = ReferenceEMA(model)
+    train_steps(model, 5, lambda: (ema.update(compiled), reference.update(model, 0.9)))
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+    assert list(ema.module.state_dict()) == list(model.state_dict())
+    fresh = small_cnn()
+    fresh.load_state_dict(torch.load(ema.save(tmp_path / "ema.pth"), weights_only=True), strict=True)
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_wrapper_is_looked_through(model, process_group):
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ema, reference = ModelEMA(ddp, decay=0.9, warmup=False), ReferenceEMA(model)
+    train_steps(ddp, 4, lambda: (ema.update(ddp), reference.update(model, 0.9)))
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+    assert not any(key.startswith("module.") for key in ema.state_dict()["weights"])
+
+
+def test_model_cast_to_double_after_building_is_followed(model):
+    ema, reference = ModelEMA(model, decay=0.9, warmup=False), ReferenceEMA(model)
+    train_steps(model, 3, lambda: (ema.update(model), reference.update(model, 0.9)))
+    model.double()
+    train_steps(model, 3, lambda: (ema.update(model), reference.update(model, 0.9)), seed=1)
+    assert {t.dtype for t in ema.module.parameters()} == {torch.float64}
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+
+
+def test_model_tensors_replaced_after_building_are_followed(model):
+    ema, reference = ModelEMA(model, decay=0.9, warmup=False), ReferenceEMA(model)
+    train_steps(model, 2, lambda: (ema.update(model), reference.update(model, 0.9)))
+    model.to(memory_format=torch.channels_last)  # new parameter storage, new strides
+    model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)  # new parameter objects
+    model[7].weight.data = model[7].weight.data.clone()  # .data swapped by hand
+    train_steps(model, 3, lambda: (ema.update(model), reference.update(model, 0.9)), seed=1)
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+    assert ema.module[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_ema_module_moved_by_hand_is_laid_out_again(model):
+    ema, reference = ModelEMA(model, decay=0.9, warmup=False), ReferenceEMA(model)
+    ema.module.half()  # the EMA follows the model's dtype rule again at the next update
+    reference.state = {
+        k: v.half().double() if v.is_floating_point() else v for k, v in reference.state.items()
+    }
+    train_steps(model, 3, lambda: (ema.update(model), reference.update(model, 0.9)))
+    assert {t.dtype for t in ema.module.parameters()} == {torch.float32}
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+
+
+def test_another_model_object_of_the_same_architecture_is_accepted(model):
+    ema = ModelEMA(model, decay=0.9, warmup=False)
+    other = small_cnn()
+    reference = ReferenceEMA(model)
+    ema.update(other)
+    reference.update(other, 0.9)
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+
+
+def test_model_of_another_shape_is_a_clear_error_and_the_ema_is_kept(model):
+    ema = ModelEMA(model)
+    before = copy.deepcopy(ema.state_dict())
+    with pytest.raises(
+        ValueError, match=r"shape mismatch.*9\.weight: \(5, 64\) vs EMA \(10, 64\).*new ModelEMA"
+    ):
+        ema.update(small_cnn(num_classes=5))
+    with pytest.raises(ValueError, match="missing"):
+        ema.update(nn.Linear(3, 3))
+    assert all(torch.equal(v, before["weights"][k]) for k, v in ema.state_dict()["weights"].items())
+    assert ema.num_steps == 0
+    ema.update(model)  # still bound to the right model afterwards
+    assert ema.num_steps == 1
+
+
+def test_device_option_places_the_shadow(model):
+    ema = ModelEMA(model, device="cpu")
+    assert ema.device == torch.device("cpu")
+    assert {t.device for t in ema.module.state_dict().values()} == {torch.device("cpu")}
+
+
+# -- evaluating with EMA weights ----------------------------------------------------------------------
+
+
+def test_applied_to_swaps_ema_weights_in_and_restores_live_ones_exactly(model):
+    ema = ModelEMA(model, decay=0.9)
+    train_steps(model, 5, lambda: ema.update(model))
+    live = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 1, 8, 8)
+    expected = ema.module(x)
+    with ema.applied_to(model) as swapped:
+        assert swapped is model
+        assert max_error(model.state_dict(), ema.module.state_dict()) == 0
+        assert torch.equal(model.eval()(x), expected)
+    assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
+
+
+def test_applied_to_restores_live_weights_when_the_block_raises(model):
+    ema = ModelEMA(model)
+    train_steps(model, 3, lambda: ema.update(model))
+    live = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="boom"), ema.applied_to(model):
+        raise RuntimeError("boom")
+    assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
+
+
+def test_applied_to_a_bf16_model_casts_in_and_restores_bit_exact():
+    torch.manual_seed(0)
+    model = small_cnn().bfloat16()
+    ema = ModelEMA(model, decay=0.99)
+    train_steps(model, 5, lambda: ema.update(model))
+    live = copy.deepcopy(model.state_dict())
+    with ema.applied_to(model):
+        assert model[0].weight.dtype == torch.bfloat16
+        assert torch.equal(model[0].weight, ema.module[0].weight.bfloat16())
+    assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
+
+
+def test_copy_to_writes_ema_weights_for_good(model):
+    ema = ModelEMA(model)
+    train_steps(model, 3, lambda: ema.update(model))
+    target = small_cnn()
+    ema.copy_to(torch.compile(target))
+    assert max_error(target.state_dict(), ema.module.state_dict()) == 0
+
+
+# -- resume and files ------------------------------------------------------------------------------
+
+
+def test_resume_from_state_dict_is_bit_identical(tmp_path):
+    settings = dict(decay=0.95, update_after_step=2, update_every=2)
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    straight = ModelEMA(model, **settings)
+    train_steps(model, 10, lambda: straight.update(model), seed=1)
+    train_steps(model, 10, lambda: straight.update(model), seed=2)
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    first = ModelEMA(model, **settings)
+    train_steps(model, 10, lambda: first.update(model), seed=1)
+    torch.save({"model": model.state_dict(), "ema": first.state_dict()}, tmp_path / "ckpt.pth")
+
+    checkpoint = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    resumed_model = small_cnn()
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed = ModelEMA(resumed_model, decay=0.5)  # settings come back from the state
+    resumed.load_state_dict(checkpoint["ema"])
+    train_steps(resumed_model, 10, lambda: resumed.update(resumed_model), seed=2)
+
+    assert resumed.decay == 0.95 and resumed.update_every == 2
+    assert (resumed.num_steps, resumed.num_updates) == (straight.num_steps, straight.num_updates) == (20, 9)
+    for key, value in straight.module.state_dict().items():
+        assert torch.equal(resumed.module.state_dict()[key], value), key
+
+
+def test_load_state_dict_restores_the_shadow_dtype():
+    model = small_cnn()
+    saved = ModelEMA(model, dtype=torch.float64)
+    saved.update(model)
+    ema = ModelEMA(model)
+    ema.load_state_dict(saved.state_dict())
+    assert ema.dtype == torch.float64 and ema.module[0].weight.dtype == torch.float64
+    assert torch.equal(ema.module[0].weight, saved.module[0].weight)
+
+
+@pytest.mark.parametrize("corrupt", ["plain weights", "other shapes", "bad decay", "missing counter"])
+def test_load_state_dict_rejects_bad_state_and_keeps_the_ema(model, corrupt):
+    ema = ModelEMA(model)
+    train_steps(model, 2, lambda: ema.update(model))
+    before = copy.deepcopy(ema.state_dict())
+    state = copy.deepcopy(before)
+    if corrupt == "plain weights":
+        state = state["weights"]
+    elif corrupt == "other shapes":
+        state["weights"] = ModelEMA(small_cnn(num_classes=3)).state_dict()["weights"]
+    elif corrupt == "bad decay":
+        state["settings"]["decay"] = 1.5
+    else:
+        del state["num_updates"]
+    with pytest.raises(ValueError, match="ModelEMA state|does not match|decay must be|lacks"):
+        ema.load_state_dict(state)
+    after = ema.state_dict()
+    assert after["settings"] == before["settings"] and after["num_updates"] == before["num_updates"]
+    assert all(torch.equal(v, before["weights"][k]) for k, v in after["weights"].items())
+
+
+def test_save_writes_plain_weights_that_load_strict(model, tmp_path):
+    ema = ModelEMA(model)
+    train_steps(model, 3, lambda: ema.update(model))
+    path = ema.save(tmp_path / "sub" / "model_ema.pth")
+    fresh = small_cnn()
+    fresh.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    assert max_error(fresh.state_dict(), ema.module.state_dict()) == 0
+
+
+def test_save_is_atomic_when_interrupted(model, tmp_path, monkeypatch):
+    ema = ModelEMA(model)
+    path = ema.save(tmp_path / "model_ema.pth")
+    good = path.read_bytes()
+    train_steps(model, 2, lambda: ema.update(model))
+
+    def dies_midway(obj, f):
+        f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ema.save(path)
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == ["model_ema.pth"]  # no temporary file left behind
+
+
+# -- non-finite weights ------------------------------------------------------------------------------
+
+
+def test_skip_non_finite_keeps_the_last_good_ema(model):
+    ema = ModelEMA(model, decay=0.9, skip_non_finite=True)
+    train_steps(model, 3, lambda: ema.update(model))
+    good = copy.deepcopy(ema.module.state_dict())
+    with torch.no_grad():
+        model[7].weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        ema.update(model)
+    assert ema.num_skipped == 1 and ema.num_updates == 3
+    assert all(torch.equal(v, good[k]) for k, v in ema.module.state_dict().items())
+    with torch.no_grad():
+        model[7].weight[0, 0] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ema.update(model)
+    assert ema.num_updates == 4
+
+
+def test_non_finite_weights_propagate_when_not_skipping(model):
+    ema = ModelEMA(model, decay=0.9)
+    with torch.no_grad():
+        model[7].weight[0, 0] = float("inf")
+    ema.update(model)
+    assert not torch.isfinite(ema.module[7].weight).all()
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decay", [1.0, 1.5, -0.1, float("nan"), True, "0.999", None])
+def test_bad_decay_names_the_argument_and_the_fix(model, decay):
+    with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\).*decay_from_half_life"):
+        ModelEMA(model, decay=decay)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"update_every": 0}, ValueError, "update_every must be an int >= 1"),
+        ({"update_after_step": -1}, ValueError, "update_after_step must be an int >= 0"),
+        ({"update_every": 2.5}, ValueError, "update_every"),
+        ({"buffers": "mean"}, ValueError, "buffers must be 'average' or 'copy'"),
+        ({"dtype": torch.int64}, TypeError, "dtype must be a floating-point"),
+        ({"warmup": "yes"}, TypeError, "warmup must be True or False"),
+        ({"skip_non_finite": 1}, TypeError, "skip_non_finite must be True or False"),
+    ],
+)
+def test_bad_options_name_the_argument(model, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ModelEMA(model, **kwargs)
+
+
+def test_model_that_is_not_a_module_is_a_type_error(model):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got OrderedDict"):
+        ModelEMA(model.state_dict())
+    ema = ModelEMA(model)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got list"):
+        ema.update(list(model.parameters()))
+
+
+def test_model_without_floating_point_weights_is_rejected():
+    counter = nn.Module()
+    counter.register_buffer("count", torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="no floating-point parameters or buffers"):
+        ModelEMA(counter)
+    with pytest.raises(ValueError, match="no floating-point"):
+        ModelEMA(nn.ReLU())
+
+
+def test_lazy_module_must_run_once_first():
+    with pytest.raises(ValueError, match="lazy module.*forward pass"):
+        ModelEMA(nn.Sequential(nn.LazyLinear(4)))
