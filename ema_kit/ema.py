@@ -8,7 +8,7 @@ import math
 import operator
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -172,30 +172,42 @@ class ModelEMA:
 
     def update(self, model: nn.Module) -> None:
         """Fold the model's current weights into the EMA; call it after each optimizer step."""
+        self._follow(model)
+        weight = self._advance(self._plan.all_finite)
+        if weight == 1.0:
+            self._plan.copy_()
+        elif weight is not None:
+            self._plan.lerp_(weight)
+
+    def _follow(self, model: nn.Module) -> None:
+        """Rebind to ``model`` when it is another object, or its tensors were moved, cast or replaced."""
         if model is not self._model or self._current_addresses() != self._addresses:
-            self._bind(model)  # another model object, or tensors moved, cast or replaced
+            self._bind(model)
+
+    def _advance(self, all_finite: Callable[[], bool]) -> float | None:
+        """Count one ``update`` call; return the blend weight it calls for (1.0: copy), or None (no change).
+
+        The schedule is kept apart from the tensor work so that ``MultiEMA`` can run it for each of its
+        EMAs and then blend them all in one pass.
+        """
         self.num_steps += 1
         averaging = self.num_steps > self.update_after_step
         if averaging and (self.num_steps - self.update_after_step) % self.update_every:
-            return
-        if self.skip_non_finite and not self._plan.all_finite():
+            return None
+        if self.skip_non_finite and not all_finite():
             self.num_skipped += 1
             warnings.warn(
                 "ModelEMA skipped an update: the model's weights hold NaN or Inf; the EMA keeps its "
                 "last finite weights (ema.num_skipped counts the skips).",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-            return
+            return None
         if not averaging:
-            self._plan.copy_()
-            return
-        decay = self.current_decay()
-        if decay == 0.0:
-            self._plan.copy_()
-        else:
-            self._plan.lerp_(1.0 - decay)
+            return 1.0
+        weight = 1.0 - self.current_decay()
         self.num_updates += 1
+        return weight
 
     def copy_to(self, model: nn.Module) -> None:
         """Write the EMA weights (and buffers) into ``model`` for good."""
@@ -253,6 +265,10 @@ class ModelEMA:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned. Checks everything before changing anything."""
+        self._restore(*self._check_state(state))
+
+    def _check_state(self, state) -> tuple[dict, dict, dict]:
+        """The settings, counters and weights of a ``state_dict``, checked against this EMA."""
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError(
                 "Not a ModelEMA state: expected the dict from ModelEMA.state_dict(). For plain weights "
@@ -270,7 +286,9 @@ class ModelEMA:
                 f"The ModelEMA state lacks {error}; was it saved by another ema_kit version?"
             ) from None
         _check_weights_match(weights, self.module.state_dict())
+        return settings, counters, weights
 
+    def _restore(self, settings: dict, counters: dict, weights: dict) -> None:
         self.__dict__.update(settings, **counters)
         self._bind(self._model)  # lay the shadow out for the restored dtype before filling it
         with torch.no_grad():
