@@ -18,10 +18,6 @@ from ._fused import FusedUpdate
 from ._tensors import Slot, saved_slots, unwrap
 from .files import atomic_save
 
-# Warmup caps the decay at (1 - 1/n) ** 8 for the n-th update: a power-function EMA (Karras et al.
-# 2024, gamma = 7) that averages over the latest ~10% of the updates so far (sigma_rel = 0.10), so the
-# early EMA follows training instead of lingering near the random init.
-WARMUP_POWER = 8
 _FORMAT = "ema_kit.ModelEMA/1"
 
 
@@ -68,9 +64,11 @@ class ModelEMA:
         model: the model to average; DDP, DataParallel and ``torch.compile`` wrappers are looked through.
         decay: weight kept by the EMA per update, in [0, 1). ``decay_from_half_life`` converts "how far
             back it averages" into a decay.
-        warmup: cap the decay at ``(1 - 1/n) ** 8`` for the n-th update, so early on the EMA averages the
-            latest ~10% of updates instead of lingering near the random init. ``False`` applies
-            ``decay`` exactly from the first update.
+        warmup: leave the random init out of the average: the n-th update uses the decay
+            ``decay * (1 - decay**(n-1)) / (1 - decay**n)``, so the EMA is exactly the decay-weighted
+            average of the updates so far (the first update copies the weights). It ramps up to
+            ``decay`` within a few half-lives. ``False`` applies ``decay`` from the first update, so the
+            init keeps a weight of ``decay**n``.
         update_after_step: for this many first ``update`` calls, copy the weights instead of averaging.
         update_every: average on every k-th call only, with ``decay ** k``, so the half-life in steps
             stays the same and the per-step cost drops k-fold.
@@ -166,8 +164,10 @@ class ModelEMA:
     def current_decay(self) -> float:
         """The decay the next averaging update applies, warmup and ``update_every`` included."""
         decay = self.decay**self.update_every
-        if self.warmup:
-            decay = min(decay, (1.0 - 1.0 / (self.num_updates + 1)) ** WARMUP_POWER)
+        if self.warmup and decay > 0:  # the bias correction of Adam's moment estimates, applied to weights
+            n = self.num_updates + 1
+            # decay * (1 - decay**(n-1)) / (1 - decay**n), written to stay exact for decay close to 1
+            decay = decay * math.expm1((n - 1) * math.log(decay)) / math.expm1(n * math.log(decay))
         return decay
 
     def update(self, model: nn.Module) -> None:
