@@ -204,6 +204,150 @@ class _Group:
                 shadow.copy_(live)
 
 
+
+class MultiUpdate:
+    """Several ``FusedUpdate`` plans over the same live tensors (one per decay), stepped in one pass.
+
+    Each op reads a live tensor once for all the shadow sets: big tensors go to one multi-tensor ``lerp``
+    whose list pairs each live tensor with its K shadows in turn (so it is still in cache for the 2nd to
+    K-th), with one weight per set; small ones are gathered once, and the staging buffer is blended into
+    the K shadow regions. Only shadows in another dtype than their live tensors (bf16 models) take one
+    ``mul_``/``add_`` pair per set, since ``lerp`` needs equal dtypes.
+    """
+
+    def __init__(self, plans: list[FusedUpdate]):
+        lead = plans[0]
+        if not all(
+            len(p.lives) == len(lead.lives) and all(map(Tensor.is_set_to, p.lives, lead.lives)) for p in plans
+        ):
+            raise ValueError("MultiUpdate needs plans built over the same live tensors.")
+        self.plans = plans
+        self._groups = [_GroupSet([p._groups[g] for p in plans]) for g in range(len(lead._groups))]
+        self._weights: tuple = ()
+
+    def lerp_(self, weights: list[float]) -> None:
+        """One EMA step per set: ``shadows[k] += weights[k] * (live - shadows[k])``; copy the rest."""
+        key = tuple(weights)
+        if key != self._weights:  # the per-tensor weight lists change only while a warmup runs
+            self._weights = key
+            for group in self._groups:
+                group.set_weights(key)
+        for group in self._groups:
+            group.lerp_()
+
+    def copy_(self) -> None:
+        """Make every shadow of every set an exact copy of its live tensor."""
+        for group in self._groups:
+            group.copy_()
+
+    def all_finite(self) -> bool:
+        """Whether every floating-point live tensor is free of NaN and Inf (one sync on GPU)."""
+        return self.plans[0].all_finite()
+
+
+class _GroupSet:
+    """The K sets' ``_Group`` of one ``(device, dtype)``: the lead's live-side lists, every set's shadows."""
+
+    def __init__(self, groups: list[_Group]):
+        lead, k = groups[0], len(groups)
+
+        def interleaved(pick):  # [set 0's i-th, set 1's i-th, ..., set 0's (i+1)-th, ...]
+            return [item for items in zip(*map(pick, groups)) for item in items]
+
+        def repeated(items):
+            return [item for item in items for _ in range(k)]
+
+        self._k = k
+        self._blend = (interleaved(lambda g: g._blend_same[0]), repeated(lead._blend_same[1]))
+        self._casts = [(g._blend_cast[0], lead._blend_cast[1]) for g in groups]
+        self._copies = (interleaved(lambda g: g._copy_direct[0]), repeated(lead._copy_direct[1]))
+        # Gathered copies: cat into the lead's region once, then copy that region to the other sets.
+        self._gathered_copies = lead._gathered_copies
+        self._copy_regions = (
+            [g._gathered_copies[i][1] for i in range(len(lead._gathered_copies)) for g in groups[1:]],
+            [region for _, region in lead._gathered_copies for _ in groups[1:]],
+        )
+        # Gathered blends: the lead's cats fill its staging buffers once; every set's region blends from them.
+        self._cats = [cats for cats, _, _ in lead._gathered_blends]
+        blends = lead._gathered_blends
+        same = [b for b, (_, region, stage) in enumerate(blends) if stage.dtype == region.dtype]
+        self._staged = (
+            interleaved(lambda g: [g._gathered_blends[b][1] for b in same]),
+            repeated([lead._gathered_blends[b][2] for b in same]),
+        )
+        self._staged_cast = [
+            (g._gathered_blends[b][1], lead._gathered_blends[b][2])
+            for b in range(len(lead._gathered_blends))
+            if b not in same
+            for g in groups
+        ]
+        # Live tensors on another device: staged once each, then blended into every set's shadow.
+        self._remote = [
+            (live, [g._remote[i][1] for g in groups], average, stage)
+            for i, (live, _, average, stage) in enumerate(lead._remote)
+        ]
+        self._weights: list[float] = []
+
+    def set_weights(self, weights: tuple) -> None:
+        self._weights = list(weights)
+        self._blend_weights = self._weights * (len(self._blend[0]) // self._k)
+        self._staged_weights = self._weights * (len(self._staged[0]) // self._k)
+
+    def lerp_(self) -> None:
+        weights = self._weights
+        if self._blend[0]:
+            torch._foreach_lerp_(*self._blend, self._blend_weights)
+        for (shadows, lives), weight in zip(self._casts, weights):
+            if shadows:  # lerp_ needs equal dtypes; mul_ and add_ convert inside the kernel
+                torch._foreach_mul_(shadows, 1.0 - weight)
+                torch._foreach_add_(shadows, lives, alpha=weight)
+        for cats in self._cats:
+            for views, out in cats:
+                torch.cat(views, out=out)
+        if self._staged[0]:
+            torch._foreach_lerp_(*self._staged, self._staged_weights)
+        for index, (region, stage) in enumerate(self._staged_cast):
+            weight = weights[index % self._k]
+            region.mul_(1.0 - weight).add_(stage, alpha=weight)
+        for live, shadows, average, stage in self._remote:
+            if average:
+                stage.copy_(live)
+                for shadow, weight in zip(shadows, weights):
+                    shadow.lerp_(stage, weight)
+        self._copy_unaveraged()
+
+    def copy_(self) -> None:
+        if self._blend[0]:
+            torch._foreach_copy_(*self._blend)
+        for shadows, lives in self._casts:
+            if shadows:
+                torch._foreach_copy_(shadows, lives)
+        for cats in self._cats:
+            for views, out in cats:
+                torch.cat(views, out=out)
+        if self._staged[0]:
+            torch._foreach_copy_(*self._staged)
+        for region, stage in self._staged_cast:
+            region.copy_(stage)
+        for live, shadows, average, _ in self._remote:
+            if average:
+                for shadow in shadows:
+                    shadow.copy_(live)
+        self._copy_unaveraged()
+
+    def _copy_unaveraged(self) -> None:
+        if self._copies[0]:
+            torch._foreach_copy_(*self._copies)
+        for views, region in self._gathered_copies:
+            torch.cat(views, out=region)
+        if self._copy_regions[0]:
+            torch._foreach_copy_(*self._copy_regions)
+        for live, shadows, average, _ in self._remote:
+            if not average:
+                for shadow in shadows:
+                    shadow.copy_(live)
+
+
 def _numel(indices: list[int], lives: list[Tensor]) -> int:
     return sum(lives[i].numel() for i in indices)
 
