@@ -16,7 +16,7 @@ from torch import nn
 
 from ._fused import FusedUpdate
 from ._tensors import Slot, saved_slots, unwrap
-from .files import atomic_save
+from .files import save_weights
 
 # Warmup caps the decay at (1 - 1/n) ** 8 for the n-th update: a power-function EMA (Karras et al.
 # 2024, gamma = 7) that averages over the latest ~10% of the updates so far (sigma_rel = 0.10). Measured on
@@ -245,11 +245,10 @@ class ModelEMA:
         """Write the EMA weights as a plain state dict, atomically, on the CPU.
 
         ``model.load_state_dict(torch.load(path, weights_only=True))`` loads it (strict), keys without
-        wrapper prefixes.
+        wrapper prefixes. A name ending in ``.safetensors`` writes safetensors instead (``pip install
+        safetensors``); ``ema_kit.files.load_weights(path)`` reads either.
         """
-        return atomic_save(
-            {key: value.detach().cpu() for key, value in self.module.state_dict().items()}, path
-        )
+        return save_weights(self.module.state_dict(), path)
 
     def state_dict(self) -> dict:
         """Everything needed to resume bit-identically: the shadow, the counters and the settings.
