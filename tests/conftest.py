@@ -1,8 +1,27 @@
 """Shared test helpers: a small real CNN, a few real training steps, and a float64 reference EMA."""
 
+import importlib.util
+import os
+import warnings
+
 import pytest
 import torch
 from torch import nn
+
+# EMA_KIT_SINGLE=path/to/ema_kit_single.py runs the tests against that one-file build of the package
+# (tests/test_kaggle.py does): it is imported here, before any test module imports ema_kit.
+if os.environ.get("EMA_KIT_SINGLE"):
+    _spec = importlib.util.spec_from_file_location("ema_kit_single", os.environ["EMA_KIT_SINGLE"])
+    with warnings.catch_warnings():  # it warns that it shadows this checkout's ema_kit: that is the point
+        warnings.filterwarnings("ignore", "`import ema_kit` now loads", UserWarning)
+        _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+    import ema_kit
+
+    if not hasattr(ema_kit.__loader__, "ema_kit_bundle"):
+        raise RuntimeError(f"EMA_KIT_SINGLE is set but ema_kit came from {ema_kit.__file__}")
+
+    def pytest_report_header() -> str:
+        return f"ema_kit under test: {ema_kit.__loader__.ema_kit_bundle}"
 
 
 def small_cnn(num_classes: int = 10) -> nn.Module:
