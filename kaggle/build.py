@@ -7,7 +7,7 @@
 Committed, and regenerated here (never edit them by hand):
     kaggle/ema_kit_single.py                       the whole package in one file (see bundle_loader.py)
     kaggle/dataset-metadata.json                   the Kaggle dataset, <user>/ema-kit
-    kaggle/kernels/<notebook>/kernel-metadata.json one per notebook in notebooks/ (table KERNELS below)
+    kaggle/kernels/<notebook>/kernel-metadata.json one per notebook (table NOTEBOOKS below)
 Not committed (.gitignore): kaggle/dataset/, the folder to upload with ``kaggle datasets create -p
 kaggle/dataset``: the wheel, ema_kit_single.py and dataset-metadata.json.
 
@@ -56,8 +56,8 @@ NOTEBOOKS = [
     ),
     ("05_choose_ema_after_training", "EMA Kit Choose EMA After Training", [], []),
 ]
-# Files the single file cannot carry and the wheel does not ship either; anything else that is not a
-# module stops the build. Dotfiles (editor swap files, .DS_Store) are skipped.
+# Skipped in ema_kit/, as are dotfiles (editor swap files, .DS_Store); anything else that is not a module
+# stops the build, since neither the single file nor the wheel would carry it.
 IGNORED = {"__pycache__", "py.typed"}
 # 1980-01-01, the earliest date a zip can hold: with it, the same sources give a byte-identical wheel.
 SOURCE_DATE_EPOCH = "315532800"
