@@ -326,7 +326,8 @@ def build_wheel(sources: dict[str, str], out_dir: Path) -> Path:
         if len(built) != 1:
             raise BuildError(
                 f"pip wheel failed ({' '.join(command)}):\n{result.stdout}{result.stderr}\n"
-                f"It builds offline with the setuptools of this environment: pip install 'setuptools>=68'."
+                "It builds offline with this environment's setuptools, which must read pyproject.toml "
+                "(its license = 'MIT' needs setuptools >= 77): pip install -U setuptools."
             )
         out_dir.mkdir(parents=True, exist_ok=True)
         return Path(shutil.copy2(built[0], out_dir / built[0].name))
