@@ -1,0 +1,96 @@
+"""The live-vs-EMA plot: one panel per quantity (loss, each metric), redrawn in place as epochs finish."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from . import _env
+from .files import atomic_write_bytes
+from .history import score_columns
+
+LIVE_COLOR = "tab:blue"
+EMA_COLORS = ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
+TRAIN_COLOR = "0.6"
+
+
+def plot_history(
+    history: pd.DataFrame, *, best_epoch: int | None = None, figure: Figure | None = None
+) -> Figure:
+    """Draw a training log (``fit``'s DataFrame, or ``pd.read_csv("history.csv")``) as live vs EMA curves.
+
+    One panel per quantity; the live model in blue, each EMA in its own fixed colour, the training loss in
+    grey; ``best_epoch`` is marked with a dotted line. The figure is not registered with pyplot, so it
+    never piles up or shows by itself: save it (``fig.savefig``) or display it.
+
+    Example:
+        >>> log = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.6], "live_loss": [0.9, 0.7],
+        ...                     "ema_loss": [0.95, 0.65]})
+        >>> fig = plot_history(log, best_epoch=2)
+        >>> [ax.get_title() for ax in fig.axes]
+        ['loss']
+    """
+    groups = score_columns(history)
+    if not groups:
+        raise ValueError(
+            "The history has no score columns (live_<metric>, ema_<metric>); pass fit's DataFrame or the "
+            f"history.csv it wrote. Columns given: {list(history.columns)}."
+        )
+    if figure is None:
+        figure = Figure(layout="constrained")
+    figure.clear()
+    figure.set_size_inches(4.2 * len(groups), 3.4)
+    epochs = history["epoch"] if "epoch" in history else pd.Series(range(1, len(history) + 1))
+    for ax, (quantity, columns) in zip(figure.subplots(1, len(groups), squeeze=False)[0], groups.items()):
+        if quantity == "loss" and "train_loss" in history:
+            ax.plot(epochs, history["train_loss"], color=TRAIN_COLOR, linestyle="--", label="train")
+        emas = iter(EMA_COLORS)
+        for model, column in columns.items():
+            color = LIVE_COLOR if model == "live" else next(emas, None)
+            ax.plot(epochs, history[column], color=color, marker="." if len(history) < 40 else None, label=model)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="0.3", linestyle=":", linewidth=1, label=f"best (epoch {best_epoch})")
+        ax.set_title(quantity)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return figure
+
+
+class LivePlot:
+    """``plot_history`` redrawn after every epoch: in place in a notebook, and as a PNG file if given a path.
+
+    In Jupyter the plot is one output that each ``update`` replaces, so an executed and saved notebook
+    holds one final image; elsewhere (a script, CI) nothing is shown and only the file is written. One
+    figure is reused for the whole run.
+
+    Example:
+        >>> import tempfile
+        >>> plot = LivePlot(tempfile.mkdtemp() + "/history.png")
+        >>> plot.update(pd.DataFrame({"epoch": [1], "live_loss": [0.9], "ema_loss": [0.95]}), best_epoch=1)
+        >>> plot.path.exists()
+        True
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, *, show: bool | None = None):
+        self.path = None if path is None else Path(path)
+        self.show = _env.in_notebook() if show is None else show
+        self.figure = Figure(layout="constrained")
+        self._handle = None
+
+    def update(self, history: pd.DataFrame, *, best_epoch: int | None = None) -> None:
+        plot_history(history, best_epoch=best_epoch, figure=self.figure)
+        if not (self.path or self.show):
+            return
+        png = io.BytesIO()
+        self.figure.savefig(png, format="png", dpi=90)
+        if self.path is not None:
+            atomic_write_bytes(png.getvalue(), self.path)
+        if self.show:
+            from IPython.display import Image
+
+            self._handle = _env.display(Image(data=png.getvalue(), format="png"), self._handle)

@@ -1,0 +1,147 @@
+"""What the user watches while ``fit`` runs: per-batch progress, and the live-vs-EMA table as it grows.
+
+With a Jupyter front end watching: an ipywidgets bar with the running loss and images/s, and the table
+as a DataFrame updated in place. Anywhere else (Kaggle's "Save & Run All", nbconvert, a terminal, CI):
+text, one line per finished epoch (a terminal also gets a self-overwriting line during the epoch, and
+an epoch that runs long reports at its quarters), never one line per batch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import pandas as pd
+
+from . import _env
+
+_REFRESH_SECONDS = 0.2  # redraw the bar at most this often: drawing is not free
+_QUIET_SECONDS = 30.0  # a log line mid-epoch only when the epoch has run this long
+_TABLE_ROWS = 30  # the notebook table shows the latest epochs; the whole log is fit's return value
+
+
+class Progress:
+    """Progress of the current epoch, and the per-epoch table.
+
+    ``mode`` is ``"widget"``, ``"text"``, ``"auto"`` (a widget where a front end can show one) or
+    ``"off"``.
+
+    Example:
+        >>> progress = Progress("text", epochs=2)
+        >>> progress.start_epoch(1, batches=3)
+        >>> for _ in range(3):
+        ...     progress.batch(images=32, loss=0.5)
+        >>> log = pd.DataFrame({"epoch": [1], "train_loss": [0.5], "live_loss": [0.4], "ema_loss": [0.45]})
+        >>> progress.end_epoch(log)  # doctest: +ELLIPSIS
+        epoch 1/2  train_loss 0.5000  live_loss 0.4000  ema_loss 0.4500  ... img/s  ... s
+    """
+
+    def __init__(self, mode: str = "auto", *, epochs: int, stream=None):
+        if mode not in ("auto", "widget", "text", "off"):
+            raise ValueError(f"progress must be 'auto', 'widget', 'text' or 'off', got {mode!r}.")
+        if mode == "auto":
+            mode = "widget" if _env.widgets_available() else "text"
+        self.mode, self.epochs = mode, epochs
+        self.stream = stream or sys.stdout
+        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._notebook = _env.in_notebook() and stream is None
+        self._bar = self._table = None
+
+    def start_epoch(self, epoch: int, *, batches: int) -> None:
+        self.epoch, self.batches = epoch, batches
+        self.done = self.images = 0
+        self.loss_sum = 0.0
+        self.started = self._drawn = time.perf_counter()
+        self._next_quarter = 1
+        if self.mode == "widget":
+            self._start_bar()
+
+    def batch(self, *, images: int, loss: float) -> None:
+        """Count one finished training batch."""
+        self.done += 1
+        self.images += images
+        self.loss_sum += loss
+        now = time.perf_counter()
+        if self.mode == "widget" or self._tty:
+            if now - self._drawn >= _REFRESH_SECONDS or self.done == self.batches:
+                self._drawn = now
+                self._draw(now)
+        elif self.mode == "text" and self.done >= self._next_quarter * self.batches / 4:
+            self._next_quarter += 1
+            if now - self.started >= _QUIET_SECONDS and self.done < self.batches:
+                print(f"{self._prefix()}  {self._status(now)}", file=self.stream, flush=True)
+
+    @property
+    def train_loss(self) -> float:
+        return self.loss_sum / self.done if self.done else math.nan
+
+    @property
+    def images_per_second(self) -> float:
+        elapsed = time.perf_counter() - self.started
+        return self.images / elapsed if elapsed > 0 else math.nan
+
+    def end_epoch(self, history: pd.DataFrame) -> None:
+        """Show the table with the epoch just finished (its row is ``history``'s last)."""
+        if self.mode == "off":
+            return
+        if self._tty:
+            print("\r\033[K", end="", file=self.stream)
+        if self._notebook:
+            self._table = _env.display(history.tail(_TABLE_ROWS), self._table)
+            if self.mode == "text":  # headless: also leave a line in the run's log
+                print(f"{self._prefix()}  {self._status(time.perf_counter())}", file=self.stream, flush=True)
+            return
+        row = history.iloc[-1]
+        scores = "  ".join(
+            f"{name} {_format(row[name])}"
+            for name in history.columns
+            if name not in ("epoch", "lr", "seconds") and name in row
+        )
+        now = time.perf_counter()
+        rate = self.images / max(now - self.started, 1e-9)
+        print(
+            f"{self._prefix()}  {scores}  {rate:,.0f} img/s  {now - self.started:.1f} s",
+            file=self.stream,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _prefix(self) -> str:
+        return f"epoch {self.epoch}/{self.epochs}"
+
+    def _status(self, now: float) -> str:
+        rate = self.images / max(now - self.started, 1e-9)
+        return (
+            f"batch {self.done}/{self.batches}  train_loss {self.train_loss:.4f}  "
+            f"{rate:,.0f} img/s  {now - self.started:.1f} s"
+        )
+
+    def _start_bar(self) -> None:
+        import ipywidgets
+
+        if self._bar is None:
+            self._progress = ipywidgets.IntProgress(min=0, max=max(self.batches, 1))
+            self._label = ipywidgets.HTML()
+            self._bar = ipywidgets.HBox([self._progress, self._label])
+            _env.display(self._bar)
+        self._progress.max = max(self.batches, 1)
+        self._progress.value = 0
+        self._label.value = self._prefix()
+
+    def _draw(self, now: float) -> None:
+        if self.mode == "widget":
+            self._progress.value = self.done
+            self._label.value = f"{self._prefix()}  {self._status(now)}"
+        else:
+            print(f"\r\033[K{self._prefix()}  {self._status(now)}", end="", file=self.stream, flush=True)
+
+
+def _format(value) -> str:
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.4f}" if abs(value) >= 1e-3 else f"{value:.2e}"
+    return str(value)
