@@ -44,7 +44,7 @@ class SmallCNN(nn.Sequential):
 
 
 def run(
-    *, epochs: int = 20, decay: float = 0.99, out_dir: str | Path = "runs/demo", lr: float = 0.02, seed: int = 0,
+    *, epochs: int = 20, decay: float = 0.99, out_dir: str | Path = "runs/demo", lr: float = 0.05, seed: int = 0,
     progress: str = "auto",
 ) -> pd.DataFrame:
     """Train the demo and write ``out_dir``; returns the log.
