@@ -2,17 +2,6 @@
 
 from .ema import ModelEMA, decay_from_half_life
 from .multi import MultiEMA
-from .plot import plot_history
-from .train import FitState, accuracy, evaluate, fit
 
-__all__ = [
-    "ModelEMA",
-    "MultiEMA",
-    "decay_from_half_life",
-    "fit",
-    "evaluate",
-    "accuracy",
-    "FitState",
-    "plot_history",
-]
+__all__ = ["ModelEMA", "MultiEMA", "decay_from_half_life"]
 __version__ = "0.1.0"
