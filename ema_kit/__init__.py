@@ -2,6 +2,21 @@
 
 from .ema import ModelEMA, decay_from_half_life
 from .multi import MultiEMA
+from .plot import plot_history
+from .posthoc import PostHocEMA, plot_scan, scan
+from .train import FitState, accuracy, evaluate, fit
 
-__all__ = ["ModelEMA", "MultiEMA", "decay_from_half_life"]
+__all__ = [
+    "ModelEMA",
+    "MultiEMA",
+    "PostHocEMA",
+    "scan",
+    "plot_scan",
+    "decay_from_half_life",
+    "fit",
+    "evaluate",
+    "accuracy",
+    "FitState",
+    "plot_history",
+]
 __version__ = "0.1.0"
