@@ -62,8 +62,17 @@ def with_fit(epochs: int, *, files: bool) -> float:
     model, optimizer, ema, train_loader, val_loader = setup()
     with tempfile.TemporaryDirectory() as out_dir, redirect_stdout(io.StringIO()):
         started = time.perf_counter()
-        fit(model, train_loader, val_loader, epochs=epochs, optimizer=optimizer, ema=ema,
-            out_dir=out_dir if files else None, plot=files, progress="text" if files else "off")
+        fit(
+            model,
+            train_loader,
+            val_loader,
+            epochs=epochs,
+            optimizer=optimizer,
+            ema=ema,
+            out_dir=out_dir if files else None,
+            plot=files,
+            progress="text" if files else "off",
+        )
         return (time.perf_counter() - started) / epochs
 
 
@@ -83,7 +92,7 @@ def main() -> None:
     times = {name: [] for name in variants}
     names = list(variants)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(variants[name]())
     medians = {name: statistics.median(values) for name, values in times.items()}
     base = medians["hand-written loop"]
@@ -91,7 +100,8 @@ def main() -> None:
         "# fit overhead",
         "",
         f"Measured {datetime.date.today()} on {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, by `python benchmarks/fit_overhead.py` "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, by "
+        "`python benchmarks/fit_overhead.py` "
         f"({rounds} interleaved rounds of {epochs} epochs, medians).",
         "",
         "| variant | seconds per epoch | ratio to the hand-written loop |",

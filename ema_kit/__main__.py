@@ -9,7 +9,10 @@ COMMANDS = {"demo": demo.main}
 
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in COMMANDS:
-        sys.exit(f"usage: python -m ema_kit {{{','.join(COMMANDS)}}} [options]   (try: python -m ema_kit demo --help)")
+        sys.exit(
+            f"usage: python -m ema_kit {{{','.join(COMMANDS)}}} [options]"
+            "   (try: python -m ema_kit demo --help)"
+        )
     COMMANDS[argv[0]](argv[1:])
 
 

@@ -34,8 +34,13 @@ def rng_state(*generators: torch.Generator | None) -> dict:
     kind, keys, position, has_gauss, cached = np.random.get_state()
     return {
         "python": _to_lists(random.getstate()),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached": float(cached), "kind": kind},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+            "kind": kind,
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "generators": [None if g is None else g.get_state() for g in generators],
@@ -48,8 +53,13 @@ def set_rng_state(state: dict, *generators: torch.Generator | None) -> None:
     random.setstate((version, tuple(internal), gauss))
     numpy = state["numpy"]
     np.random.set_state(
-        (numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],
-         numpy["cached"])
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["position"],
+            numpy["has_gauss"],
+            numpy["cached"],
+        )
     )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():

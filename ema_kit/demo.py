@@ -1,7 +1,7 @@
 """The demo: a small CNN trained on real handwritten digits with an EMA, live vs EMA plotted per epoch.
 
-    python -m ema_kit demo                      # writes runs/demo/: history.csv, history.png, model_ema.pth
-    python -m ema_kit demo --epochs 30 --decay 0.995 --out runs/longer
+python -m ema_kit demo                      # writes runs/demo/: history.csv, history.png, model_ema.pth
+python -m ema_kit demo --epochs 30 --decay 0.995 --out runs/longer
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ class SmallCNN(nn.Sequential):
 
     def __init__(self, num_classes: int = 10, width: int = 32, in_channels: int = 1):
         def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
 
         super().__init__(
             *block(in_channels, width, 1),
@@ -44,7 +48,12 @@ class SmallCNN(nn.Sequential):
 
 
 def run(
-    *, epochs: int = 20, decay: float = 0.99, out_dir: str | Path = "runs/demo", lr: float = 0.05, seed: int = 0,
+    *,
+    epochs: int = 20,
+    decay: float = 0.99,
+    out_dir: str | Path = "runs/demo",
+    lr: float = 0.05,
+    seed: int = 0,
     progress: str = "auto",
 ) -> pd.DataFrame:
     """Train the demo and write ``out_dir``; returns the log.
@@ -62,8 +71,16 @@ def run(
     # Plain SGD at a brisk learning rate: the live weights keep jittering between good solutions, which is
     # what an EMA averages out.
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    return fit(model, train_loader, val_loader, epochs=epochs, optimizer=optimizer, ema=ema,
-               out_dir=out_dir, progress=progress)
+    return fit(
+        model,
+        train_loader,
+        val_loader,
+        epochs=epochs,
+        optimizer=optimizer,
+        ema=ema,
+        out_dir=out_dir,
+        progress=progress,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,7 @@ def score_columns(history: pd.DataFrame) -> dict[str, dict[str, str]]:
     """Score columns grouped by quantity, then by model: ``{"loss": {"live": "live_loss", ...}, ...}``.
 
     Example:
-        >>> frame = pd.DataFrame(columns=["epoch", "train_loss", "live_loss", "ema_loss", "live_acc", "ema_acc"])
+        >>> frame = pd.DataFrame(columns=["epoch", "live_loss", "ema_loss", "live_acc", "ema_acc"])
         >>> score_columns(frame)
         {'loss': {'live': 'live_loss', 'ema': 'ema_loss'}, 'acc': {'live': 'live_acc', 'ema': 'ema_acc'}}
     """

@@ -51,9 +51,13 @@ def plot_history(
         emas = iter(EMA_COLORS)
         for model, column in columns.items():
             color = LIVE_COLOR if model == "live" else next(emas, None)
-            ax.plot(epochs, history[column], color=color, marker="." if len(history) < 40 else None, label=model)
+            ax.plot(
+                epochs, history[column], color=color, marker="." if len(history) < 40 else None, label=model
+            )
         if best_epoch is not None:
-            ax.axvline(best_epoch, color="0.3", linestyle=":", linewidth=1, label=f"best (epoch {best_epoch})")
+            ax.axvline(
+                best_epoch, color="0.3", linestyle=":", linewidth=1, label=f"best (epoch {best_epoch})"
+            )
         ax.set_title(quantity)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

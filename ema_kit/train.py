@@ -17,7 +17,9 @@ from torch import nn
 from . import checkpoint as checkpoints
 from ._tensors import unwrap
 from .ema import ModelEMA, decay_from_half_life
+from .files import atomic_save
 from .history import best_row, lower_is_better, write_csv
+from .multi import MultiEMA
 from .plot import LivePlot
 from .progress import Progress
 
@@ -45,7 +47,8 @@ class FitState:
     """
 
     model: nn.Module  # the plain model being trained (wrappers looked through)
-    emas: dict[str, ModelEMA]  # log prefix ("ema", or "ema<decay>") -> its ModelEMA
+    emas: dict[str, ModelEMA]  # log prefix ("ema", or "ema<decay>" for several decays) -> its ModelEMA
+    averager: ModelEMA | MultiEMA | None  # what fit calls update(model) on after each step
     optimizer: torch.optim.Optimizer
     epochs: int
     out_dir: Path | None
@@ -65,7 +68,7 @@ def fit(
     optimizer: torch.optim.Optimizer,
     loss_fn: Callable | None = None,  # default: cross entropy
     metrics: Mapping[str, Metric] | None = None,  # default with the default loss: {"accuracy": accuracy}
-    ema: float | str | ModelEMA | None = 0.999,  # a decay, a half-life ("2 epochs", "500 steps"), or None
+    ema: float | str | tuple | ModelEMA | MultiEMA | None = 0.999,  # see below
     device: str | torch.device = "auto",  # "auto": CUDA, then MPS, then CPU
     amp: str | bool = "auto",  # "bf16", "fp16" (with a grad scaler), False; "auto": bf16/fp16 on CUDA only
     accumulate: int = 1,  # batches per optimizer step
@@ -84,6 +87,10 @@ def fit(
 
     Returns the log, one row per finished epoch: ``epoch``, ``train_loss``, ``live_loss``, ``ema_loss``,
     ``live_<m>`` and ``ema_<m>`` for each metric, ``lr``, ``seconds``. Batches are ``(inputs, targets)``.
+    ``ema`` is a decay (0.999), a half-life (``"2 epochs"``, ``"500 steps"``), a ``ModelEMA``, None, or
+    several decays (``(0.99, 0.999)`` or a ``MultiEMA``): then each gets its columns, ``ema0.99_loss``,
+    ``ema0.999_loss`` and so on, its own colour in the plot, and the best epoch and decay are picked
+    over all of them.
     With ``out_dir`` the log is written after every epoch (``history.csv``, ``history.png``), with the best
     EMA weights (``model_ema.pth``, a plain state dict) and a checkpoint to ``resume`` from; resuming
     gives the same weights and log as one uninterrupted run. The stop button (KeyboardInterrupt) ends
@@ -119,12 +126,14 @@ def fit(
     loss_fn = loss_fn or nn.functional.cross_entropy
     device = _resolve_device(device)
     model.to(device)
-    emas = _resolve_emas(ema, model, steps_per_epoch=math.ceil(batches / accumulate))
+    averager = _resolve_ema(ema, model, steps_per_epoch=math.ceil(batches / accumulate))
+    emas = _named_emas(averager)
     columns = _columns(emas, metrics)
-    monitor = monitor or _default_monitor(emas, metrics)
-    if monitor not in columns:
+    first_score = next(iter(metrics), "loss")  # by default the EMAs' first metric, or their loss
+    monitors = [monitor] if monitor else [f"{name}_{first_score}" for name in emas or ["live"]]
+    if monitors[0] not in columns:
         raise ValueError(f"monitor={monitor!r} is not a column of the log; choose one of {columns[1:-2]}.")
-    mode = "min" if lower_is_better(monitor) else "max"
+    mode = "min" if lower_is_better(monitors[0]) else "max"
     scheduler_step = _resolve_scheduler_step(scheduler, scheduler_step)
     amp_dtype = _resolve_amp(amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -132,15 +141,30 @@ def fit(
     out_dir = None if out_dir is None else Path(out_dir)
     generators = _loader_generators(train_loader)
 
-    state = FitState(unwrap(model), emas, optimizer, epochs, out_dir)
+    state = FitState(unwrap(model), emas, averager, optimizer, epochs, out_dir)
     if resume:
         _resume(state, resume, scheduler, scaler, generators)
     callbacks = list(callbacks)
-    live_plot = LivePlot(out_dir / "history.png" if out_dir and main_process else None,
-                         show=None if plot and main_process else False) if plot else None
+    live_plot = (
+        LivePlot(
+            out_dir / "history.png" if out_dir and main_process else None,
+            show=None if plot and main_process else False,
+        )
+        if plot
+        else None
+    )
     shown = Progress(progress if main_process else "off", epochs=epochs)
-    trainer = _Trainer(model, optimizer, loss_fn, device, amp_dtype, scaler, accumulate, clip_grad_norm,
-                       scheduler if scheduler_step == "batch" else None)
+    trainer = _Trainer(
+        model,
+        optimizer,
+        loss_fn,
+        device,
+        amp_dtype,
+        scaler,
+        accumulate,
+        clip_grad_norm,
+        scheduler if scheduler_step == "batch" else None,
+    )
     _call(callbacks, "on_fit_start", state)
     try:
         while state.epoch < epochs and not state.stop:
@@ -155,30 +179,36 @@ def fit(
             row |= {"lr": lr, "seconds": time.perf_counter() - started}
             state.row = row
             state.history = pd.DataFrame([*state.history.to_dict("records"), row], columns=columns)
+            monitor, best = _best(state.history, monitors, mode)
             if scheduler is not None and scheduler_step == "epoch":
                 _step_epoch_scheduler(scheduler, row[monitor])
-            best = best_row(state.history, monitor, mode)
             best_epoch = None if best is None else int(state.history.at[best, "epoch"])
             if main_process:
-                _write_epoch(state, best_epoch, scheduler, scaler, generators)
+                _write_epoch(state, best_epoch, monitor, scheduler, scaler, generators)
                 if live_plot:
                     live_plot.update(state.history, best_epoch=best_epoch)
             shown.end_epoch(state.history)
             _call(callbacks, "on_epoch_end", state)
             if patience and best_epoch is not None and state.epoch - best_epoch >= patience:
                 if main_process:
-                    print(f"Early stop: {monitor} has not improved for {patience} epochs "
-                          f"(best {state.history.at[best, monitor]:.4g} at epoch {best_epoch}).")
+                    print(
+                        f"Early stop: {monitor} has not improved for {patience} epochs "
+                        f"(best {state.history.at[best, monitor]:.4g} at epoch {best_epoch})."
+                    )
                 state.stop = True
     except KeyboardInterrupt:
         finished = len(state.history)
         if main_process:
             where = f"; {out_dir} holds them and a checkpoint to resume from" if out_dir and finished else ""
-            print(f"\nStopped by the user during epoch {state.epoch}: kept {finished} finished epochs{where}.")
+            print(
+                f"\nStopped by the user during epoch {state.epoch}: kept {finished} finished epochs{where}."
+            )
     except Exception as error:
         if out_dir and len(state.history):
-            error.add_note(f"ema_kit.fit: the {len(state.history)} finished epochs are kept in "
-                           f"{out_dir / 'history.csv'}, with a checkpoint to resume from.")
+            error.add_note(
+                f"ema_kit.fit: the {len(state.history)} finished epochs are kept in "
+                f"{out_dir / 'history.csv'}, with a checkpoint to resume from."
+            )
         raise
     finally:
         shown.close()
@@ -256,8 +286,9 @@ class _Trainer:
         for index, batch in enumerate(loader):
             inputs, targets = _split(batch)
             inputs, targets = _to(inputs, self.device), _to(targets, self.device)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+            ):
                 loss = self.loss_fn(self.model(inputs), targets)
             value = loss.float().item()
             size = _batch_size(targets)
@@ -272,8 +303,8 @@ class _Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 if self._step():
                     state.step += 1
-                    for e in state.emas.values():
-                        e.update(self.model)
+                    if state.averager is not None:
+                        state.averager.update(self.model)
                     if self.scheduler is not None:
                         self.scheduler.step()
                     _call(callbacks, "on_step_end", state)
@@ -310,24 +341,28 @@ class _Trainer:
             )
 
 
-def _write_epoch(state: FitState, best_epoch, scheduler, scaler, generators) -> None:
+def _write_epoch(state: FitState, best_epoch, monitor: str, scheduler, scaler, generators) -> None:
     """Log, best weights and checkpoint of the epoch just finished, each written atomically."""
     if state.out_dir is None:
         return
     write_csv(state.history, state.out_dir / "history.csv")
     if best_epoch == state.epoch:
-        if state.emas:
-            next(iter(state.emas.values())).save(state.out_dir / "model_ema.pth")
+        best = state.emas.get(monitor.split("_", 1)[0]) or next(iter(state.emas.values()), None)
+        if best is not None:  # the EMA the monitor names (the best decay's, with several)
+            best.save(state.out_dir / "model_ema.pth")
         else:
-            torch.save({k: v.detach().cpu() for k, v in state.model.state_dict().items()},
-                       state.out_dir / "model.pth")
+            atomic_save(
+                {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
+                state.out_dir / "model.pth",
+            )
     checkpoints.save_checkpoint(
         state.out_dir / "checkpoint.pt",
         model=state.model.state_dict(),
         optimizer=state.optimizer.state_dict(),
         scheduler=None if scheduler is None else scheduler.state_dict(),
         scaler=scaler.state_dict(),
-        emas={name: e.state_dict() for name, e in state.emas.items()},
+        ema=None if state.averager is None else state.averager.state_dict(),
+        ema_names=list(state.emas),
         history=state.history.to_dict(orient="list"),
         epoch=state.epoch,
         step=state.step,
@@ -344,42 +379,64 @@ def _resume(state: FitState, resume, scheduler, scaler, generators) -> None:
     path = Path(resume)
     saved = checkpoints.load_checkpoint(path)
     expected = state.model.state_dict()
-    mismatched = [k for k in expected if k not in saved["model"] or saved["model"][k].shape != expected[k].shape]
+    mismatched = [
+        k for k in expected if k not in saved["model"] or saved["model"][k].shape != expected[k].shape
+    ]
     if mismatched or len(saved["model"]) != len(expected):
         raise ValueError(f"{path} was saved from another model (first differing keys: {mismatched[:3]}).")
-    if set(saved["emas"]) != set(state.emas):
+    if saved["ema_names"] != list(state.emas):
         raise ValueError(
-            f"{path} holds EMAs {sorted(saved['emas'])}, but this run tracks {sorted(state.emas)}: pass the "
+            f"{path} holds EMAs {saved['ema_names']}, but this run tracks {list(state.emas)}: pass the "
             "same ema= as the run that wrote it."
         )
     if (saved["scheduler"] is None) != (scheduler is None):
-        raise ValueError(f"{path} was saved {'with' if scheduler is None else 'without'} a scheduler; "
-                         "pass the same scheduler setup as the run that wrote it.")
+        raise ValueError(
+            f"{path} was saved {'with' if scheduler is None else 'without'} a scheduler; "
+            "pass the same scheduler setup as the run that wrote it."
+        )
     state.model.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
-    for name, e in state.emas.items():
-        e.load_state_dict(saved["emas"][name])
+    if state.averager is not None:
+        state.averager.load_state_dict(saved["ema"])
     state.history = pd.DataFrame(saved["history"])
     state.epoch, state.step = saved["epoch"], saved["step"]
     checkpoints.set_rng_state(saved["rng"], *generators)
 
 
-def _resolve_emas(ema, model: nn.Module, *, steps_per_epoch: int) -> dict[str, ModelEMA]:
-    if ema is None:
-        return {}
-    if isinstance(ema, ModelEMA):
-        return {"ema": ema}
+def _resolve_ema(ema, model: nn.Module, *, steps_per_epoch: int) -> ModelEMA | MultiEMA | None:
+    if ema is None or isinstance(ema, (ModelEMA, MultiEMA)):
+        return ema
     if isinstance(ema, str):
-        return {"ema": ModelEMA(model, decay=_decay_from_text(ema, steps_per_epoch))}
+        return ModelEMA(model, decay=_decay_from_text(ema, steps_per_epoch))
     if isinstance(ema, (int, float)) and not isinstance(ema, bool) and 0 <= ema < 1:
-        return {"ema": ModelEMA(model, decay=float(ema))}
+        return ModelEMA(model, decay=float(ema))
+    if isinstance(ema, (tuple, list)):
+        return MultiEMA(model, decays=ema)
     raise ValueError(
         f"ema must be a decay in [0, 1) such as 0.999, a half-life such as '2 epochs' or '500 steps', a "
-        f"ModelEMA, or None; got {ema!r}."
+        f"tuple of decays, a ModelEMA or MultiEMA, or None; got {ema!r}."
     )
+
+
+def _named_emas(averager) -> dict[str, ModelEMA]:
+    """Log prefixes: ``ema`` for one EMA, ``ema<decay>`` (as written, e.g. ``ema0.999``) for several."""
+    if averager is None:
+        return {}
+    if isinstance(averager, ModelEMA):
+        return {"ema": averager}
+    return {f"ema{decay!r}": e for decay, e in averager.emas.items()}
+
+
+def _best(history: pd.DataFrame, monitors: list[str], mode: str) -> tuple[str, int | None]:
+    """The monitored column and row of the best epoch, over every candidate column (one per EMA)."""
+    candidates = [(m, row) for m in monitors if (row := best_row(history, m, mode)) is not None]
+    if not candidates:
+        return monitors[0], None
+    sign = 1 if mode == "min" else -1
+    return min(candidates, key=lambda candidate: sign * history.at[candidate[1], candidate[0]])
 
 
 def _decay_from_text(text: str, steps_per_epoch: int) -> float:
@@ -392,7 +449,9 @@ def _decay_from_text(text: str, steps_per_epoch: int) -> float:
         return decay_from_half_life(epochs=value, steps_per_epoch=steps_per_epoch)
     if unit.strip() in ("step", "steps") and math.isfinite(value):
         return decay_from_half_life(value)
-    raise ValueError(f"ema={text!r}: write a half-life as '<number> epochs' or '<number> steps', e.g. '2 epochs'.")
+    raise ValueError(
+        f"ema={text!r}: write a half-life as '<number> epochs' or '<number> steps', e.g. '2 epochs'."
+    )
 
 
 def _columns(emas: dict, metrics: Mapping) -> list[str]:
@@ -405,14 +464,11 @@ def _columns(emas: dict, metrics: Mapping) -> list[str]:
     )
 
 
-def _default_monitor(emas: dict, metrics: Mapping) -> str:
-    prefix = next(iter(emas), "live")
-    return f"{prefix}_{next(iter(metrics), 'loss')}"
-
-
 def _check_metrics(metrics) -> None:
     if not isinstance(metrics, Mapping):
-        raise TypeError(f"metrics must be a dict of name -> function(outputs, targets), got {type(metrics).__name__}.")
+        raise TypeError(
+            f"metrics must be a dict of name -> function(outputs, targets), got {type(metrics).__name__}."
+        )
     for name, metric in metrics.items():
         if not isinstance(name, str) or not name or not callable(metric):
             raise TypeError(f"metrics[{name!r}] must map a non-empty name to a function(outputs, targets).")
@@ -434,15 +490,19 @@ def _length(loader, name: str) -> int:
     except TypeError:
         raise TypeError(f"{name} must have a length (a DataLoader or a list of batches).") from None
     if length == 0:
-        raise ValueError(f"{name} is empty: it yields no batches (is the dataset empty, or drop_last=True "
-                         "with fewer samples than batch_size?).")
+        raise ValueError(
+            f"{name} is empty: it yields no batches (is the dataset empty, or drop_last=True "
+            "with fewer samples than batch_size?)."
+        )
     return length
 
 
 def _split(batch) -> tuple:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    described = f"a {type(batch).__name__}" + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else "")
+    described = f"a {type(batch).__name__}" + (
+        f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""
+    )
     raise ValueError(
         f"fit expects each batch as (inputs, targets), got {described}. Make the dataset's __getitem__ "
         "return (image, label), or wrap the loader to yield such pairs."

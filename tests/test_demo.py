@@ -1,4 +1,4 @@
-"""The demo main job (ema_kit/demo.py, ``python -m ema_kit demo``): real digits, files written, EMA earns its keep."""
+"""The demo main job (``python -m ema_kit demo``): real digits, files written, the EMA earns its keep."""
 
 import subprocess
 import sys
@@ -12,7 +12,10 @@ from ema_kit.demo import SmallCNN
 def test_demo_command_writes_the_run_and_the_ema_is_smoother_and_at_least_as_good(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "ema_kit", "demo", "--out", str(out)], capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "ema_kit", "demo", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr
     assert "20 epochs in" in result.stdout

@@ -11,7 +11,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ema_kit import ModelEMA, evaluate, fit
 from ema_kit.demo import SmallCNN
-from ema_kit.files import load_weights
 
 COLUMNS = ["epoch", "train_loss", "live_loss", "ema_loss", "live_accuracy", "ema_accuracy", "lr", "seconds"]
 
@@ -81,8 +80,17 @@ def test_out_dir_streams_history_after_every_epoch_and_keeps_best_ema_weights(tm
         def on_epoch_end(self, state):
             rows_on_disk.append(len(pd.read_csv(tmp_path / "history.csv")))
 
-    log = quiet_fit(model, train, val, epochs=3, optimizer=optimizer, ema=0.9, out_dir=tmp_path,
-                    plot=True, callbacks=[ReadBack()])
+    log = quiet_fit(
+        model,
+        train,
+        val,
+        epochs=3,
+        optimizer=optimizer,
+        ema=0.9,
+        out_dir=tmp_path,
+        plot=True,
+        callbacks=[ReadBack()],
+    )
     assert rows_on_disk == [1, 2, 3]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "history.csv"), log, check_dtype=False)
     assert (tmp_path / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -97,8 +105,17 @@ def test_resume_gives_bit_identical_weights_and_log(tmp_path):
         model, optimizer, train, val = setup(seed=1)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=4 * len(train))
         ema = ModelEMA(model, decay=0.9)
-        log = quiet_fit(model, train, val, epochs=epochs, optimizer=optimizer, ema=ema, scheduler=scheduler,
-                        out_dir=tmp_path / ("split" if epochs != 4 else "whole"), resume=resume)
+        log = quiet_fit(
+            model,
+            train,
+            val,
+            epochs=epochs,
+            optimizer=optimizer,
+            ema=ema,
+            scheduler=scheduler,
+            out_dir=tmp_path / ("split" if epochs != 4 else "whole"),
+            resume=resume,
+        )
         return model, ema, log
 
     model, ema, log = run(4)
@@ -116,8 +133,16 @@ def test_resume_from_another_model_is_refused_and_changes_nothing(tmp_path):
     other = SmallCNN(width=16)
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match="another model"):
-        quiet_fit(other, train, val, epochs=2, optimizer=torch.optim.SGD(other.parameters(), lr=0.1),
-                  ema=0.9, out_dir=tmp_path, resume=True)
+        quiet_fit(
+            other,
+            train,
+            val,
+            epochs=2,
+            optimizer=torch.optim.SGD(other.parameters(), lr=0.1),
+            ema=0.9,
+            out_dir=tmp_path,
+            resume=True,
+        )
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
     assert len(pd.read_csv(tmp_path / "history.csv")) == 1
 
@@ -130,7 +155,9 @@ def test_stop_button_keeps_finished_epochs_in_memory_and_on_disk(tmp_path, capsy
             if state.epoch == 3:
                 raise KeyboardInterrupt
 
-    log = quiet_fit(model, train, val, epochs=5, optimizer=optimizer, out_dir=tmp_path, callbacks=[StopButton()])
+    log = quiet_fit(
+        model, train, val, epochs=5, optimizer=optimizer, out_dir=tmp_path, callbacks=[StopButton()]
+    )
     assert log["epoch"].tolist() == [1, 2]
     assert len(pd.read_csv(tmp_path / "history.csv")) == 2
     out = capsys.readouterr().out
@@ -250,7 +277,9 @@ def test_bad_input_gets_a_clear_error(change, error, message):
 def test_a_batch_that_is_not_an_input_target_pair_is_a_clear_error():
     model, optimizer, _, val = setup()
     triples = [(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), torch.zeros(4))]
-    with pytest.raises(ValueError, match=r"expects each batch as \(inputs, targets\), got a tuple of 3 items"):
+    with pytest.raises(
+        ValueError, match=r"expects each batch as \(inputs, targets\), got a tuple of 3 items"
+    ):
         quiet_fit(model, triples, val, epochs=1, optimizer=optimizer)
 
 
