@@ -177,7 +177,7 @@ def fit(
                 scores = evaluate(evaluated, val_loader, loss_fn=loss_fn, metrics=metrics, amp=amp)
                 row |= {f"{prefix}_{name}": value for name, value in scores.items()}
             row |= {"lr": lr, "seconds": time.perf_counter() - started}
-            state.row = row
+            state.row = row = _rank_zero_row(row)
             state.history = pd.DataFrame([*state.history.to_dict("records"), row], columns=columns)
             monitor, best = _best(state.history, monitors, mode)
             if scheduler is not None and scheduler_step == "epoch":
@@ -283,6 +283,8 @@ class _Trainer:
         loss_sum, count, pending = 0.0, 0, 0
         lr = self.optimizer.param_groups[0]["lr"]
         total = len(loader)
+        if hasattr(getattr(loader, "sampler", None), "set_epoch"):  # DistributedSampler: a new shuffle
+            loader.sampler.set_epoch(state.epoch)
         for index, batch in enumerate(loader):
             inputs, targets = _split(batch)
             inputs, targets = _to(inputs, self.device), _to(targets, self.device)
@@ -580,6 +582,16 @@ def _all_ranks_mean(total: float, count: int, device: torch.device) -> float:
         torch.distributed.all_reduce(sums)
         total, count = sums.tolist()
     return total / count
+
+
+def _rank_zero_row(row: dict) -> dict:
+    """Rank 0's log row on every process of a distributed run (BatchNorm statistics, and so the scores,
+    differ between ranks), so that all ranks log, stop early and pick the best epoch alike."""
+    if not torch.distributed.is_initialized():
+        return row
+    shared = [row]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _call(callbacks, hook: str, state: FitState) -> None:
