@@ -128,7 +128,7 @@ class ModelEMA:
             )
         )
         self.__dict__.update(settings)
-        self.device = None if device is None else torch.device(device)
+        self.device = _check_device(device)
         self.num_steps = 0  # update() calls so far
         self.num_updates = 0  # averaging updates applied (after update_after_step, every update_every)
         self.num_skipped = 0  # updates skipped for NaN/Inf weights
@@ -287,6 +287,16 @@ class ModelEMA:
             raise ValueError(
                 f"The ModelEMA state lacks {error}; was it saved by another ema_kit version?"
             ) from None
+        # A state read from a file can hold anything weights_only allows: refuse it here, before any change.
+        if isinstance(weights, dict):
+            hollow = [k for k, v in weights.items() if not isinstance(v, torch.Tensor) or v.is_meta]
+        else:
+            hollow = ["weights"]
+        if hollow:
+            raise ValueError(
+                f"The ModelEMA state's {hollow[:3]} are not tensors that hold values; was it saved with "
+                "ModelEMA.state_dict()?"
+            )
         _check_weights_match(weights, self.module.state_dict())
         return settings, counters, weights
 
@@ -428,6 +438,22 @@ def _check_dtype(value) -> torch.dtype | None:
     return value
 
 
+def _check_device(value) -> torch.device | None:
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+        torch.empty(0, device=device)  # torch's own words if this machine lacks it (no CUDA, no GPU 3)
+    except Exception as error:
+        raise ValueError(
+            f"device must be a device this machine has, such as 'cpu' or 'cuda', or None to follow the "
+            f"model, got {value!r} ({error})."
+        ) from None
+    if device.type == "meta":
+        raise ValueError("device='meta' holds no values to average; give a real device such as 'cpu'.")
+    return device
+
+
 _SETTINGS = {
     "decay": _check_decay,
     "warmup": lambda value: _check_bool("warmup", value),
@@ -441,4 +467,6 @@ _SETTINGS = {
 
 def _check_settings(settings: dict) -> dict:
     """Every ModelEMA setting, checked; raises on the first bad one, before anything is changed."""
+    if not isinstance(settings, dict):  # a state read from a file
+        raise ValueError(f"The ModelEMA settings must be a dict, got {type(settings).__name__}.")
     return {name: check(settings[name]) for name, check in _SETTINGS.items()}
