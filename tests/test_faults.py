@@ -27,7 +27,12 @@ MAX_DELAY_S = 0.1  # after the child's first whole write; a write takes ~10 ms h
 # a fresh interpreter spends importing torch. conftest first: it picks the ema_kit under test.
 FORKSERVER = multiprocessing.get_context("forkserver")
 FORKSERVER.set_forkserver_preload(["conftest", "torch", "pandas", "pytest", "ema_kit"])
-FILES = {"atomic_save": "state.pth", "ModelEMA.save": "model_ema.pth", "atomic_write_text": "log.csv"}
+# The files each writer rewrites, taken in turn from one kill to the next.
+FILES = {
+    "atomic_save": ["state.pth"],
+    "ModelEMA.save": ["model_ema.pth", "model_ema.safetensors"],
+    "atomic_write_text": ["log.csv"],
+}
 
 
 def growing_state(version: int) -> dict:
@@ -102,9 +107,10 @@ def assert_whole_version(kind: str, path, run: EMARun) -> None:
 
 @pytest.mark.parametrize("kind", list(FILES))
 def test_kill_at_random_moments_leaves_a_whole_version_and_a_later_write_clears_the_debris(tmp_path, kind):
-    path, run, rng = tmp_path / FILES[kind], EMARun(), random.Random(kind)
+    paths, run, rng = [tmp_path / name for name in FILES[kind]], EMARun(), random.Random(kind)
     versions, killed_mid_write = set(), 0
-    for _ in range(KILLS):
+    for kill in range(KILLS):
+        path = paths[kill % len(paths)]
         receive, send = FORKSERVER.Pipe(duplex=False)
         child = FORKSERVER.Process(target=write_until_killed, args=(kind, path, send), daemon=True)
         child.start()
@@ -122,11 +128,12 @@ def test_kill_at_random_moments_leaves_a_whole_version_and_a_later_write_clears_
     # The kills landed at many moments, mostly inside a write (which leaves its temporary file behind).
     assert len(versions) >= 3
     assert killed_mid_write > KILLS // 3
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [path.name]
+    assert sorted(p for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted(paths)
 
     long_ago = time.time() - STALE_TEMP_S - 60
     for temp in tmp_path.glob(".*.tmp"):
         os.utime(temp, (long_ago, long_ago))
-    write(kind, 3, path, run)
-    assert list(tmp_path.iterdir()) == [path]
-    assert_whole_version(kind, path, run)
+    for path in paths:
+        write(kind, 3, path, run)
+        assert_whole_version(kind, path, run)
+    assert sorted(tmp_path.iterdir()) == sorted(paths)
