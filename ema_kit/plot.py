@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from . import _env
 from .files import atomic_write_bytes
-from .history import score_columns
+from .history import lower_is_better, score_columns
 
 LIVE_COLOR = "tab:blue"
 EMA_COLORS = ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
@@ -58,6 +58,9 @@ def plot_history(
             ax.axvline(
                 best_epoch, color="0.3", linestyle=":", linewidth=1, label=f"best (epoch {best_epoch})"
             )
+        values = history[[c for c in columns.values()]].to_numpy(dtype=float)
+        if lower_is_better(quantity) and (values > 0).all():
+            ax.set_yscale("log")  # losses fall by orders of magnitude; late epochs would look flat
         ax.set_title(quantity)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

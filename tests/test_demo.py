@@ -27,8 +27,8 @@ def test_demo_command_writes_the_run_and_the_ema_is_smoother_and_at_least_as_goo
     # What an EMA is for: a smoother validation curve, and at the end at least as good as the live model.
     wiggle = log[["live_loss", "ema_loss"]].iloc[5:].diff().abs().sum()
     assert wiggle["ema_loss"] < wiggle["live_loss"]
-    last = log.iloc[-1]
-    assert last["ema_loss"] <= last["live_loss"] and last["ema_accuracy"] >= last["live_accuracy"] - 0.005
+    end = log.iloc[-5:].mean()  # the last five epochs: one epoch's live score is a draw of the noise
+    assert end["ema_loss"] <= end["live_loss"] and end["ema_accuracy"] >= end["live_accuracy"]
 
 
 def test_unknown_command_prints_usage():
