@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
-import torch  # noqa: F401 (the docstring example runs in this namespace)
+import torch
 from torch import nn
 
 from ._fused import MultiUpdate
+from ._tensors import saved_slots, unwrap
 from .ema import ModelEMA
 
 _FORMAT = "ema_kit.MultiEMA/1"
@@ -111,14 +113,36 @@ class SharedPass:
 
     def __init__(self, emas: list[ModelEMA]):
         self.emas = emas
-        self.plan = MultiUpdate([ema._plan for ema in emas])
+        self._adopt(emas[0]._model)
 
     def follow(self, model: nn.Module) -> None:
-        """Rebind every EMA to ``model`` when needed (see ``ModelEMA.update``), and the shared pass too."""
-        for ema in self.emas:
+        """Rebind every EMA to ``model`` when needed (see ``ModelEMA.update``), and the shared pass too.
+
+        One scan of the tensor addresses covers all the EMAs, instead of one scan each.
+        """
+        if (
+            model is self._model
+            and all(ema._plan is plan for ema, plan in zip(self.emas, self.plan.plans))
+            and self._current_addresses() == self._addresses
+        ):
+            return
+        for ema in self.emas:  # another model object, tensors moved or replaced, or an EMA loaded on its own
             ema._follow(model)
-        if any(ema._plan is not plan for ema, plan in zip(self.emas, self.plan.plans)):
-            self.plan = MultiUpdate([ema._plan for ema in self.emas])  # rebound, or loaded from a state
+        self._adopt(model)
+
+    def _adopt(self, model: nn.Module) -> None:
+        """Build the pass over the EMAs' plans; watch the model's tensors and one per EMA shadow buffer."""
+        self.plan = MultiUpdate([ema._plan for ema in self.emas])
+        self._model = model
+        slots = saved_slots(unwrap(model)) + [
+            saved_slots(ema.module)[i] for ema in self.emas for i in ema._plan.first_of_each_buffer
+        ]
+        self._holders = [slot.holder for slot in slots]
+        self._names = [slot.name for slot in slots]
+        self._addresses = self._current_addresses()
+
+    def _current_addresses(self) -> list[int]:
+        return list(map(torch.Tensor.data_ptr, map(operator.getitem, self._holders, self._names)))
 
     def step(self, weights: list[float | None]) -> None:
         if all(weight is not None and 0.0 < weight < 1.0 for weight in weights):

@@ -141,6 +141,17 @@ def test_an_ema_loaded_on_its_own_is_picked_up_by_the_next_update(model):
     assert_same(multi, separate)
 
 
+def test_an_ema_module_moved_by_hand_is_laid_out_again_by_the_next_update(model):
+    multi = MultiEMA(model, DECAYS, warmup=False)
+    separate = {decay: ModelEMA(model, decay, warmup=False) for decay in DECAYS}
+    train_steps(model, 2, both(model, multi, separate))
+    multi.emas[0.9].module.double()  # new storage for one EMA only
+    separate[0.9].module.double()
+    train_steps(model, 3, both(model, multi, separate), seed=1)
+    assert {t.dtype for t in multi.emas[0.9].module.parameters()} == {torch.float32}
+    assert_same(multi, separate)
+
+
 def test_model_cast_after_building_is_followed_by_every_ema(model):
     multi = MultiEMA(model, DECAYS, warmup=False)
     references = {decay: ReferenceEMA(model) for decay in DECAYS}
