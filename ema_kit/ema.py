@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import operator
 import os
 import warnings
@@ -402,7 +403,7 @@ def _check_weights_match(given: dict, expected: dict, what: str = "The state") -
 
 
 def _check_decay(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
         raise ValueError(
             f"decay must be a number in [0, 1), got {value!r}. Typical values are 0.99 to 0.9999; "
             "decay_from_half_life(steps) gives the decay for a half-life in steps."
@@ -417,9 +418,9 @@ def _check_bool(name: str, value) -> bool:
 
 
 def _check_int(name: str, value, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return value
+    return int(value)  # numpy integers too
 
 
 def _check_buffers(value) -> str:
@@ -451,7 +452,7 @@ def _check_device(value) -> torch.device | None:
         ) from None
     if device.type == "meta":
         raise ValueError("device='meta' holds no values to average; give a real device such as 'cpu'.")
-    return device
+    return torch.device("cpu") if device.type == "cpu" else device  # "cpu:0" is where CPU tensors live
 
 
 _SETTINGS = {

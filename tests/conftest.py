@@ -62,7 +62,7 @@ class ReferenceEMA:
 
     def __init__(self, model: nn.Module):
         self.state = {
-            k: v.detach().double() if v.is_floating_point() else v.clone()
+            k: v.detach().to(torch.float64, copy=True) if v.is_floating_point() else v.clone()
             for k, v in model.state_dict().items()
         }
 

@@ -497,3 +497,11 @@ def test_model_without_floating_point_weights_is_rejected():
 def test_lazy_module_must_run_once_first():
     with pytest.raises(ValueError, match="lazy module.*forward pass"):
         ModelEMA(nn.Sequential(nn.LazyLinear(4)))
+
+
+def test_numpy_numbers_and_cpu_0_are_accepted(model):
+    import numpy as np
+
+    ema = ModelEMA(model, decay=np.float32(0.5), update_every=np.int64(2), device="cpu:0", warmup=False)
+    assert isinstance(ema.update_every, int) and ema.device == torch.device("cpu")
+    assert not ema._plan._groups[0]._remote  # the shadow sits beside the model, not on a "remote" device
