@@ -48,6 +48,7 @@ def _atomic_write(path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -185,3 +186,9 @@ def _check_checksums(path: Path) -> None:
             with archive.open(record) as f:
                 while f.read(1 << 24):  # zipfile compares the CRC-32 at the end of the record
                     pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask

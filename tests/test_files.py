@@ -214,3 +214,11 @@ def test_a_write_removes_stale_temporary_files_of_its_path_and_keeps_live_ones(t
         os.utime(tmp, (long_ago, long_ago))
     write(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name, other.name])
+
+
+def test_atomic_writes_get_the_permissions_of_an_ordinary_file(tmp_path):
+    from ema_kit.files import atomic_write_text
+
+    (tmp_path / "plain.txt").write_text("x")
+    atomic_write_text("x", tmp_path / "atomic.txt")
+    assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
