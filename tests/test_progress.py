@@ -1,0 +1,55 @@
+"""Progress (ema_kit/progress.py): a few text lines per epoch in a log, never one per batch."""
+
+import io
+
+import pandas as pd
+import pytest
+
+from ema_kit import progress as progress_module
+from ema_kit.progress import Progress
+
+LOG = pd.DataFrame({"epoch": [1], "train_loss": [0.5], "live_loss": [0.4], "ema_loss": [0.3]})
+
+
+def run_epoch(progress: Progress, batches: int = 100) -> None:
+    progress.start_epoch(1, batches=batches)
+    for _ in range(batches):
+        progress.batch(images=32, loss=0.5)
+    progress.end_epoch(LOG)
+
+
+def test_a_short_epoch_in_a_log_is_one_line():
+    stream = io.StringIO()
+    run_epoch(Progress("text", epochs=1, stream=stream))
+    assert stream.getvalue().count("\n") == 1 and "ema_loss 0.3000" in stream.getvalue()
+
+
+def test_a_long_epoch_in_a_log_also_reports_at_its_quarters(monkeypatch):
+    monkeypatch.setattr(progress_module, "_QUIET_SECONDS", 0.0)  # as if each quarter took minutes
+    stream = io.StringIO()
+    run_epoch(Progress("text", epochs=1, stream=stream))
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[2:4] for line in lines[:3]] == [
+        ["batch", "25/100"],
+        ["batch", "50/100"],
+        ["batch", "75/100"],
+    ]
+    assert len(lines) == 4
+
+
+def test_a_terminal_gets_one_line_rewritten_in_place():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    run_epoch(Progress("text", epochs=1, stream=stream))
+    assert stream.getvalue().count("\n") == 1 and "\r" in stream.getvalue()
+
+
+def test_off_prints_nothing_and_a_bad_mode_is_a_clear_error():
+    stream = io.StringIO()
+    run_epoch(Progress("off", epochs=1, stream=stream))
+    assert stream.getvalue() == ""
+    with pytest.raises(ValueError, match="progress must be 'auto', 'widget', 'text' or 'off'"):
+        Progress("bar", epochs=1)
