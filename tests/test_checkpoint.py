@@ -1,0 +1,29 @@
+"""Resume checkpoints (ema_kit/checkpoint.py): every random-number state, safe loading."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ema_kit.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+
+def draws(generator: torch.Generator) -> tuple:
+    return random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=generator).item()
+
+
+def test_rng_state_survives_a_file_and_restores_every_generator(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    draws(generator)
+    path = save_checkpoint(tmp_path / "checkpoint.pt", rng=rng_state(generator))
+    expected = draws(generator)
+    draws(generator)
+    set_rng_state(torch.load(path, weights_only=True)["rng"], generator)
+    assert draws(generator) == expected
+
+
+def test_a_plain_weights_file_is_not_taken_for_a_checkpoint(tmp_path):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pth")
+    with pytest.raises(ValueError, match="is not an ema_kit checkpoint"):
+        load_checkpoint(tmp_path / "weights.pth")
