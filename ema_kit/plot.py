@@ -18,6 +18,15 @@ EMA_COLORS = ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "
 TRAIN_COLOR = "0.6"
 
 
+class NotebookFigure(Figure):
+    """A matplotlib figure that Jupyter shows as a PNG when it is a cell's value, with or without pyplot."""
+
+    def _repr_png_(self) -> bytes:
+        png = io.BytesIO()
+        self.savefig(png, format="png", dpi=90)
+        return png.getvalue()
+
+
 def plot_history(
     history: pd.DataFrame, *, best_epoch: int | None = None, figure: Figure | None = None
 ) -> Figure:
@@ -25,7 +34,7 @@ def plot_history(
 
     One panel per quantity; the live model in blue, each EMA in its own fixed colour, the training loss in
     grey; ``best_epoch`` is marked with a dotted line. The figure is not registered with pyplot, so it
-    never piles up or shows by itself: save it (``fig.savefig``) or display it.
+    never piles up or shows by itself: Jupyter shows it when it is a cell's value; ``fig.savefig`` saves it.
 
     Example:
         >>> log = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.6], "live_loss": [0.9, 0.7],
@@ -41,7 +50,7 @@ def plot_history(
             f"history.csv it wrote. Columns given: {list(history.columns)}."
         )
     if figure is None:
-        figure = Figure(layout="constrained")
+        figure = NotebookFigure(layout="constrained")
     figure.clear()
     figure.set_size_inches(4.2 * len(groups), 3.4)
     epochs = history["epoch"] if "epoch" in history else pd.Series(range(1, len(history) + 1))
@@ -86,7 +95,7 @@ class LivePlot:
     def __init__(self, path: str | os.PathLike | None = None, *, show: bool | None = None):
         self.path = None if path is None else Path(path)
         self.show = _env.in_notebook() if show is None else show
-        self.figure = Figure(layout="constrained")
+        self.figure = NotebookFigure(layout="constrained")
         self._handle = None
 
     def update(self, history: pd.DataFrame, *, best_epoch: int | None = None) -> None:

@@ -32,6 +32,7 @@ from ._tensors import unwrap
 from .ema import ModelEMA
 from .files import atomic_save, load_weights
 from .multi import SharedPass
+from .plot import NotebookFigure
 
 SIGMA_REL_MAX = math.sqrt(1 / 12)  # gamma -> 0: a plain average of every step so far, the longest profile
 # A length is synthesized only when the best combination of the snapshots' profiles matches its profile
@@ -184,7 +185,10 @@ class PostHocEMA:
             self.snapshot()
 
     def snapshot(self) -> Path:
-        """Write both profiles at the current step (``update`` does it every ``snapshot_every`` steps)."""
+        """Write the profiles at the current step (``update`` does it every ``snapshot_every`` steps).
+
+        Under DDP only rank 0 writes (every rank keeps the same list of snapshots).
+        """
         if self.step == 0:
             raise ValueError("PostHocEMA has nothing to snapshot yet: call update(model) after each step.")
         folder = self._require_folder()
@@ -197,6 +201,14 @@ class PostHocEMA:
             if len(on_grid) == len(kept):
                 grid *= 2
             kept = on_grid
+        if _is_main_process():  # under DDP every rank tracks the same profiles; rank 0 writes them
+            self._write(path, grid)
+            for step in set(self.snapshots) - set(kept):  # only once the new one is safely written
+                (folder / _name(step)).unlink(missing_ok=True)
+        self.snapshots, self._grid = kept, grid
+        return path
+
+    def _write(self, path: Path, grid: int) -> None:
         atomic_save(
             {
                 "format": _SNAPSHOT_FORMAT,
@@ -210,10 +222,6 @@ class PostHocEMA:
             },
             path,
         )
-        for step in set(self.snapshots) - set(kept):  # only once the new one is safely written
-            (folder / _name(step)).unlink(missing_ok=True)
-        self.snapshots, self._grid = kept, grid
-        return path
 
     # -- as a fit callback ----------------------------------------------------------------------------------
 
@@ -602,7 +610,7 @@ def plot_scan(table: pd.DataFrame, metric: str, mode: str = "min") -> Figure:
         raise ValueError(f"The scan holds no value of {metric!r} to plot.")
     table = table.sort_values("sigma_rel")
     best = table.loc[table[metric].idxmin() if mode == "min" else table[metric].idxmax()]
-    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+    figure = NotebookFigure(figsize=(6.4, 4.0), layout="constrained")
     axes = figure.add_subplot()
     axes.plot(table["sigma_rel"], table[metric], "o-", color="C0", label=metric)
     axes.axvline(best["sigma_rel"], color="C1", linestyle="--", linewidth=1)
@@ -664,6 +672,11 @@ def _least_squares(steps, gammas, at_step, targets) -> tuple[np.ndarray, np.ndar
     )
     residuals = np.sqrt(np.clip(squared, 0, None) / norms)
     return coefficients, np.where(np.isfinite(residuals), residuals, np.inf)
+
+
+def _is_main_process() -> bool:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_rank() == 0
 
 
 def _blend_weight(t: int, gamma: float) -> float:

@@ -76,7 +76,7 @@ def fit(
     scheduler=None,  # a torch LR scheduler
     scheduler_step: str = "auto",  # "batch" or "epoch"; "auto": per batch for OneCycleLR and CyclicLR
     callbacks: Iterable = (),
-    monitor: str | None = None,  # log column that picks the best epoch; default the EMA's first metric
+    monitor: str | None = None,  # a log column, or a score ("loss") meaning each EMA's; default: first metric
     patience: int | None = None,  # stop after this many epochs without a better monitor value
     out_dir: str | os.PathLike | None = None,  # history.csv, history.png, model_ema.pth, checkpoint.pt
     resume: bool | str | os.PathLike = False,  # True: continue from out_dir/checkpoint.pt
@@ -130,7 +130,10 @@ def fit(
     emas = _named_emas(averager)
     columns = _columns(emas, metrics)
     first_score = next(iter(metrics), "loss")  # by default the EMAs' first metric, or their loss
-    monitors = [monitor] if monitor else [f"{name}_{first_score}" for name in emas or ["live"]]
+    if monitor is None or monitor == "loss" or monitor in metrics:  # a score: the best over all EMAs
+        monitors = [f"{name}_{monitor or first_score}" for name in emas or ["live"]]
+    else:
+        monitors = [monitor]
     if monitors[0] not in columns:
         raise ValueError(f"monitor={monitor!r} is not a column of the log; choose one of {columns[1:-2]}.")
     mode = "min" if lower_is_better(monitors[0]) else "max"

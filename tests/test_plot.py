@@ -67,3 +67,7 @@ log = fit(model, train_loader, val_loader, epochs=3, optimizer=torch.optim.SGD(m
     assert len(images) == 1 and len(tables) == 1, json.dumps(outputs, default=str)[:2000]
     assert "ema_accuracy" in tables[0]["data"]["text/html"] and "<td>3</td>" in tables[0]["data"]["text/html"]
     assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+
+
+def test_a_figure_shows_itself_as_png_without_pyplot():
+    assert plot_history(LOG)._repr_png_()[:4] == b"\x89PNG"

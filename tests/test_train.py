@@ -294,3 +294,13 @@ def test_evaluate_restores_train_mode_and_scores_the_whole_set():
     model.train()
     scores = evaluate(model, val, metrics={"n": lambda out, y: len(y)})
     assert model.training and scores["n"] == 96
+
+
+def test_monitor_given_as_a_score_picks_the_best_decay_by_it(tmp_path):
+    model, optimizer, train, val = setup()
+    log = quiet_fit(model, train, val, epochs=2, optimizer=optimizer, ema=(0.5, 0.9), monitor="loss",
+                    out_dir=tmp_path)  # fmt: skip
+    best_column = log[["ema0.5_loss", "ema0.9_loss"]].min().idxmin()
+    best = SmallCNN(width=8)
+    best.load_state_dict(torch.load(tmp_path / "model_ema.pth", weights_only=True))
+    assert evaluate(best, val)["loss"] == pytest.approx(log[best_column].min(), rel=1e-6)
