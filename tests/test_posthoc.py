@@ -166,6 +166,16 @@ def test_snapshots_are_thinned_to_max_snapshots_and_stay_spread_over_the_run(tmp
     assert posthoc.snapshots == [16, 32, 48, 49, 50]
 
 
+def test_under_ddp_only_rank_0_writes_snapshots(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    model = nn.Linear(3, 2)
+    posthoc = PostHocEMA(model, snapshot_every=2, folder=tmp_path)
+    for _ in range(6):
+        posthoc.update(model)
+    assert posthoc.snapshots == [2, 4, 6] and list(tmp_path.iterdir()) == []
+
+
 def test_disk_bytes_and_repr_report_the_snapshots(tmp_path):
     _, posthoc = trained_tracker(tmp_path, steps=20)
     sizes = sum(path.stat().st_size for path in tmp_path.glob("snapshot-*.pth"))
