@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 from torch import nn
 
 from ._tensors import unwrap
@@ -621,11 +622,14 @@ def plot_scan(table: pd.DataFrame, metric: str, mode: str = "min") -> Figure:
         color="C1",
         markersize=14,
         label=(
-            f"chosen: sigma_rel {best['sigma_rel']:.3g} (half-life {best['half_life']:,.0f} steps), "
+            f"chosen: sigma_rel {best['sigma_rel']:.3g} (half-life {_steps(best['half_life'])} steps), "
             f"{metric} {best[metric]:.4g}"
         ),
     )
     axes.set_xscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 0.04, not 4 x 10^-2
+    axes.xaxis.set_major_formatter(plain)
+    axes.xaxis.set_minor_formatter(plain)
     axes.set_xlabel("EMA length, sigma_rel (log scale)")
     axes.set_ylabel(metric)
     better = "lower" if mode == "min" else "higher"
@@ -716,6 +720,10 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 def _nbytes(module: nn.Module) -> int:
     unique = {tensor.data_ptr(): tensor for tensor in module.state_dict().values()}  # tied weights once
     return sum(tensor.numel() * tensor.element_size() for tensor in unique.values())
+
+
+def _steps(count: float) -> str:
+    return f"{count:,.0f}" if count >= 10 else f"{count:.2g}"
 
 
 def _size(count: int) -> str:

@@ -12,7 +12,7 @@ import torch
 from conftest import ReferenceEMA, max_error, small_cnn, train_steps
 from torch import nn
 
-from ema_kit import PostHocEMA, plot_scan, scan
+from ema_kit import PostHocEMA, fit, plot_scan, scan
 from ema_kit.files import load_weights
 from ema_kit.posthoc import (
     MAX_RESIDUAL,
@@ -244,6 +244,20 @@ def test_fit_callbacks_put_snapshots_in_out_dir_and_snapshot_the_last_step(tmp_p
     posthoc.on_fit_end(state)
     assert posthoc.snapshots == [10, 20, 25]
     assert max_error(posthoc.synthesize(0.10), posthoc.profiles[0.10].state_dict()) < 1e-6
+
+
+def test_works_as_a_callback_of_the_real_fit(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(96, 1, 8, 8), torch.randint(0, 10, (96,))
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:32], y[:32]), batch_size=32)
+    model = small_cnn()
+    posthoc = PostHocEMA(model, snapshot_every=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    fit(model, train, val, epochs=2, optimizer=optimizer, out_dir=tmp_path, callbacks=[posthoc], device="cpu")
+    assert posthoc.folder == tmp_path / "posthoc" and posthoc.step == 12
+    assert posthoc.snapshots == [4, 8, 12]
+    model.load_state_dict(posthoc.synthesize(0.07))
 
 
 def test_fit_without_out_dir_or_folder_is_a_clear_error_before_training():
