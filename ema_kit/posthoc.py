@@ -460,15 +460,15 @@ class PostHocEMA:
                 low, high = self.reconstructable_range(at_step, max_residual)
                 fits = (
                     f"At step {at_step} they reconstruct sigma_rel {low:.3g} to {high:.3g} (half-lives "
-                    f"{half_life_from_sigma_rel(low, at_step):,.0f} to "
-                    f"{half_life_from_sigma_rel(high, at_step):,.0f} steps)"
+                    f"{_steps(half_life_from_sigma_rel(low, at_step))} to "
+                    f"{_steps(half_life_from_sigma_rel(high, at_step))} steps)"
                 )
             except ValueError as error:
                 fits = str(error).rstrip(".")
+            half = _steps(half_life_from_sigma_rel(sigma_rel, at_step))
             raise ValueError(
-                f"sigma_rel={sigma_rel:.3g} (half-life {half_life_from_sigma_rel(sigma_rel, at_step):,.0f} "
-                f"steps at step "
-                f"{at_step}) is outside what the snapshots can reconstruct: the best combination of the "
+                f"sigma_rel={sigma_rel:.3g} (half-life {half} steps at step {at_step}) is outside what the "
+                f"snapshots can reconstruct: the best combination of the "
                 f"{len(set(steps))} snapshots up to step {at_step} is {residual:.1%} off its profile "
                 f"(max_residual={max_residual}). {fits}; snapshots taken more often widen that range."
             )
