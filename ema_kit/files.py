@@ -150,13 +150,18 @@ def load_weights(path: str | os.PathLike) -> Any:
         safetensors_torch = _import_safetensors(path)
         try:
             with safetensors_torch.safe_open(path, framework="pt", device="cpu") as f:
-                crc = (f.metadata() or {}).get(_CRC_KEY)
+                metadata = f.metadata() or {}
+                crc = metadata.get(_CRC_KEY)
                 weights = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as error:
             raise ValueError(
                 f"{path} is not a readable safetensors file (truncated or corrupted?): {error}"
             ) from error
-        if crc is not None and crc != _crc32(weights):  # files written by others carry no checksum
+        # A flipped bit in the key's own name would otherwise pass the file off as one without a checksum.
+        damaged_key = crc is None and any(
+            len(key) == len(_CRC_KEY) and sum(x != y for x, y in zip(key, _CRC_KEY)) == 1 for key in metadata
+        )
+        if damaged_key or (crc is not None and crc != _crc32(weights)):  # others' files carry no checksum
             raise ValueError(f"{path} is corrupted: its tensors no longer match the CRC-32 saved with them.")
         return weights
     try:

@@ -222,3 +222,14 @@ def test_atomic_writes_get_the_permissions_of_an_ordinary_file(tmp_path):
     (tmp_path / "plain.txt").write_text("x")
     atomic_write_text("x", tmp_path / "atomic.txt")
     assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+
+
+def test_a_flip_in_the_checksum_key_and_one_in_the_data_is_still_caught(tmp_path, trained_ema):
+    path = trained_ema.save(tmp_path / "weights.safetensors")
+    data = bytearray(path.read_bytes())
+    key = data.index(b"ema_kit.crc32")
+    data[key] ^= 0x01  # "ema_kit" -> "dma_kit": the file no longer names its checksum
+    data[int(len(data) * 0.75)] ^= 0x01  # and a weight changes
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="weights.safetensors is corrupted"):
+        load_weights(path)
