@@ -63,3 +63,27 @@ def saved_slots(module: nn.Module) -> list[Slot]:
                 seen.add(id(tensor))
                 slots.append(Slot(dot + name, holder, name))
     return slots
+
+
+def layout_mismatch(given: dict, expected: dict) -> str | None:
+    """What keeps state dict ``given`` from loading into a model whose state dict is ``expected``, or None.
+
+    Names the first few missing, unexpected and mis-shaped keys, for an error message.
+
+    Example:
+        >>> layout_mismatch({"w": torch.zeros(2)}, {"w": torch.zeros(3), "b": torch.zeros(1)})
+        "missing ['b']; shape mismatch ['w: (2,) vs (3,)']"
+    """
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    shapes = [
+        f"{key}: {tuple(given[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in expected
+        if key in given and tuple(given[key].shape) != tuple(expected[key].shape)
+    ]
+    problems = [
+        f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+        if items
+    ]
+    return "; ".join(problems) or None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ._fused import FusedUpdate
-from ._tensors import Slot, saved_slots, unwrap
+from ._tensors import Slot, layout_mismatch, saved_slots, unwrap
 from .files import save_weights
 
 # Warmup caps the decay at (1 - 1/n) ** 8 for the n-th update: a power-function EMA (Karras et al.
@@ -383,21 +383,10 @@ def _check_slots_match(live: list[Slot], ema: list[Slot]) -> None:
 
 
 def _check_weights_match(given: dict, expected: dict, what: str = "The state") -> None:
-    missing = [key for key in expected if key not in given]
-    unexpected = [key for key in given if key not in expected]
-    shapes = [
-        f"{key}: {tuple(given[key].shape)} vs EMA {tuple(expected[key].shape)}"
-        for key in expected
-        if key in given and given[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or shapes:
-        details = "; ".join(
-            f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-            if items
-        )
+    problems = layout_mismatch(given, expected)
+    if problems:
         raise ValueError(
-            f"{what} does not match the model this EMA was built for ({details}). "
+            f"{what} does not match the model this EMA was built for ({problems}). "
             "Build a new ModelEMA for a different architecture."
         )
 

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from torch import nn
 
-from ._tensors import unwrap
+from ._tensors import layout_mismatch, unwrap
 from .ema import ModelEMA
 from .files import atomic_save, load_weights
 from .multi import SharedPass
@@ -737,21 +737,10 @@ def _size(count: int) -> str:
 def _check_same_model(given, expected: dict, what: str) -> None:
     if not isinstance(given, Mapping):
         raise ValueError(f"{what} holds no state dict (got {type(given).__name__}).")
-    missing = [key for key in expected if key not in given]
-    unexpected = [key for key in given if key not in expected]
-    shapes = [
-        f"{key}: {tuple(given[key].shape)} vs {tuple(expected[key].shape)}"
-        for key in expected
-        if key in given and tuple(given[key].shape) != tuple(expected[key].shape)
-    ]
-    if missing or unexpected or shapes:
-        details = "; ".join(
-            f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-            if items
-        )
+    problems = layout_mismatch(given, expected)
+    if problems:
         raise ValueError(
-            f"{what} is for a different model than this PostHocEMA tracks ({details}). Post-hoc EMA "
+            f"{what} is for a different model than this PostHocEMA tracks ({problems}). Post-hoc EMA "
             "weights load only into the architecture they were tracked on."
         )
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as checkpoints
-from ._tensors import unwrap
+from ._tensors import layout_mismatch, unwrap
 from .ema import ModelEMA, decay_from_half_life
 from .files import atomic_save
 from .history import best_row, lower_is_better, write_csv
@@ -383,12 +383,9 @@ def _resume(state: FitState, resume, scheduler, scaler, generators) -> None:
         resume = state.out_dir / "checkpoint.pt"
     path = Path(resume)
     saved = checkpoints.load_checkpoint(path)
-    expected = state.model.state_dict()
-    mismatched = [
-        k for k in expected if k not in saved["model"] or saved["model"][k].shape != expected[k].shape
-    ]
-    if mismatched or len(saved["model"]) != len(expected):
-        raise ValueError(f"{path} was saved from another model (first differing keys: {mismatched[:3]}).")
+    problems = layout_mismatch(saved["model"], state.model.state_dict())
+    if problems:
+        raise ValueError(f"{path} was saved from another model ({problems}).")
     if saved["ema_names"] != list(state.emas):
         raise ValueError(
             f"{path} holds EMAs {saved['ema_names']}, but this run tracks {list(state.emas)}: pass the "
