@@ -148,14 +148,7 @@ def fit(
     if resume:
         _resume(state, resume, scheduler, scaler, generators)
     callbacks = list(callbacks)
-    live_plot = (
-        LivePlot(
-            out_dir / "history.png" if out_dir and main_process else None,
-            show=None if plot and main_process else False,
-        )
-        if plot
-        else None
-    )
+    live_plot = LivePlot(out_dir and out_dir / "history.png") if plot and main_process else None
     shown = Progress(progress if main_process else "off", epochs=epochs)
     trainer = _Trainer(
         model,
