@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import socket
 import warnings
 
 import pytest
@@ -85,3 +86,10 @@ def max_error(state: dict, reference: dict) -> float:
 def model() -> nn.Module:
     torch.manual_seed(0)
     return small_cnn()
+
+
+def free_port() -> int:
+    """A TCP port free right now, for a test's torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

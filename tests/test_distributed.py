@@ -3,12 +3,11 @@
 import copy
 import multiprocessing
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
-from conftest import ReferenceEMA, max_error, small_cnn
+from conftest import ReferenceEMA, free_port, max_error, small_cnn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import ProfilerActivity, profile
@@ -99,12 +98,6 @@ def float64_reference() -> list[dict]:
             ema.update(model, DECAY)
         set_buffers(rank_buffers[0])
     return [ema.state for ema in emas]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ema_on_every_rank_is_identical_matches_float64_and_communicates_nothing(tmp_path):

@@ -3,12 +3,12 @@
 import contextlib
 import multiprocessing
 import os
-import socket
 
 import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
+from conftest import free_port
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -40,12 +40,6 @@ def train_on_rank(rank: int, port: int, folder) -> None:
         torch.save(ema.module.state_dict(), folder / f"ema{rank}.pth")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_fit_under_ddp_gives_every_rank_the_same_log_and_only_rank_zero_writes(tmp_path):
