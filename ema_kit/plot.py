@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator
+from matplotlib.ticker import LogLocator, MaxNLocator
 
 from . import _env
 from .files import atomic_write_bytes
@@ -79,6 +79,7 @@ def plot_history(
             ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))  # fewer ticks: a third faster to draw
         ax.set_title(quantity)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 2.5
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="upper right" if falling else "lower right")  # the empty corner
     return figure
