@@ -76,11 +76,6 @@ class Progress:
     def train_loss(self) -> float:
         return self.loss_sum / self.done if self.done else math.nan
 
-    @property
-    def images_per_second(self) -> float:
-        elapsed = time.perf_counter() - self.started
-        return self.images / elapsed if elapsed > 0 else math.nan
-
     def end_epoch(self, history: pd.DataFrame) -> None:
         """Show the table with the epoch just finished (its row is ``history``'s last)."""
         if self.mode == "off":
@@ -107,8 +102,9 @@ class Progress:
         )
 
     def close(self) -> None:
+        """End of training: the bar stays in the notebook, showing the last epoch, marked finished."""
         if self._bar is not None:
-            self._bar.close()
+            self._progress.bar_style = "success"  # not closed: a closed widget shows as an error
             self._bar = None
 
     def _prefix(self) -> str:

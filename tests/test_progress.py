@@ -53,3 +53,16 @@ def test_off_prints_nothing_and_a_bad_mode_is_a_clear_error():
     assert stream.getvalue() == ""
     with pytest.raises(ValueError, match="progress must be 'auto', 'widget', 'text' or 'off'"):
         Progress("bar", epochs=1)
+
+
+def test_the_widget_bar_counts_batches_and_stays_shown_when_training_ends(capsys):
+    progress = Progress("widget", epochs=2)
+    progress.start_epoch(1, batches=3)
+    for _ in range(3):
+        progress.batch(images=32, loss=0.5)
+    bar = progress._progress
+    assert bar.value == 3 and "epoch 1/2" in progress._label.value and "img/s" in progress._label.value
+    progress.start_epoch(2, batches=3)
+    assert bar.value == 0 and progress._progress is bar  # one bar for the whole run
+    progress.close()
+    assert bar.bar_style == "success"
