@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from .files import atomic_write_text
-from .train import _resolve_amp
+from .train import _model_device, _resolve_amp
 
 SMOKE_VARIABLE = "EMA_KIT_SMOKE"
 ROOT_VARIABLE = "EMA_KIT_KAGGLE_ROOT"
@@ -288,8 +288,7 @@ def predict(
         >>> tuple(probabilities.shape), torch.allclose(probabilities.sum(1), torch.ones(5))
         ((5, 3), True)
     """
-    parameter = next(iter(model.parameters()), None)
-    device = torch.device("cpu") if parameter is None else parameter.device
+    device = _model_device(model)
     amp_dtype = _resolve_amp(amp, device)
     was_training = model.training
     model.eval()
