@@ -33,17 +33,24 @@ def both(model: nn.Module, multi: MultiEMA, separate: dict):
     return lambda: (multi.update(model), *(ema.update(model) for ema in separate.values()))
 
 
-# -- the formula ---------------------------------------------------------------------------------
-
-
-def test_each_ema_matches_the_float64_formula_for_its_decay(model):
-    multi = MultiEMA(model, DECAYS, warmup=False)
+def with_references(model: nn.Module, multi: MultiEMA):
+    """A float64 reference per decay, and a step that updates ``multi`` and every reference."""
     references = {decay: ReferenceEMA(model) for decay in DECAYS}
 
     def step():
         multi.update(model)
         for decay, reference in references.items():
             reference.update(model, decay)
+
+    return references, step
+
+
+# -- the formula ---------------------------------------------------------------------------------
+
+
+def test_each_ema_matches_the_float64_formula_for_its_decay(model):
+    multi = MultiEMA(model, DECAYS, warmup=False)
+    references, step = with_references(model, multi)
 
     train_steps(model, 20, step)
     for decay, reference in references.items():
@@ -154,12 +161,7 @@ def test_an_ema_module_moved_by_hand_is_laid_out_again_by_the_next_update(model)
 
 def test_model_cast_after_building_is_followed_by_every_ema(model):
     multi = MultiEMA(model, DECAYS, warmup=False)
-    references = {decay: ReferenceEMA(model) for decay in DECAYS}
-
-    def step():
-        multi.update(model)
-        for decay, reference in references.items():
-            reference.update(model, decay)
+    references, step = with_references(model, multi)
 
     train_steps(model, 2, step)
     model.double()
