@@ -9,6 +9,10 @@ with one ``lerp_`` over the contiguous region of the shadow that holds them.
 Measured on a 2-core CPU (torch 2.13): a cat whose output has 32768 elements or more takes a parallel
 path that costs ~0.8 us per input instead of ~0.1 us, and a cat that converts dtypes ~1.5 us per input;
 so cats stay under that size and stage in the live tensors' own dtype.
+
+A step blends the small tensors first: ``ModelEMA``'s address check has just brought their metadata into
+cache, and the big tensors' stream through memory would evict it (measured: 3 to 4% of a step on the
+two big benchmark models, 15% on the tiny CNN).
 """
 
 from __future__ import annotations
@@ -62,7 +66,9 @@ class FusedUpdate:
     def lerp_(self, weight: float) -> None:
         """One EMA step: ``shadow += weight * (live - shadow)`` for averaged tensors, copy for the rest."""
         for group in self._groups:
-            group.lerp_(weight)
+            group.lerp_gathered_(weight)
+        for group in self._groups:
+            group.lerp_direct_(weight)
 
     def copy_(self) -> None:
         """Make every shadow an exact copy of its live tensor (also mends a shadow holding NaN)."""
@@ -163,12 +169,8 @@ class _Group:
                 for i in remote
             ]
 
-    def lerp_(self, weight: float) -> None:
-        if self._blend_same[0]:
-            torch._foreach_lerp_(*self._blend_same, weight)
-        if self._blend_cast[0]:  # lerp_ needs equal dtypes; mul_ and add_ convert inside the kernel
-            torch._foreach_mul_(self._blend_cast[0], 1.0 - weight)
-            torch._foreach_add_(*self._blend_cast, alpha=weight)
+    def lerp_gathered_(self, weight: float) -> None:
+        """The small tensors' part of a step: many tensors, few bytes."""
         for cats, region, stage in self._gathered_blends:
             for views, out in cats:
                 torch.cat(views, out=out)
@@ -176,10 +178,18 @@ class _Group:
                 region.lerp_(stage, weight)
             else:
                 region.mul_(1.0 - weight).add_(stage, alpha=weight)
+        self._copy_unaveraged()
+
+    def lerp_direct_(self, weight: float) -> None:
+        """The big tensors' part of a step: few tensors, most of the bytes."""
+        if self._blend_same[0]:
+            torch._foreach_lerp_(*self._blend_same, weight)
+        if self._blend_cast[0]:  # lerp_ needs equal dtypes; mul_ and add_ convert inside the kernel
+            torch._foreach_mul_(self._blend_cast[0], 1.0 - weight)
+            torch._foreach_add_(*self._blend_cast, alpha=weight)
         for live, shadow, average, stage in self._remote:
             if average:
                 shadow.lerp_(stage.copy_(live), weight)
-        self._copy_unaveraged()
 
     def copy_(self) -> None:
         shadows = self._blend_same[0] + self._blend_cast[0]
@@ -233,7 +243,9 @@ class MultiUpdate:
             for group in self._groups:
                 group.set_weights(key)
         for group in self._groups:
-            group.lerp_()
+            group.lerp_gathered_()
+        for group in self._groups:
+            group.lerp_direct_()
 
     def copy_(self) -> None:
         """Make every shadow of every set an exact copy of its live tensor."""
@@ -293,28 +305,29 @@ class _GroupSet:
         self._blend_weights = self._weights * (len(self._blend[0]) // self._k)
         self._staged_weights = self._weights * (len(self._staged[0]) // self._k)
 
-    def lerp_(self) -> None:
-        weights = self._weights
-        if self._blend[0]:
-            torch._foreach_lerp_(*self._blend, self._blend_weights)
-        for (shadows, lives), weight in zip(self._casts, weights):
-            if shadows:  # lerp_ needs equal dtypes; mul_ and add_ convert inside the kernel
-                torch._foreach_mul_(shadows, 1.0 - weight)
-                torch._foreach_add_(shadows, lives, alpha=weight)
+    def lerp_gathered_(self) -> None:
         for cats in self._cats:
             for views, out in cats:
                 torch.cat(views, out=out)
         if self._staged[0]:
             torch._foreach_lerp_(*self._staged, self._staged_weights)
         for index, (region, stage) in enumerate(self._staged_cast):
-            weight = weights[index % self._k]
+            weight = self._weights[index % self._k]
             region.mul_(1.0 - weight).add_(stage, alpha=weight)
+        self._copy_unaveraged()
+
+    def lerp_direct_(self) -> None:
+        if self._blend[0]:
+            torch._foreach_lerp_(*self._blend, self._blend_weights)
+        for (shadows, lives), weight in zip(self._casts, self._weights):
+            if shadows:  # lerp_ needs equal dtypes; mul_ and add_ convert inside the kernel
+                torch._foreach_mul_(shadows, 1.0 - weight)
+                torch._foreach_add_(shadows, lives, alpha=weight)
         for live, shadows, average, stage in self._remote:
             if average:
                 stage.copy_(live)
-                for shadow, weight in zip(shadows, weights):
+                for shadow, weight in zip(shadows, self._weights):
                     shadow.lerp_(stage, weight)
-        self._copy_unaveraged()
 
     def copy_(self) -> None:
         if self._blend[0]:
