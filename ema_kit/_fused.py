@@ -53,12 +53,13 @@ class FusedUpdate:
 
     def __init__(self, lives: list[Tensor], average: list[bool], placements: list[tuple]):
         self.lives = [live.detach() for live in lives]
+        cat_inputs = list(map(_cat_input, lives, self.lives))
         self.shadows: list[Tensor] = [None] * len(lives)  # type: ignore[list-item]
         groups: dict[tuple, list[int]] = {}
         for index, placement in enumerate(placements):
             groups.setdefault(placement, []).append(index)
         self._groups = [
-            _Group(self.lives, average, indices, *placement, self.shadows)
+            _Group(self.lives, cat_inputs, average, indices, *placement, self.shadows)
             for placement, indices in groups.items()
         ]
         self.first_of_each_buffer = [indices[0] for indices in groups.values()]
@@ -94,7 +95,7 @@ class FusedUpdate:
 class _Group:
     """The shadows of one ``(device, dtype)``: one flat buffer, and the op lists that update it."""
 
-    def __init__(self, lives, average, indices, device, dtype, shadows_out):
+    def __init__(self, lives, cat_inputs, average, indices, device, dtype, shadows_out):
         device = torch.device(device)
 
         def kind(i):
@@ -138,7 +139,7 @@ class _Group:
             [lives[i] for i in direct if not average[i]],
         )
         self._gathered_copies = [
-            ([memory_order_view(lives[i]) for i in run], span(run))
+            ([cat_inputs[i] for i in run], span(run))
             for run in _runs(members("gathered copy"), lives, CAT_CHUNK)
         ]
         # Blended runs: each block cats its members into a staging buffer (in their own dtype), then one lerp.
@@ -152,7 +153,7 @@ class _Group:
                 for run in _runs(block, lives, CAT_CHUNK):
                     cats.append(
                         (
-                            [memory_order_view(lives[i]) for i in run],
+                            [cat_inputs[i] for i in run],
                             stage[start : start + _numel(run, lives)],
                         )
                     )
@@ -359,6 +360,19 @@ class _GroupSet:
             if not average:
                 for shadow in shadows:
                     shadow.copy_(live)
+
+
+def _cat_input(live: Tensor, detached: Tensor) -> Tensor | None:
+    """What a gathering ``torch.cat`` reads ``live`` through, or None when no 1-D view of it exists.
+
+    A 1-D buffer (a norm layer's running statistics) is read as itself, not through a view:
+    ``ModelEMA``'s address check has just touched that very object, so its metadata is in cache
+    (measured: 3 to 4% of the tiny CNN's step). Parameters go through a view all the same, since a cat
+    with ``out=`` refuses inputs that require grad, and turning grad mode off costs about what it saves.
+    """
+    if live.dim() == 1 and live.is_contiguous() and type(live) is Tensor and not live.requires_grad:
+        return live
+    return memory_order_view(detached)
 
 
 def _numel(indices: list[int], lives: list[Tensor]) -> int:
