@@ -19,6 +19,7 @@ def test_ema_update_benchmark_measures_every_method_on_every_model():
         "torch-ema",
         "ema-pytorch",
         "plain loop",
+        "reference: bare _foreach_lerp_",
     ):
         assert f"| {method}" in result.stdout
     assert "ResNet-50" in result.stdout and "ViT-S/16" in result.stdout and "tiny CNN" in result.stdout
