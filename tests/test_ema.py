@@ -243,6 +243,8 @@ def test_model_tensors_replaced_after_building_are_followed(model):
     model.to(memory_format=torch.channels_last)  # new parameter storage, new strides
     model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)  # new parameter objects
     model[7].weight.data = model[7].weight.data.clone()  # .data swapped by hand
+    model[1].running_var.data = model[1].running_var.data.clone()  # a buffer the update reads as itself
+    model[4].running_mean = model[4].running_mean.clone()  # a buffer object replaced
     train_steps(model, 3, lambda: (ema.update(model), reference.update(model, 0.9)), seed=1)
     assert max_error(ema.module.state_dict(), reference.state) < 1e-6
     assert ema.module[0].weight.is_contiguous(memory_format=torch.channels_last)
