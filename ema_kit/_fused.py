@@ -171,7 +171,7 @@ class _Group:
             ]
 
     def lerp_gathered_(self, weight: float) -> None:
-        """The small tensors' part of a step: many tensors, few bytes."""
+        """The gathered small tensors' part of a step, and the copies of tensors that are not averaged."""
         for cats, region, stage in self._gathered_blends:
             for views, out in cats:
                 torch.cat(views, out=out)
@@ -182,7 +182,7 @@ class _Group:
         self._copy_unaveraged()
 
     def lerp_direct_(self, weight: float) -> None:
-        """The big tensors' part of a step: few tensors, most of the bytes."""
+        """The big averaged tensors' part of a step: few tensors, most of the bytes."""
         if self._blend_same[0]:
             torch._foreach_lerp_(*self._blend_same, weight)
         if self._blend_cast[0]:  # lerp_ needs equal dtypes; mul_ and add_ convert inside the kernel
