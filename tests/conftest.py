@@ -1,95 +1,64 @@
-"""Shared test helpers: a small real CNN, a few real training steps, and a float64 reference EMA."""
+"""Fixtures for every test: a sandbox for what the environment selects (home, Kaggle root, working folder)."""
 
-import importlib.util
 import os
-import socket
-import warnings
+import site
+from pathlib import Path
 
+import matplotlib
 import pytest
 import torch
+from helpers import small_cnn  # before any test module imports ema_kit: it picks the ema_kit under test
+from hypothesis import HealthCheck, settings
 from torch import nn
 
-# EMA_KIT_SINGLE=path/to/ema_kit_single.py runs the tests against that one-file build of the package
-# (tests/test_kaggle.py does): it is imported here, before any test module imports ema_kit.
 if os.environ.get("EMA_KIT_SINGLE"):
-    _spec = importlib.util.spec_from_file_location("ema_kit_single", os.environ["EMA_KIT_SINGLE"])
-    with warnings.catch_warnings():  # it warns that it shadows this checkout's ema_kit: that is the point
-        warnings.filterwarnings("ignore", "`import ema_kit` now loads", UserWarning)
-        _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
-    import ema_kit
-
-    if not hasattr(ema_kit.__loader__, "ema_kit_bundle"):
-        raise RuntimeError(f"EMA_KIT_SINGLE is set but ema_kit came from {ema_kit.__file__}")
 
     def pytest_report_header() -> str:
+        import ema_kit
+
         return f"ema_kit under test: {ema_kit.__loader__.ema_kit_bundle}"
 
 
-def small_cnn(num_classes: int = 10) -> nn.Module:
-    """A small CNN with BatchNorm (so it has running-stat and integer buffers), for 8x8 inputs."""
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1, stride=2),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 64),
-        nn.ReLU(),
-        nn.Linear(64, num_classes),
-    )
+# The same examples on every run (no example database, no random seed): a test that fails, fails again.
+# No deadline: on a loaded machine an example may take seconds.
+settings.register_profile(
+    "ema_kit", derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("ema_kit")
+
+# Caches that are built once per machine and only speed things up (matplotlib's font list, user-installed
+# packages), kept while each test gets a fresh home, so that subprocesses find them.
+_KEEP = {
+    "MPLCONFIGDIR": os.environ.get("MPLCONFIGDIR") or matplotlib.get_cachedir(),
+    "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"),
+    "PYTHONUSERBASE": site.getuserbase(),
+}
+# Variables that would point a test at the user's own folders or at a real Kaggle kernel.
+_CLEARED = ("IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "XDG_CONFIG_HOME",
+            "XDG_DATA_HOME", "EMA_KIT_SMOKE")  # fmt: skip
 
 
-def train_steps(model: nn.Module, steps: int, after_step=None, *, seed: int = 0, lr: float = 0.05) -> None:
-    """Run real SGD steps on random 8x8 images; call ``after_step()`` after each optimizer step."""
-    generator = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    model.train()
-    for _ in range(steps):
-        x = torch.randn(16, 1, 8, 8, generator=generator).to(dtype)
-        y = torch.randint(0, 10, (16,), generator=generator)
-        loss = nn.functional.cross_entropy(model(x).float(), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if after_step is not None:
-            after_step()
+@pytest.fixture(autouse=True)
+def sandbox(tmp_path_factory, monkeypatch) -> Path:
+    """Each test gets its own home, working folder and (absent) Kaggle root, so nothing it or a process
+    it starts reads or writes lands in the checkout, the user's home or a real /kaggle.
 
-
-class ReferenceEMA:
-    """The EMA formula in float64, one tensor at a time, as the definition to test against."""
-
-    def __init__(self, model: nn.Module):
-        self.state = {
-            k: v.detach().to(torch.float64, copy=True) if v.is_floating_point() else v.clone()
-            for k, v in model.state_dict().items()
-        }
-
-    def update(self, model: nn.Module, decay: float, buffers: str = "average") -> None:
-        params = {name for name, _ in model.named_parameters()}
-        for key, value in model.state_dict().items():
-            if value.is_floating_point() and (key in params or buffers == "average"):
-                self.state[key] = decay * self.state[key] + (1 - decay) * value.detach().double()
-            else:
-                self.state[key] = value.detach().clone()
-
-
-def max_error(state: dict, reference: dict) -> float:
-    """Largest absolute difference between two state dicts (compared in float64)."""
-    assert state.keys() == reference.keys()
-    return max((state[k].double() - reference[k].double()).abs().max().item() for k in reference)
+    A folder of its own, beside ``tmp_path``, so that a test's ``tmp_path`` holds only what it wrote.
+    """
+    folder = tmp_path_factory.mktemp("sandbox")
+    (folder / "home").mkdir()
+    (folder / "work").mkdir()
+    for name in _CLEARED + tuple(name for name in os.environ if name.startswith("KAGGLE_")):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(folder / "home"))
+    for name, value in _KEEP.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EMA_KIT_KAGGLE_ROOT", str(folder / "kaggle"))  # absent: not on Kaggle
+    monkeypatch.chdir(folder / "work")
+    return folder
 
 
 @pytest.fixture
 def model() -> nn.Module:
     torch.manual_seed(0)
     return small_cnn()
-
-
-def free_port() -> int:
-    """A TCP port free right now, for a test's torch.distributed rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

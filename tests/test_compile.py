@@ -7,7 +7,7 @@ fall back to eager, so these tests run compiled code.
 import copy
 
 import torch
-from conftest import ReferenceEMA, max_error, small_cnn, train_steps
+from helpers import ReferenceEMA, max_error, small_cnn, train_steps
 
 from ema_kit import ModelEMA
 from ema_kit.files import load_weights

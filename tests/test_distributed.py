@@ -2,12 +2,11 @@
 
 import copy
 import multiprocessing
-import os
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
-from conftest import ReferenceEMA, free_port, max_error, small_cnn
+from helpers import ReferenceEMA, max_error, small_cnn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import ProfilerActivity, profile
@@ -17,9 +16,9 @@ from ema_kit.files import atomic_save, load_weights
 
 WORLD_SIZE, STEPS, DECAY, LR = 2, 5, 0.8, 0.05
 # Ranks fork from a server that imported these once (a fresh interpreter spends seconds importing
-# torch). conftest first: it picks the ema_kit under test.
+# torch). helpers first: it picks the ema_kit under test.
 multiprocessing.get_context("forkserver").set_forkserver_preload(
-    ["conftest", "torch", "pandas", "pytest", "ema_kit"]
+    ["helpers", "torch", "pandas", "pytest", "ema_kit"]
 )
 COLLECTIVE = ("c10d::", "gloo:")  # how the profiler names collectives: c10d::allreduce_, gloo:broadcast
 
@@ -30,14 +29,16 @@ def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 1, 8, 8, generator=generator), torch.randint(0, 10, (8,), generator=generator)
 
 
-def train_on_rank(rank: int, port: int, out_dir) -> None:
+def train_on_rank(rank: int, out_dir) -> None:
     """One rank: DDP training with an EMA updated from the DDP model after every step.
 
     In float64 like the reference, so the comparison is tight (float32 rounding grows to ~1e-5 here).
     """
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # the ranks share the machine's cores
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    # A rendezvous in a file, not on a TCP port picked beforehand that another process could take first.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank, world_size=WORLD_SIZE
+    )
     try:
         torch.manual_seed(0)
         model = DistributedDataParallel(small_cnn().double())
@@ -102,7 +103,7 @@ def float64_reference() -> list[dict]:
 
 def test_ema_on_every_rank_is_identical_matches_float64_and_communicates_nothing(tmp_path):
     torch.multiprocessing.start_processes(
-        train_on_rank, args=(free_port(), tmp_path), nprocs=WORLD_SIZE, start_method="forkserver"
+        train_on_rank, args=(tmp_path,), nprocs=WORLD_SIZE, start_method="forkserver"
     )
     ranks = [load_weights(tmp_path / f"rank{rank}.pth") for rank in range(WORLD_SIZE)]
 

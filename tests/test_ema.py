@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ReferenceEMA, max_error, small_cnn, train_steps
+from helpers import ReferenceEMA, max_error, small_cnn, train_steps
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 

@@ -16,7 +16,7 @@ import time
 import pandas as pd
 import pytest
 import torch
-from conftest import small_cnn
+from helpers import small_cnn
 
 from ema_kit import ModelEMA
 from ema_kit.files import STALE_TEMP_S, atomic_save, atomic_write_text, load_weights

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import small_cnn, train_steps
+from helpers import small_cnn, train_steps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn

@@ -9,7 +9,7 @@ import matplotlib.figure
 import pandas as pd
 import pytest
 import torch
-from conftest import ReferenceEMA, max_error, small_cnn, train_steps
+from helpers import ReferenceEMA, max_error, small_cnn, train_steps
 from torch import nn
 
 from ema_kit import PostHocEMA, fit, plot_scan, scan

@@ -2,28 +2,28 @@
 
 import contextlib
 import multiprocessing
-import os
 
 import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
-from conftest import free_port
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 WORLD_SIZE = 2
-multiprocessing.get_context("forkserver").set_forkserver_preload(["conftest", "torch", "pandas", "ema_kit"])
+multiprocessing.get_context("forkserver").set_forkserver_preload(["helpers", "torch", "pandas", "ema_kit"])
 
 
-def train_on_rank(rank: int, port: int, folder) -> None:
+def train_on_rank(rank: int, folder) -> None:
     from ema_kit import ModelEMA, fit
     from ema_kit.data import digits
     from ema_kit.demo import SmallCNN
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    # A rendezvous in a file, not on a TCP port picked beforehand that another process could take first.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=WORLD_SIZE
+    )
     try:
         images, labels = digits()
         train = TensorDataset(images[:256], labels[:256])
@@ -44,7 +44,7 @@ def train_on_rank(rank: int, port: int, folder) -> None:
 
 def test_fit_under_ddp_gives_every_rank_the_same_log_and_only_rank_zero_writes(tmp_path):
     torch.multiprocessing.start_processes(
-        train_on_rank, args=(free_port(), tmp_path), nprocs=WORLD_SIZE, start_method="forkserver"
+        train_on_rank, args=(tmp_path,), nprocs=WORLD_SIZE, start_method="forkserver"
     )
     logs = [pd.read_csv(tmp_path / f"log{rank}.csv") for rank in range(WORLD_SIZE)]
     pd.testing.assert_frame_equal(logs[0].drop(columns="seconds"), logs[1].drop(columns="seconds"))

@@ -1,0 +1,84 @@
+"""What several test modules share: a small real CNN, a few real training steps, a float64 reference EMA.
+
+Tests import these by name (``from helpers import small_cnn``): pyproject.toml puts ``tests/`` on the
+path. Fixtures live in conftest.py.
+
+Importing this module also picks the ema_kit under test: ``EMA_KIT_SINGLE=path/to/ema_kit_single.py``
+runs the tests against that one-file build of the package (tests/test_kaggle.py does). conftest.py
+imports it before any test module imports ema_kit, and so do the processes that tests fork from a
+server (their preload names it first).
+"""
+
+import importlib.util
+import os
+import warnings
+
+import torch
+from torch import nn
+
+if os.environ.get("EMA_KIT_SINGLE"):
+    _spec = importlib.util.spec_from_file_location("ema_kit_single", os.environ["EMA_KIT_SINGLE"])
+    with warnings.catch_warnings():  # it warns that it shadows this checkout's ema_kit: that is the point
+        warnings.filterwarnings("ignore", "`import ema_kit` now loads", UserWarning)
+        _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+    import ema_kit
+
+    if not hasattr(ema_kit.__loader__, "ema_kit_bundle"):
+        raise RuntimeError(f"EMA_KIT_SINGLE is set but ema_kit came from {ema_kit.__file__}")
+
+
+def small_cnn(num_classes: int = 10) -> nn.Module:
+    """A small CNN with BatchNorm (so it has running-stat and integer buffers), for 8x8 inputs."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+
+
+def train_steps(model: nn.Module, steps: int, after_step=None, *, seed: int = 0, lr: float = 0.05) -> None:
+    """Run real SGD steps on random 8x8 images; call ``after_step()`` after each optimizer step."""
+    generator = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(16, 1, 8, 8, generator=generator).to(dtype)
+        y = torch.randint(0, 10, (16,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+
+
+class ReferenceEMA:
+    """The EMA formula in float64, one tensor at a time, as the definition to test against."""
+
+    def __init__(self, model: nn.Module):
+        self.state = {
+            k: v.detach().to(torch.float64, copy=True) if v.is_floating_point() else v.clone()
+            for k, v in model.state_dict().items()
+        }
+
+    def update(self, model: nn.Module, decay: float, buffers: str = "average") -> None:
+        params = {name for name, _ in model.named_parameters()}
+        for key, value in model.state_dict().items():
+            if value.is_floating_point() and (key in params or buffers == "average"):
+                self.state[key] = decay * self.state[key] + (1 - decay) * value.detach().double()
+            else:
+                self.state[key] = value.detach().clone()
+
+
+def max_error(state: dict, reference: dict) -> float:
+    """Largest absolute difference between two state dicts (compared in float64)."""
+    assert state.keys() == reference.keys()
+    return max((state[k].double() - reference[k].double()).abs().max().item() for k in reference)
