@@ -1,17 +1,21 @@
-"""Kills mid-write (ema_kit/files.py, ModelEMA.save): a SIGKILL at any moment leaves a whole file.
+"""Kills mid-write (ema_kit/files.py, ModelEMA.save): a process killed at any moment leaves a whole file.
 
-A child process rewrites one file in a tight loop, each time with a new version (a growing state dict,
-the EMA weights after one more update, a training log with one more row), and is killed with SIGKILL
-at a random moment, many times over. After each kill the file must load (or parse) and equal one of
-the versions, rebuilt here from its number.
+A child process writes version 1 of a file over a whole version 0 and dies at a moment chosen here, so
+the kill lands inside the write by construction, whatever the machine's load:
+- after a chosen number of bytes: with ``RLIMIT_FSIZE`` at that size, the kernel kills the process with
+  SIGXFSZ at its first write past it (0 bytes, 1 byte, half the file, all but its last byte);
+- just before the finished file is renamed into place (an audit hook on ``os.rename``/``os.replace``).
+The file must then still be version 0, byte for byte; killed while writing the very first version, there
+must be no file at all. A later write clears what the killed writers left behind.
 """
 
-import itertools
 import multiprocessing
 import os
-import random
+import resource
 import signal
+import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -21,18 +25,17 @@ from helpers import small_cnn
 from ema_kit import ModelEMA
 from ema_kit.files import STALE_TEMP_S, atomic_save, atomic_write_text, load_weights
 
-KILLS = 30
-MAX_DELAY_S = 0.1  # after the child's first whole write; a write takes ~10 ms here (fsync included)
-# Children fork from a server that imported these once, so a kill costs milliseconds, not the seconds
-# a fresh interpreter spends importing torch. conftest first: it picks the ema_kit under test.
+# Children fork from a server that imported these once, so a child costs milliseconds, not the seconds
+# a fresh interpreter spends importing torch. helpers first: it picks the ema_kit under test.
 FORKSERVER = multiprocessing.get_context("forkserver")
-FORKSERVER.set_forkserver_preload(["conftest", "torch", "pandas", "pytest", "ema_kit"])
-# The files each writer rewrites, taken in turn from one kill to the next.
+FORKSERVER.set_forkserver_preload(["helpers", "torch", "pandas", "pytest", "ema_kit"])
+# The files each writer writes.
 FILES = {
     "atomic_save": ["state.pth"],
     "ModelEMA.save": ["model_ema.pth", "model_ema.safetensors"],
     "atomic_write_text": ["log.csv"],
 }
+BEFORE_RENAME = "before the rename"
 
 
 def growing_state(version: int) -> dict:
@@ -40,7 +43,7 @@ def growing_state(version: int) -> dict:
     generator = torch.Generator().manual_seed(version)
     return {
         "step": torch.tensor(version),
-        "weights": torch.randn(2000 * (1 + version % 40), generator=generator),
+        "weights": torch.randn(2000 * (1 + version), generator=generator),
     }
 
 
@@ -52,88 +55,103 @@ def training_log(rows: int) -> str:
 
 
 class EMARun:
-    """An EMA after each of a fixed sequence of weight changes; its num_batches_tracked is the version."""
+    """The EMA after each of a fixed sequence of weight changes; its num_batches_tracked is the version."""
 
-    def __init__(self):
+    def __init__(self, versions: int = 3):
         torch.manual_seed(0)
-        self.model = small_cnn()
-        self.ema = ModelEMA(self.model, decay=0.9)
+        model = small_cnn()
+        self.ema = ModelEMA(model, decay=0.9)
         self.states = []
-
-    def state(self, version: int) -> dict:
-        while len(self.states) <= version:
-            generator = torch.Generator().manual_seed(len(self.states))
+        for version in range(versions):
+            generator = torch.Generator().manual_seed(version)
             with torch.no_grad():
-                for parameter in self.model.parameters():
+                for parameter in model.parameters():
                     parameter.add_(torch.randn(parameter.shape, generator=generator), alpha=0.1)
-                self.model[1].num_batches_tracked.fill_(len(self.states))
-            self.ema.update(self.model)
+                model[1].num_batches_tracked.fill_(version)
+            self.ema.update(model)
             self.states.append({key: value.clone() for key, value in self.ema.module.state_dict().items()})
-        return self.states[version]
 
 
-def write(kind: str, version: int, path, run: EMARun) -> None:
+def write(kind: str, version: int, path: Path, run: EMARun) -> None:
     if kind == "atomic_save":
         atomic_save(growing_state(version), path)
     elif kind == "ModelEMA.save":
-        run.state(version)
+        run.ema.module.load_state_dict(run.states[version])
         run.ema.save(path)
     else:
         atomic_write_text(training_log(version), path)
 
 
-def write_until_killed(kind: str, path, ready) -> None:
-    """The child: rewrite ``path`` with version after version; say when the first one is whole."""
-    run = EMARun()
-    for version in itertools.count():
-        write(kind, version, path, run)
-        if version == 0:
-            ready.send(os.getpid())
+def write_and_die(kind: str, version: int, path: Path, die_at) -> None:
+    """The child: write ``version`` of ``path`` and die after ``die_at`` bytes of a file, or before the
+    rename that puts it in place."""
+    run = EMARun()  # built before any limit: it writes nothing
+    if die_at == BEFORE_RENAME:
+
+        def kill_before_rename(event, args):
+            if event == "os.rename" and Path(args[1]) == path:  # os.replace raises "os.rename" too
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        sys.addaudithook(kill_before_rename)
+    else:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it, which would make it an OSError
+        resource.setrlimit(resource.RLIMIT_FSIZE, (die_at, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    write(kind, version, path, run)
 
 
-def assert_whole_version(kind: str, path, run: EMARun) -> None:
+def run_child(kind: str, version: int, path: Path, die_at) -> int:
+    child = FORKSERVER.Process(target=write_and_die, args=(kind, version, path, die_at), daemon=True)
+    child.start()
+    child.join(120)
+    assert child.exitcode is not None, "the writer hung"
+    return child.exitcode
+
+
+def assert_whole_version(kind: str, path: Path, version: int, run: EMARun) -> None:
     if kind == "atomic_write_text":
-        rows = len(pd.read_csv(path))
-        assert path.read_text() == training_log(rows)
+        assert path.read_text() == training_log(version)
+        assert len(pd.read_csv(path)) == version
         return
     loaded = load_weights(path)
-    if kind == "atomic_save":
-        expected = growing_state(int(loaded["step"]))
-    else:
-        expected = run.state(int(loaded["1.num_batches_tracked"]))
+    expected = growing_state(version) if kind == "atomic_save" else run.states[version]
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[key], value) for key, value in expected.items())
 
 
 @pytest.mark.parametrize("kind", list(FILES))
-def test_kill_at_random_moments_leaves_a_whole_version_and_a_later_write_clears_the_debris(tmp_path, kind):
-    paths, run, rng = [tmp_path / name for name in FILES[kind]], EMARun(), random.Random(kind)
-    versions, killed_mid_write = set(), 0
-    for kill in range(KILLS):
-        path = paths[kill % len(paths)]
-        receive, send = FORKSERVER.Pipe(duplex=False)
-        child = FORKSERVER.Process(target=write_until_killed, args=(kind, path, send), daemon=True)
-        child.start()
-        send.close()
-        assert receive.poll(60), f"the child exited with {child.exitcode} before its first write"
-        receive.recv()
-        temps_before = set(tmp_path.glob(".*.tmp"))
-        time.sleep(rng.uniform(0, MAX_DELAY_S))
-        os.kill(child.pid, signal.SIGKILL)
-        child.join()
-        assert child.exitcode == -signal.SIGKILL
-        killed_mid_write += len(set(tmp_path.glob(".*.tmp")) - temps_before)
-        assert_whole_version(kind, path, run)
-        versions.add(path.read_bytes())
-    # The kills landed at many moments, mostly inside a write (which leaves its temporary file behind).
-    assert len(versions) >= 3
-    assert killed_mid_write > KILLS // 3
-    assert sorted(p for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted(paths)
+def test_a_kill_at_any_moment_of_a_write_leaves_the_previous_version_and_a_later_write_clears_the_debris(
+    tmp_path, kind
+):
+    run, scratch = EMARun(), tmp_path / "scratch"
+    for name in FILES[kind]:
+        write(kind, 1, scratch / name, run)
+    targets = [tmp_path / "files" / name for name in FILES[kind]]
+    for path in targets:
+        size = (scratch / path.name).stat().st_size  # of version 1, the one that gets killed
+        # Killed while writing the very first version: no file at all, not a part of one.
+        assert run_child(kind, 1, path, size // 2) == -signal.SIGXFSZ
+        assert not path.exists()
+        write(kind, 0, path, run)
+        whole = path.read_bytes()
+        for die_at in (0, 1, size // 2, size - 1, BEFORE_RENAME):
+            debris = set(path.parent.iterdir())
+            exitcode = run_child(kind, 1, path, die_at)
+            if die_at == BEFORE_RENAME:
+                assert exitcode == -signal.SIGKILL, "the write finished without renaming a file into place"
+            else:
+                assert exitcode == -signal.SIGXFSZ, f"the write of {size} bytes ended before byte {die_at}"
+            assert path.read_bytes() == whole, f"killed at {die_at}: the file is no longer version 0"
+            # Proof that the kill landed inside the write: its unfinished file, as far as it got.
+            (left,) = set(path.parent.iterdir()) - debris
+            assert left.stat().st_size == (size if die_at == BEFORE_RENAME else die_at)
+        assert_whole_version(kind, path, 0, run)
 
+    # Debris of a writer dead long ago goes at the next write to the same file.
     long_ago = time.time() - STALE_TEMP_S - 60
-    for temp in tmp_path.glob(".*.tmp"):
-        os.utime(temp, (long_ago, long_ago))
-    for path in paths:
-        write(kind, 3, path, run)
-        assert_whole_version(kind, path, run)
-    assert sorted(tmp_path.iterdir()) == sorted(paths)
+    for left in set(targets[0].parent.iterdir()) - set(targets):
+        os.utime(left, (long_ago, long_ago))
+    for path in targets:
+        write(kind, 2, path, run)
+        assert_whole_version(kind, path, 2, run)
+    assert sorted(targets[0].parent.iterdir()) == sorted(targets)
