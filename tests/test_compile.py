@@ -6,6 +6,7 @@ fall back to eager, so these tests run compiled code.
 
 import copy
 
+import pytest
 import torch
 from helpers import ReferenceEMA, max_error, small_cnn, train_steps
 
@@ -13,6 +14,7 @@ from ema_kit import ModelEMA
 from ema_kit.files import load_weights
 
 
+@pytest.mark.slow
 def test_compiled_model_is_averaged_like_the_plain_one_and_saved_with_plain_keys(model, tmp_path):
     compiled = torch.compile(model, fullgraph=True)
     ema, reference = ModelEMA(compiled, decay=0.9, warmup=False), ReferenceEMA(model)

@@ -4,11 +4,13 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import torch
 
 from ema_kit.demo import SmallCNN
 
 
+@pytest.mark.slow
 def test_demo_command_writes_the_run_and_the_ema_is_smoother_and_at_least_as_good(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(

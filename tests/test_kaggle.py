@@ -134,6 +134,7 @@ def test_committed_files_equal_a_fresh_build():
     )
 
 
+@pytest.mark.slow
 def test_core_tests_pass_against_the_single_file(tmp_path):
     single = tmp_path / "ema_kit_single.py"
     single.write_text(build.single_file(build.read_package(), build.package_version()))
@@ -336,6 +337,7 @@ def test_wheel_build_is_reproducible(built, tmp_path):
     assert again.read_bytes() == next((built / "dataset").glob("*.whl")).read_bytes()
 
 
+@pytest.mark.slow
 def test_wheel_installs_offline_into_a_fresh_environment(built, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from ema_kit.data import write_digit_recognizer
 
@@ -31,6 +32,7 @@ def _copy(names: list[str], folder: Path) -> list[Path]:
     return [Path(shutil.copy(NOTEBOOKS / f"{name}.ipynb", folder)) for name in names]
 
 
+@pytest.mark.slow
 def test_every_notebook_runs_in_order_at_smoke_size(tmp_path):
     names = sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb"))
     assert names[:4] == ["01_quickstart", "02_kaggle_digit_recognizer", "03_image_folder_classification",
@@ -43,6 +45,7 @@ def test_every_notebook_runs_in_order_at_smoke_size(tmp_path):
     assert list(submission.columns) == ["ImageId", "Label"] and len(submission) == len(sample)
 
 
+@pytest.mark.slow
 def test_kaggle_layout_trains_then_submits_from_the_saved_ema_weights(tmp_path):
     kaggle = tmp_path / "kaggle"
     competition = write_digit_recognizer(kaggle / "input" / "digit-recognizer")

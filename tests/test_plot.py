@@ -46,6 +46,7 @@ def test_headless_live_plot_writes_the_png_and_reuses_one_figure(tmp_path, capsy
     assert capsys.readouterr().out == ""  # shows nothing outside a notebook
 
 
+@pytest.mark.slow
 def test_in_a_notebook_fit_leaves_one_plot_and_one_table_updated_in_place(tmp_path):
     code = """
 import torch

@@ -4,6 +4,7 @@ import contextlib
 import multiprocessing
 
 import pandas as pd
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
@@ -42,6 +43,7 @@ def train_on_rank(rank: int, folder) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fit_under_ddp_gives_every_rank_the_same_log_and_only_rank_zero_writes(tmp_path):
     torch.multiprocessing.start_processes(
         train_on_rank, args=(tmp_path,), nprocs=WORLD_SIZE, start_method="forkserver"
