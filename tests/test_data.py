@@ -1,5 +1,7 @@
 """Built-in data (ema_kit/data.py): the real digits as tensors, loaders and Kaggle-style files."""
 
+from collections import Counter
+
 import pandas as pd
 import pytest
 import torch
@@ -19,7 +21,13 @@ def test_loaders_split_without_overlap_and_shuffle_repeatably():
     again = [y for _, y in digits_loaders(seed=1)[0]]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     train, val = digits_loaders()
-    assert len(train.dataset) + len(val.dataset) == 1797
+    assert len(val.dataset) == round(1797 * 0.25)
+
+    def count(images, labels) -> Counter:  # an image with its label, as many times as the data holds it
+        return Counter(zip(labels.tolist(), (image.numpy().tobytes() for image in images)))
+
+    # Each of the 1,797 examples in exactly one of the two: none in both, none left out.
+    assert count(*train.dataset.tensors) + count(*val.dataset.tensors) == count(*digits())
 
 
 def test_digit_recognizer_files_have_the_competition_layout(tmp_path):
