@@ -446,8 +446,18 @@ def test_plot_scan_rejects_a_bad_metric_or_mode():
         plot_scan(pd.DataFrame({"loss": [1.0]}), "loss")
 
 
-def test_max_residual_is_the_documented_default():
-    assert MAX_RESIDUAL == 0.05
+def test_by_default_synthesis_refuses_a_length_whose_profile_fit_is_off_by_more_than_max_residual(tmp_path):
+    _, posthoc = trained_tracker(tmp_path)
+    low, high = posthoc.reconstructable_range()
+    assert (low, high) == posthoc.reconstructable_range(max_residual=MAX_RESIDUAL)
+    posthoc.synthesize(low)  # the shortest length fit within MAX_RESIDUAL
+    with pytest.raises(ValueError, match=rf"% off its profile \(max_residual={MAX_RESIDUAL}\)"):
+        posthoc.synthesize(low / 1.02)
+    posthoc.synthesize(low / 1.02, max_residual=2 * MAX_RESIDUAL)  # a rougher fit, when asked for
+
+
+def test_the_longest_length_is_the_plain_average_of_every_step():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert 0 < SIGMA_REL_MAX < 0.29
+        assert sigma_rel_from_gamma(0.0) == pytest.approx(SIGMA_REL_MAX, rel=1e-12)  # gamma 0: equal weights
+        assert gamma_from_sigma_rel(SIGMA_REL_MAX * (1 - 1e-9)) == pytest.approx(0.0, abs=1e-6)
