@@ -1,11 +1,13 @@
 """Progress (ema_kit/progress.py): a few text lines per epoch in a log, never one per batch."""
 
 import io
+import itertools
+import time
 
+import IPython.display
 import pandas as pd
 import pytest
 
-from ema_kit import progress as progress_module
 from ema_kit.progress import Progress
 
 LOG = pd.DataFrame({"epoch": [1], "train_loss": [0.5], "live_loss": [0.4], "ema_loss": [0.3]})
@@ -25,7 +27,8 @@ def test_a_short_epoch_in_a_log_is_one_line():
 
 
 def test_a_long_epoch_in_a_log_also_reports_at_its_quarters(monkeypatch):
-    monkeypatch.setattr(progress_module, "_QUIET_SECONDS", 0.0)  # as if each quarter took minutes
+    clock = itertools.count(step=60.0)  # as if each batch took a minute
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
     stream = io.StringIO()
     run_epoch(Progress("text", epochs=1, stream=stream))
     lines = stream.getvalue().splitlines()
@@ -55,14 +58,17 @@ def test_off_prints_nothing_and_a_bad_mode_is_a_clear_error():
         Progress("bar", epochs=1)
 
 
-def test_the_widget_bar_counts_batches_and_stays_shown_when_training_ends(capsys):
+def test_the_widget_bar_counts_batches_and_stays_shown_when_training_ends(monkeypatch):
+    shown = []  # what the notebook would show
+    monkeypatch.setattr(IPython.display, "display", lambda obj, **options: shown.append(obj))
     progress = Progress("widget", epochs=2)
     progress.start_epoch(1, batches=3)
     for _ in range(3):
         progress.batch(images=32, loss=0.5)
-    bar = progress._progress
-    assert bar.value == 3 and "epoch 1/2" in progress._label.value and "img/s" in progress._label.value
+    (box,) = shown
+    bar, label = box.children
+    assert bar.value == 3 and "epoch 1/2" in label.value and "img/s" in label.value
     progress.start_epoch(2, batches=3)
-    assert bar.value == 0 and progress._progress is bar  # one bar for the whole run
+    assert bar.value == 0 and shown == [box]  # one bar for the whole run
     progress.close()
     assert bar.bar_style == "success"
