@@ -29,6 +29,7 @@ def test_compiled_model_is_averaged_like_the_plain_one_and_saved_with_plain_keys
     assert list(ema.state_dict()["weights"]) == list(model.state_dict())
 
 
+@pytest.mark.slow
 def test_compiled_ema_module_evaluates_like_eager_and_sees_every_later_update(model):
     ema = ModelEMA(model, decay=0.9)
     train_steps(model, 2, lambda: ema.update(model))

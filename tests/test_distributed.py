@@ -3,6 +3,7 @@
 import copy
 import multiprocessing
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
@@ -101,6 +102,7 @@ def float64_reference() -> list[dict]:
     return [ema.state for ema in emas]
 
 
+@pytest.mark.slow
 def test_ema_on_every_rank_is_identical_matches_float64_and_communicates_nothing(tmp_path):
     torch.multiprocessing.start_processes(
         train_on_rank, args=(tmp_path,), nprocs=WORLD_SIZE, start_method="forkserver"
