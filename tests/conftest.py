@@ -44,6 +44,14 @@ _CLEARED = ("IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUN
             "XDG_DATA_HOME", "EMA_KIT_SMOKE")  # fmt: skip
 
 
+@pytest.fixture(autouse=True, scope="session")
+def hypothesis_storage(tmp_path_factory):
+    """Hypothesis's own files (it caches what it learns) in a temporary folder, not in the checkout."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HYPOTHESIS_STORAGE_DIRECTORY", str(tmp_path_factory.mktemp("hypothesis")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def sandbox(tmp_path_factory, monkeypatch) -> Path:
     """Each test gets its own home, working folder and (absent) Kaggle root, so nothing it or a process
