@@ -44,32 +44,39 @@ _CLEARED = ("IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUN
             "XDG_DATA_HOME", "EMA_KIT_SMOKE")  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="session")
-def hypothesis_storage(tmp_path_factory):
-    """Hypothesis's own files (it caches what it learns) in a temporary folder, not in the checkout."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HYPOTHESIS_STORAGE_DIRECTORY", str(tmp_path_factory.mktemp("hypothesis")))
-        yield
+class Sandbox:
+    """The environment of every test, and of every example in ema_kit's docstrings: registered as a plugin
+    (below), its fixtures apply to all that pytest collects, not only to what lies under tests/."""
+
+    @pytest.fixture(autouse=True, scope="session")
+    def hypothesis_storage(self, tmp_path_factory):
+        """Hypothesis's own files (it caches what it learns) in a temporary folder, not in the checkout."""
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("HYPOTHESIS_STORAGE_DIRECTORY", str(tmp_path_factory.mktemp("hypothesis")))
+            yield
+
+    @pytest.fixture(autouse=True)
+    def sandbox(self, tmp_path_factory, monkeypatch) -> Path:
+        """Each test gets its own home, working folder and (absent) Kaggle root, so nothing it or a process
+        it starts reads or writes lands in the checkout, the user's home or a real /kaggle.
+
+        A folder of its own, beside ``tmp_path``, so that a test's ``tmp_path`` holds only what it wrote.
+        """
+        folder = tmp_path_factory.mktemp("sandbox")
+        (folder / "home").mkdir()
+        (folder / "work").mkdir()
+        for name in _CLEARED + tuple(name for name in os.environ if name.startswith("KAGGLE_")):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HOME", str(folder / "home"))
+        for name, value in _KEEP.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("EMA_KIT_KAGGLE_ROOT", str(folder / "kaggle"))  # absent: not on Kaggle
+        monkeypatch.chdir(folder / "work")
+        return folder
 
 
-@pytest.fixture(autouse=True)
-def sandbox(tmp_path_factory, monkeypatch) -> Path:
-    """Each test gets its own home, working folder and (absent) Kaggle root, so nothing it or a process
-    it starts reads or writes lands in the checkout, the user's home or a real /kaggle.
-
-    A folder of its own, beside ``tmp_path``, so that a test's ``tmp_path`` holds only what it wrote.
-    """
-    folder = tmp_path_factory.mktemp("sandbox")
-    (folder / "home").mkdir()
-    (folder / "work").mkdir()
-    for name in _CLEARED + tuple(name for name in os.environ if name.startswith("KAGGLE_")):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(folder / "home"))
-    for name, value in _KEEP.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("EMA_KIT_KAGGLE_ROOT", str(folder / "kaggle"))  # absent: not on Kaggle
-    monkeypatch.chdir(folder / "work")
-    return folder
+def pytest_configure(config) -> None:
+    config.pluginmanager.register(Sandbox(), "ema_kit_sandbox")
 
 
 @pytest.fixture
