@@ -96,11 +96,11 @@ def max_error(state: dict, reference: dict) -> float:
 
 
 def build(kind: str, model: nn.Module, tmp_path, **options):
-    """One averager of each kind with its decays fixed (no warmup), for a side-by-side run."""
+    """One averager of each kind, with a schedule that depends on its counters (warmup, power profiles)."""
     if kind == "ModelEMA":
-        return ModelEMA(model, decay=0.9, warmup=False, **options)
+        return ModelEMA(model, decay=0.9, **options)
     if kind == "MultiEMA":
-        return MultiEMA(model, decays=(0.9, 0.99), warmup=False, **options)
+        return MultiEMA(model, decays=(0.9, 0.99), **options)
     # snapshot_every beyond the run: the tests here are about the profiles, not the snapshot files.
     return PostHocEMA(model, sigma_rels=SIGMA_RELS, snapshot_every=1000, folder=tmp_path, **options)
 
