@@ -81,9 +81,14 @@ def run(command: list[str], *, cwd: Path, env: dict, limit_s: float) -> tuple[in
     """
     started = time.monotonic()
     process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         output, _ = process.communicate(timeout=max(limit_s, 1))
         code = process.returncode
@@ -113,7 +118,7 @@ def tail(output: str, lines: int = 25) -> list[str]:
 # -- 1. the CUDA test tier ------------------------------------------------------------------------------
 
 
-def test_tier(dry_run: bool, limit_s: float, scratch: Path) -> Stage:
+def cuda_test_tier(dry_run: bool, limit_s: float, scratch: Path) -> Stage:
     junit = scratch / "junit.xml"
     if dry_run:  # one CPU case of the tier's file: the same pytest run and report, in seconds
         selection = [str(ROOT / "tests" / "test_devices.py"), "-k", "cpu and fit_with_amp_trains and bf16"]
@@ -434,10 +439,13 @@ def main() -> int:
         builders, rounds, min_seconds = MODELS, 15, 0.02
     stages = []
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as scratch:
-        for stage, limit in ((test_tier, TESTS_LIMIT_S), (notebook, NOTEBOOK_LIMIT_S)):
+        for name, stage, limit in (
+            ("CUDA test tier", cuda_test_tier, TESTS_LIMIT_S),
+            ("notebook 02", notebook, NOTEBOOK_LIMIT_S),
+        ):
             left = deadline - time.monotonic() - BENCHMARK_MIN_S
             if left < 30:
-                stages.append(Stage(stage.__name__, False, f"NOT RUN: {max(left, 0):.0f} s were left for it"))
+                stages.append(Stage(name, False, f"NOT RUN: {max(left, 0):.0f} s were left for it"))
             else:
                 stages.append(stage(args.cpu_dry_run, min(limit, left), Path(scratch)))
             print(f"{stages[-1].name}: {stages[-1].headline}", file=sys.stderr)
