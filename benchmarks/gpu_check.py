@@ -173,7 +173,7 @@ def notebook(dry_run: bool, limit_s: float, scratch: Path) -> Stage:
     data = kaggle_root() / "input" / "digit-recognizer"
     source = f"Kaggle's files in {data}" if not dry_run and data.is_dir() else "scikit-learn's digits"
     command = [
-        sys.executable, "-m", "pytest", "--nbmake", f"--nbmake-timeout={int(limit_s)}", "--overwrite", "-q",
+        sys.executable, "-m", "pytest", "--nbmake", f"--nbmake-timeout={int(limit_s)}", "-q",
         "-p", "no:cacheprovider", "--rootdir", str(folder), str(copy),
     ]  # fmt: skip
     code, output, seconds = run(command, cwd=folder, env=env, limit_s=limit_s)

@@ -235,7 +235,7 @@ def test_low_precision_model_keeps_a_float32_shadow_that_tracks_float64(device, 
 def test_channels_last_model_gets_a_channels_last_shadow_that_tracks_float64(device):
     model = device_model(device).to(memory_format=torch.channels_last)
     ema, reference = ModelEMA(model, decay=0.9, warmup=False), Float64Reference(model)
-    train(model, 10, lambda: (ema.update(model), reference.update(model, 0.9)))
+    train(model, 6, lambda: (ema.update(model), reference.update(model, 0.9)))
     assert ema.module[0].weight.is_contiguous(memory_format=torch.channels_last)  # same kernels as the model
     assert max_error(ema.module.state_dict(), reference.state) < 1e-6
 
@@ -245,7 +245,7 @@ def test_model_turned_channels_last_after_building_the_ema_is_followed(device):
     model = device_model(device)
     ema, reference = ModelEMA(model, decay=0.9, warmup=False), Float64Reference(model)
     model.to(memory_format=torch.channels_last)  # what a training script often does after building
-    train(model, 10, lambda: (ema.update(model), reference.update(model, 0.9)))
+    train(model, 6, lambda: (ema.update(model), reference.update(model, 0.9)))
     assert max_error(ema.module.state_dict(), reference.state) < 1e-6
     before = {key: value.clone() for key, value in model.state_dict().items()}
     with ema.applied_to(model):
