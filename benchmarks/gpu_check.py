@@ -196,7 +196,7 @@ def notebook(dry_run: bool, limit_s: float, scratch: Path) -> Stage:
     )
     lines = [
         f"Executed by nbmake with `{SMOKE_VARIABLE}` {'set' if dry_run else 'unset'}; `fit(device='auto')` "
-        f"trains on `{'cpu' if dry_run else 'cuda'}` here. Last epoch of "
+        f"trains on CUDA when torch sees a GPU (here: {torch.cuda.is_available()}). Last epoch of "
         f"`{histories[0].relative_to(folder)}`:",
         "",
         "| " + " | ".join(scores) + " |",
@@ -444,11 +444,16 @@ def main() -> int:
             ("notebook 02", notebook, NOTEBOOK_LIMIT_S),
         ):
             left = deadline - time.monotonic() - BENCHMARK_MIN_S
+            print(f"{name}: running (at most {max(min(limit, left), 0):.0f} s)", file=sys.stderr)
             if left < 30:
                 stages.append(Stage(name, False, f"NOT RUN: {max(left, 0):.0f} s were left for it"))
             else:
                 stages.append(stage(args.cpu_dry_run, min(limit, left), Path(scratch)))
             print(f"{stages[-1].name}: {stages[-1].headline}", file=sys.stderr)
+    print(
+        f"EMA update benchmark: running (no new model after {deadline - 15 - time.monotonic():.0f} s)",
+        file=sys.stderr,
+    )
     stages.append(benchmark(device, builders, rounds, min_seconds, deadline - 15))
     print(f"{stages[-1].name}: {stages[-1].headline}", file=sys.stderr)
     report = render(stages, device, time.monotonic() - started, args.cpu_dry_run)
