@@ -3,10 +3,12 @@
 These check that the script runs, never how fast anything is; its GPU figures come from a GPU machine.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,6 +28,28 @@ def run_check(*arguments: str, tmp_path: Path) -> subprocess.CompletedProcess:
         timeout=600,
         cwd=tmp_path,
     )
+
+
+def load_script(monkeypatch):
+    """benchmarks/gpu_check.py as a module, with its neighbour models.py, both gone from sys.modules after."""
+    for name in ("models", "gpu_check"):
+        spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)  # gpu_check imports models; dataclasses look here
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_bandwidth_is_the_memory_clock_times_two_times_the_bus_width(monkeypatch):
+    gpu_check = load_script(monkeypatch)
+    # An H100 SXM reports a 2619 MHz memory clock (in kHz) and a 5120-bit bus: NVIDIA states 3.35 TB/s.
+    h100 = SimpleNamespace(memory_clock_rate=2_619_000, memory_bus_width=5120)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h100)
+    assert gpu_check.peak_bandwidth(torch.device("cuda")) == pytest.approx(3.352e12, rel=1e-3)
+    unknown = SimpleNamespace(memory_clock_rate=0, memory_bus_width=5120)  # a driver that leaves it out
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: unknown)
+    assert gpu_check.peak_bandwidth(torch.device("cuda")) is None
+    assert gpu_check.peak_bandwidth(torch.device("cpu")) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the script would run")
