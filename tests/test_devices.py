@@ -37,18 +37,17 @@ def device_model(device: str, dtype: torch.dtype = torch.float32, *, seed: int =
 
 
 def train(model: nn.Module, steps: int, after_step, *, seed: int = 0, lr: float = 0.05) -> None:
-    """Real SGD steps on random 8x8 images, drawn on the CPU (the same on every device), in the model's
-    device, dtype and memory format; ``after_step()`` after each optimizer step."""
+    """Real SGD steps on random 1x8x8 images, drawn on the CPU (the same on every device), moved to the
+    model's device and dtype; ``after_step()`` after each optimizer step. (One channel: the images are
+    channels-last as well as contiguous, so they suit a model in either layout.)"""
     generator = torch.Generator().manual_seed(seed)
     weight = next(model.parameters())
-    channels_last = model[0].weight.is_contiguous(memory_format=torch.channels_last)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     model.train()
     for _ in range(steps):
         x = torch.randn(16, 1, 8, 8, generator=generator).to(weight.device, weight.dtype)
         y = torch.randint(0, 10, (16,), generator=generator).to(weight.device)
-        loss = nn.functional.cross_entropy(model(x.contiguous(memory_format=layout)).float(), y)
+        loss = nn.functional.cross_entropy(model(x).float(), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -251,6 +250,18 @@ def test_model_turned_channels_last_after_building_the_ema_is_followed(device):
     with ema.applied_to(model):
         pass
     assert_bit_equal(model.state_dict(), before)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", id="cuda", marks=CUDA)])
+def test_model_compiled_for_the_gpu_is_averaged_like_float64(device):
+    # Inductor on CUDA generates Triton kernels (tests/test_compile.py covers the CPU); fullgraph=True
+    # makes a graph break an error instead of a silent fall back to eager.
+    model = device_model(device)
+    compiled = torch.compile(model, fullgraph=True)
+    ema, reference = ModelEMA(compiled, decay=0.9, warmup=False), Float64Reference(model)
+    train(compiled, 3, lambda: (ema.update(compiled), reference.update(model, 0.9)))
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+    assert list(ema.state_dict()["weights"]) == list(model.state_dict())  # no "_orig_mod." prefix
 
 
 # -- a CUDA model with its shadow in CPU memory ------------------------------------------------------
