@@ -123,7 +123,8 @@ def cuda_test_tier(dry_run: bool, limit_s: float, scratch: Path) -> Stage:
     if dry_run:  # one CPU case of the tier's file: the same pytest run and report, in seconds
         selection = [str(ROOT / "tests" / "test_devices.py"), "-k", "cpu and fit_with_amp_trains and bf16"]
     else:
-        selection = ["-m", "cuda", str(ROOT / "tests")]
+        # A test module that fails to import here (a missing extra) is reported; the CUDA cases still run.
+        selection = ["-m", "cuda", "--continue-on-collection-errors", str(ROOT / "tests")]
     command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     code, output, seconds = run(command + selection, cwd=ROOT, env=checkout_env(), limit_s=limit_s)
     shown = " ".join(["pytest", *selection]).replace(str(ROOT) + os.sep, "")
