@@ -60,17 +60,21 @@ def lerp_stochastic_(
 def _lerp_group(
     shadows: list[torch.Tensor], lives: list[torch.Tensor], weight: float, generator: torch.Generator | None
 ) -> None:
-    device = shadows[0].device
-    size = sum(t.numel() for t in shadows)
-    wide = torch.cat(shadows, out=torch.empty(size, dtype=torch.float32, device=device))
-    target = torch.cat(lives, out=torch.empty(size, dtype=torch.float32, device=device))
-    wide.lerp_(target, weight)
+    device, sizes = shadows[0].device, [t.numel() for t in shadows]
+    wide = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+    wides = list(wide.split(sizes))
+    torch._foreach_copy_(wides, shadows)
+    if any(live.dtype != torch.float32 for live in lives):  # _foreach_lerp_ wants one dtype
+        targets = list(torch.empty_like(wide).split(sizes))
+        torch._foreach_copy_(targets, lives)
+        lives = targets
+    torch._foreach_lerp_(wides, lives, weight)
     noise = torch.randint(
-        0, 1 << _DROPPED_BITS, (size,), dtype=torch.int32, device=device, generator=generator
+        0, 1 << _DROPPED_BITS, wide.shape, dtype=torch.int32, device=device, generator=generator
     )
     bits = wide.view(torch.int32)
     bits.add_(noise).bitwise_and_(_KEEP_MASK)  # the low bits are now zero: the cast below is exact
-    torch._foreach_copy_(shadows, list(wide.split([t.numel() for t in shadows])))
+    torch._foreach_copy_(shadows, wides)
 
 
 def _groups(shadows, lives):

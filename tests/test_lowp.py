@@ -94,3 +94,14 @@ def test_a_live_tensor_of_another_shape_is_refused_before_any_change():
     with pytest.raises(ValueError, match=r"lives\[1\].*does not match shadows\[1\]"):
         lerp_stochastic_(shadows, [torch.ones(2), torch.ones(4)], 1.0)
     assert all(not s.any() for s in shadows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_lives_of_another_dtype_blend_as_their_float32_values(dtype):
+    generator = torch.Generator().manual_seed(0)
+    lives = [torch.randn(5, 3, generator=generator).to(dtype), torch.randn(7, generator=generator).to(dtype)]
+    shadows = [torch.zeros(5, 3, dtype=torch.bfloat16), torch.ones(7, dtype=torch.bfloat16)]
+    expected = [s.clone() for s in shadows]
+    lerp_stochastic_(shadows, lives, 0.3, torch.Generator().manual_seed(1))
+    lerp_stochastic_(expected, [live.float() for live in lives], 0.3, torch.Generator().manual_seed(1))
+    assert all(torch.equal(s, e) for s, e in zip(shadows, expected))
