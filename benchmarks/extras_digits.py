@@ -119,6 +119,22 @@ def summary(results: pd.DataFrame) -> list[str]:
     return lines
 
 
+def by_epoch(results: pd.DataFrame) -> list[str]:
+    """Mean validation loss over seeds at a few epochs, to show the course of training."""
+    last = int(results["epoch"].max())
+    epochs = sorted({e for e in (1, 2, 5, 10, 15, last) if e <= last})
+    means = results.groupby("epoch")[[f"{prefix}_loss" for prefix in COLUMNS]].mean()
+    lines = [
+        "| model | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+        "| --- |" + " ---: |" * len(epochs),
+    ]
+    for prefix, label in COLUMNS.items():
+        lines.append(
+            f"| {label} | " + " | ".join(f"{means.at[e, f'{prefix}_loss']:.4f}" for e in epochs) + " |"
+        )
+    return lines
+
+
 def wins(results: pd.DataFrame, ours: str, theirs: str) -> str:
     better = (results[f"{ours}_loss"] < results[f"{theirs}_loss"]).sum()
     return f"{better} of {len(results)} (seed, epoch) pairs"
@@ -158,6 +174,10 @@ def main() -> None:
             "(lower is better), and the mean accuracy over seeds.",
             "",
             *summary(results),
+            "",
+            "Mean validation loss over seeds during training:",
+            "",
+            *by_epoch(results),
             "",
             "Over every epoch of every seed, lower validation loss:",
             "",
