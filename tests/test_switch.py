@@ -84,11 +84,11 @@ def test_the_optimizer_keeps_its_momentum_across_a_switch():
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     model, ema, optimizer = setup()
-    straight = run(model, ema, optimizer, [SwitchEMA(ema)], epochs=3, out_dir=tmp_path / "straight")
+    straight = run(model, ema, optimizer, [SwitchEMA(ema)], epochs=2, out_dir=tmp_path / "straight")
     first = setup()
-    run(*first, [SwitchEMA(first[1])], epochs=2, out_dir=tmp_path / "resumed")
+    run(*first, [SwitchEMA(first[1])], epochs=1, out_dir=tmp_path / "resumed")
     second = setup(seed=1)  # other initial weights: everything must come from the checkpoint
-    resumed = run(*second, [SwitchEMA(second[1])], epochs=3, out_dir=tmp_path / "resumed", resume=True)
+    resumed = run(*second, [SwitchEMA(second[1])], epochs=2, out_dir=tmp_path / "resumed", resume=True)
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), second[0].state_dict().values())
     )
