@@ -12,6 +12,9 @@ decay 0.99 with warmup), twice from the same initial weights and data order:
   training loader) and is scored as well;
 - switch: the same with ``SwitchEMA(ema, every="epoch")``, which copies the EMA into the live model after
   each epoch (the optimizer state is kept).
+
+The BN refresh reads the training loader, which draws from its shuffle generator; both runs do it, so
+they see the same data order (not the order of a run without the refresh).
 """
 
 from __future__ import annotations
