@@ -44,7 +44,7 @@ class SwitchEMA:
         if not isinstance(ema, ModelEMA):
             raise TypeError(
                 f"ema must be the ModelEMA that fit updates, got {type(ema).__name__}; with several "
-                "decays pass one of them, e.g. multi.emas[0]."
+                "decays pass one of them, e.g. multi.emas[0.999]."
             )
         if every != "epoch" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f'every must be "epoch" or an int >= 1 (optimizer steps), got {every!r}.')

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ema_kit import ModelEMA, fit
+from ema_kit import ModelEMA, MultiEMA, fit
 from ema_kit.data import digits_loaders
 from ema_kit.demo import SmallCNN
 from ema_kit.switch import SwitchEMA
@@ -111,3 +111,13 @@ def test_bad_every_is_refused_by_name(every, error):
 def test_something_else_than_a_model_ema_is_refused():
     with pytest.raises(TypeError, match="ema must be the ModelEMA"):
         SwitchEMA(0.999)
+
+
+def test_one_ema_of_a_multi_ema_can_be_switched_to():
+    torch.manual_seed(0)
+    model = SmallCNN(width=8)
+    multi = MultiEMA(model, decays=(0.9, 0.99), warmup=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    watch = Watch(multi.emas[0.9])
+    run(model, multi, optimizer, [SwitchEMA(multi.emas[0.9]), watch], epochs=1)
+    assert watch.epochs == [True]
