@@ -1,0 +1,116 @@
+"""``recompute_bn``: BatchNorm running statistics that belong to the weights they sit in (e.g. the EMA's).
+
+An EMA model's BatchNorm statistics are an average of the live model's statistics, each measured on
+features of *other* weights. One pass over training data with the averaged weights measures them afresh,
+as ``torch.optim.swa_utils.update_bn`` does for SWA. Whether that helps an EMA is an empirical question:
+timm's experience is that it can hurt; ``benchmarks/RESULTS_extras.md`` says what we measure on the demo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+@torch.no_grad()
+def recompute_bn(module: nn.Module, loader: Iterable, *, device: str | torch.device | None = None) -> int:
+    """Reset every BatchNorm's running statistics and measure them over one pass of ``loader``.
+
+    Each BatchNorm layer gets the plain average over all batches (``momentum=None``), in train mode,
+    without gradients; afterwards every submodule's train/eval mode and every momentum are as before.
+    A model without BatchNorm (with running statistics) is left alone and the loader is not read.
+    If the pass fails or the loader is empty, the old statistics are put back before the error.
+
+    Batches may be ``(inputs, targets)`` pairs (the targets are not used), ``(inputs,)``, or bare
+    inputs; inputs may be a tensor (``module(x)``), a tuple or list (``module(*inputs)``), or a dict
+    (``module(**inputs)``).
+
+    Args:
+        module: the model whose statistics to recompute, e.g. ``ema.module`` (changed in place).
+        loader: batches of training data; one pass over it. Its augmentations should be the training ones.
+        device: where to move the inputs; by default the device of the module's first tensor.
+
+    Returns:
+        The number of batches seen (0 when there was no BatchNorm to refresh).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+        >>> loader = [(torch.randn(8, 3), torch.zeros(8)) for _ in range(5)]
+        >>> recompute_bn(model, loader)
+        5
+        >>> model.training, model[1].momentum
+        (False, 0.1)
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    device = torch.device(device) if device is not None else _device_of(module)
+    saved_stats = [{name: buffer.clone() for name, buffer in m.named_buffers(recurse=False)} for m in norms]
+    momenta = [m.momentum for m in norms]
+    modes = [(m, m.training) for m in module.modules()]
+    batches = 0
+    try:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average over the pass, every batch weighted alike
+        module.train()
+        for batch in loader:
+            _forward(module, _to(_inputs(batch), device))
+            batches += 1
+        if batches == 0:
+            raise ValueError("recompute_bn got an empty loader; pass the training loader (one pass is read).")
+    except BaseException:
+        for norm, stats in zip(norms, saved_stats):
+            for name, buffer in norm.named_buffers(recurse=False):
+                buffer.copy_(stats[name])
+        raise
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        for child, training in modes:
+            child.training = training
+    return batches
+
+
+def _inputs(batch):
+    """The model inputs of a batch: the first of a pair or 1-tuple, else the batch itself."""
+    if isinstance(batch, (tuple, list)):
+        if len(batch) in (1, 2):
+            return batch[0]
+        raise ValueError(
+            f"recompute_bn expects batches as (inputs, targets), (inputs,) or bare inputs, got a "
+            f"{type(batch).__name__} of {len(batch)} items; make the loader yield (inputs, targets) with "
+            "several inputs grouped in a tuple or dict."
+        )
+    return batch
+
+
+def _forward(module: nn.Module, inputs) -> None:
+    if isinstance(inputs, dict):
+        module(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        module(*inputs)
+    else:
+        module(inputs)
+
+
+def _to(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device

@@ -1,0 +1,77 @@
+"""Switch EMA (Li et al. 2024, "Switch EMA: a free lunch for better flatness and sharpness").
+
+Every epoch (or every N optimizer steps) the live model takes the EMA's weights and trains on from there.
+The EMA pulls the live model into the flat region it averages over, and the live model keeps exploring
+with its optimizer (the paper keeps the optimizer state across a switch, and so do we).
+"""
+
+from __future__ import annotations
+
+from .ema import ModelEMA
+
+
+class SwitchEMA:
+    """A ``fit`` callback that copies the EMA's weights (and buffers) into the live model, for good.
+
+    Args:
+        ema: the ``ModelEMA`` that ``fit`` updates (pass the same object as ``fit(ema=...)``).
+        every: ``"epoch"`` switches after each epoch was scored and logged, so the log's ``live_*``
+            columns show where the live model got to in the epoch since the last switch; an int ``n``
+            switches after every n-th optimizer step (just after the EMA's update).
+
+    The optimizer state (momentum, Adam's moments) is kept: the weights are overwritten in place, so the
+    optimizer goes on with the same parameter tensors and its statistics, as in the paper. After ``fit``
+    the live model holds the EMA's weights of the last switch. Resuming ``fit`` from a checkpoint
+    written at an epoch's end applies that epoch's switch again (the checkpoint holds the weights from
+    before it), so a resumed run matches an uninterrupted one.
+
+    Example:
+        >>> import torch
+        >>> from ema_kit import fit
+        >>> from ema_kit.data import digits_loaders
+        >>> from ema_kit.demo import SmallCNN
+        >>> train_loader, val_loader = digits_loaders(batch_size=256)
+        >>> model = SmallCNN(width=8)
+        >>> ema = ModelEMA(model, decay=0.99)
+        >>> switch = SwitchEMA(ema, every="epoch")
+        >>> log = fit(model, train_loader, val_loader, epochs=2, ema=ema, callbacks=[switch],
+        ...           optimizer=torch.optim.SGD(model.parameters(), lr=0.05), progress="off", plot=False)
+        >>> switch.switches
+        2
+    """
+
+    def __init__(self, ema: ModelEMA, *, every: str | int = "epoch"):
+        if not isinstance(ema, ModelEMA):
+            raise TypeError(
+                f"ema must be the ModelEMA that fit updates, got {type(ema).__name__}; with several "
+                "decays pass one of them, e.g. multi.emas[0.999]."
+            )
+        if every != "epoch" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f'every must be "epoch" or an int >= 1 (optimizer steps), got {every!r}.')
+        self.ema = ema
+        self.every = every
+        self.switches = 0  # switches done in this process
+
+    def on_fit_start(self, state) -> None:
+        if not any(ema is self.ema for ema in state.emas.values()):
+            raise ValueError(
+                "SwitchEMA's ema is not one fit updates, so switching would reset the model to stale "
+                "weights; pass the same ModelEMA to fit(ema=...) and to SwitchEMA."
+            )
+        if self.every == "epoch" and state.epoch > 0:  # resumed after an epoch's end: redo its switch
+            self._switch(state)
+
+    def on_step_end(self, state) -> None:
+        if self.every != "epoch" and state.step % self.every == 0:
+            self._switch(state)
+
+    def on_epoch_end(self, state) -> None:
+        if self.every == "epoch":
+            self._switch(state)
+
+    def _switch(self, state) -> None:
+        self.ema.copy_to(state.model)
+        self.switches += 1
+
+    def __repr__(self) -> str:
+        return f"SwitchEMA(every={self.every!r}, switches={self.switches})"

@@ -1,0 +1,132 @@
+"""recompute_bn: the same statistics as swa_utils.update_bn, for every batch shape, with modes restored."""
+
+import copy
+
+import pytest
+import torch
+from helpers import small_cnn
+from torch import nn
+from torch.optim.swa_utils import update_bn
+
+from ema_kit.bn import recompute_bn
+
+
+def batches(count: int = 6, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(8, 1, 8, 8, generator=generator) * 2 + 1,
+            torch.randint(0, 10, (8,), generator=generator),
+        )
+        for _ in range(count)
+    ]
+
+
+def stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def assert_same_stats(model: nn.Module, reference: nn.Module) -> None:
+    ours, theirs = stats(model), stats(reference)
+    assert ours.keys() == theirs.keys() and ours
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, msg=key)
+
+
+def trained_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = small_cnn()
+    model.train()
+    for x, _ in batches(3, seed=1):  # running stats far from the reset values, so a reset must show
+        model(x)
+    return model
+
+
+def test_statistics_match_update_bn_on_input_target_pairs():
+    model, reference = trained_cnn(), trained_cnn()
+    assert recompute_bn(model, batches()) == 6
+    update_bn(batches(), reference)
+    assert_same_stats(model, reference)
+
+
+def test_bare_tensor_and_one_tuple_batches_give_the_same_statistics_as_pairs():
+    reference = trained_cnn()
+    update_bn(batches(), reference)
+    for loader in ([x for x, _ in batches()], [(x,) for x, _ in batches()]):
+        model = trained_cnn()
+        recompute_bn(model, loader)
+        assert_same_stats(model, reference)
+
+
+class TwoInputs(nn.Module):
+    """A model called as model(a, b) or model(a=..., b=...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cnn = small_cnn()
+
+    def forward(self, a, b):
+        return self.cnn(a + b)
+
+
+def test_tuple_inputs_are_spread_as_arguments_and_dict_inputs_as_keywords():
+    torch.manual_seed(0)
+    model = TwoInputs()
+    reference = copy.deepcopy(model)
+    update_bn([a + b for (a, b), _ in [((x, x * 0.5), y) for x, y in batches()]], reference.cnn)
+    for loader in (
+        [((x, x * 0.5), y) for x, y in batches()],
+        [({"a": x, "b": x * 0.5}, y) for x, y in batches()],
+    ):
+        fresh = copy.deepcopy(model)
+        recompute_bn(fresh, loader)
+        assert_same_stats(fresh, reference)
+
+
+def test_every_submodule_mode_and_momentum_come_back_as_they_were():
+    model = trained_cnn().eval()
+    model[4].train()  # a mixed-mode model: one BatchNorm in train mode, the rest in eval
+    model[1].momentum = 0.3
+    modes = [m.training for m in model.modules()]
+    recompute_bn(model, batches())
+    assert [m.training for m in model.modules()] == modes
+    assert (model[1].momentum, model[4].momentum) == (0.3, 0.1)
+
+
+def test_a_model_without_batchnorm_is_left_alone_and_the_loader_is_not_read():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.LayerNorm(10))
+    before = copy.deepcopy(model.state_dict())
+
+    def loader():
+        raise AssertionError("the loader was read")
+        yield
+
+    assert recompute_bn(model, loader()) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_failing_pass_puts_the_old_statistics_and_modes_back():
+    model = trained_cnn().eval()
+    before = {k: v.clone() for k, v in stats(model).items()}
+
+    def loader():
+        yield batches(1)[0]
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        recompute_bn(model, loader())
+    assert all(torch.equal(before[k], v) for k, v in stats(model).items())
+    assert not model.training and model[1].momentum == 0.1
+
+
+def test_an_empty_loader_is_refused_and_changes_nothing():
+    model = trained_cnn()
+    before = {k: v.clone() for k, v in stats(model).items()}
+    with pytest.raises(ValueError, match="empty loader"):
+        recompute_bn(model, [])
+    assert all(torch.equal(before[k], v) for k, v in stats(model).items())
+
+
+def test_a_batch_of_three_items_is_refused_with_the_shapes_that_work():
+    with pytest.raises(ValueError, match=r"a tuple of 3 items.*\(inputs, targets\)"):
+        recompute_bn(trained_cnn(), [(torch.zeros(2, 1, 8, 8), torch.zeros(2), torch.zeros(2))])

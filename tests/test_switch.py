@@ -1,0 +1,123 @@
+"""SwitchEMA: the live model takes the EMA's weights every epoch or every n steps, optimizer state kept."""
+
+import pytest
+import torch
+
+from ema_kit import ModelEMA, MultiEMA, fit
+from ema_kit.data import digits_loaders
+from ema_kit.demo import SmallCNN
+from ema_kit.switch import SwitchEMA
+
+
+def setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = SmallCNN(width=8)
+    ema = ModelEMA(model, decay=0.9, warmup=False)  # with warmup the first update is a copy
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return model, ema, optimizer
+
+
+def run(model, ema, optimizer, callbacks, *, epochs=2, **options):
+    train_loader, val_loader = digits_loaders(batch_size=128)
+    return fit(
+        model,
+        train_loader,
+        val_loader,
+        epochs=epochs,
+        optimizer=optimizer,
+        ema=ema,
+        callbacks=callbacks,
+        progress="off",
+        plot=False,
+        **options,
+    )
+
+
+def same_weights(model, ema) -> bool:
+    return all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), ema.module.state_dict().values())
+    )
+
+
+class Watch:
+    """Records, after each step and epoch, whether the live model holds the EMA's weights."""
+
+    def __init__(self, ema):
+        self.ema, self.steps, self.epochs = ema, [], []
+
+    def on_step_end(self, state):
+        self.steps.append(same_weights(state.model, self.ema))
+
+    def on_epoch_end(self, state):
+        self.epochs.append(same_weights(state.model, self.ema))
+
+
+def test_every_epoch_the_live_model_ends_each_epoch_with_the_ema_weights():
+    model, ema, optimizer = setup()
+    switch, watch = SwitchEMA(ema), Watch(ema)
+    run(model, ema, optimizer, [switch, watch])  # the watch runs after the switch
+    assert watch.epochs == [True, True] and switch.switches == 2
+    assert not any(watch.steps)  # no switch inside an epoch (11 steps each)
+
+
+def test_every_n_steps_switches_after_each_nth_step_only():
+    model, ema, optimizer = setup()
+    switch, watch = SwitchEMA(ema, every=4), Watch(ema)
+    run(model, ema, optimizer, [switch, watch])
+    assert watch.steps == [(step % 4 == 0) for step in range(1, 23)]
+    assert switch.switches == 5
+
+
+def test_the_optimizer_keeps_its_momentum_across_a_switch():
+    model, ema, optimizer = setup()
+    momenta = []
+
+    class Before:
+        def on_epoch_end(self, state):
+            momenta.append([optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()])
+
+    run(model, ema, optimizer, [Before(), SwitchEMA(ema)], epochs=1)
+    after = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(momenta[0], after))
+    assert list(optimizer.state) == list(model.parameters())  # the same parameter tensors, not new ones
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    model, ema, optimizer = setup()
+    straight = run(model, ema, optimizer, [SwitchEMA(ema)], epochs=2, out_dir=tmp_path / "straight")
+    first = setup()
+    run(*first, [SwitchEMA(first[1])], epochs=1, out_dir=tmp_path / "resumed")
+    second = setup(seed=1)  # other initial weights: everything must come from the checkpoint
+    resumed = run(*second, [SwitchEMA(second[1])], epochs=2, out_dir=tmp_path / "resumed", resume=True)
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), second[0].state_dict().values())
+    )
+    assert straight.drop(columns="seconds").equals(resumed.drop(columns="seconds"))
+
+
+def test_an_ema_that_fit_does_not_update_is_refused_before_training():
+    model, ema, optimizer = setup()
+    other = ModelEMA(model)
+    with pytest.raises(ValueError, match=r"pass the same ModelEMA to fit\(ema=...\)"):
+        run(model, ema, optimizer, [SwitchEMA(other)])
+
+
+@pytest.mark.parametrize(("every", "error"), [(0, ValueError), ("step", ValueError), (True, ValueError)])
+def test_bad_every_is_refused_by_name(every, error):
+    with pytest.raises(error, match="every must be"):
+        SwitchEMA(setup()[1], every=every)
+
+
+def test_something_else_than_a_model_ema_is_refused():
+    with pytest.raises(TypeError, match="ema must be the ModelEMA"):
+        SwitchEMA(0.999)
+
+
+def test_one_ema_of_a_multi_ema_can_be_switched_to():
+    torch.manual_seed(0)
+    model = SmallCNN(width=8)
+    multi = MultiEMA(model, decays=(0.9, 0.99), warmup=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    watch = Watch(multi.emas[0.9])
+    run(model, multi, optimizer, [SwitchEMA(multi.emas[0.9]), watch], epochs=1)
+    assert watch.epochs == [True]
