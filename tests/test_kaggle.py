@@ -91,10 +91,20 @@ def bundle(tmp_path: Path, files: dict = STAND_IN) -> Path:
     return path
 
 
+def no_ema_kit_env() -> dict:
+    """The environment without PYTHONPATH, which may point at a checkout's ema_kit (-S does not drop it)."""
+    return {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+
+
 def python(tmp_path: Path, code: str, *args: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter in ``tmp_path``, without site-packages: no ema_kit installed."""
     return subprocess.run(
-        [sys.executable, "-S", "-c", code, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [sys.executable, "-S", "-c", code, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=no_ema_kit_env(),
     )
 
 
@@ -158,6 +168,7 @@ def test_running_the_single_file_runs_the_package_main(tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
+        env=no_ema_kit_env(),
     )
     assert result.stdout == "main first ['demo', '--fast']\n", result.stderr
 
@@ -363,6 +374,7 @@ def test_wheel_installs_offline_into_a_fresh_environment(built, tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        env=no_ema_kit_env(),
     )
     assert imported.stdout.split() == [
         build.package_version(),
