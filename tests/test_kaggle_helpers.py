@@ -83,6 +83,8 @@ def test_kaggle_root_argument_beats_the_environment_variable(tmp_path, monkeypat
 )
 def test_input_dir_finds_an_input_by_its_slug_in_either_layout(fake_kaggle, mount):
     folder = attach(fake_kaggle, mount)
+    attach(fake_kaggle, "datasets/someone/a-copy")  # by its files alone, the input would be ambiguous
+    assert input_dir("digit-recognizer") == folder
     assert input_dir("digit-recognizer", files=["train.csv"]) == folder
 
 
