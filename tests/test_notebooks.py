@@ -255,8 +255,13 @@ def test_on_kaggle_02_trains_and_04_submits_from_the_attached_inputs(
 
 
 @pytest.mark.slow
-def test_on_kaggle_02_without_the_competition_attached_stops_naming_it_and_writes_nothing(
-    tmp_path, kernel_without_ema_kit, monkeypatch
+@pytest.mark.parametrize(
+    "notebook, competition",
+    [("02_kaggle_digit_recognizer", "digit-recognizer"),
+     ("03_image_folder_classification", "aptos2019-blindness-detection")],
+)  # fmt: skip
+def test_on_kaggle_without_the_competition_attached_a_notebook_stops_naming_it_and_writes_nothing(
+    tmp_path, kernel_without_ema_kit, monkeypatch, notebook, competition
 ):
     kaggle = tmp_path / "kaggle"
     dataset = kaggle / "input" / "datasets" / "tester" / "ema-kit"
@@ -266,12 +271,10 @@ def test_on_kaggle_02_without_the_competition_attached_stops_naming_it_and_write
     )
     (kaggle / "working").mkdir()
     with pytest.raises(CellExecutionError) as error:
-        _run_on_kaggle(
-            "02_kaggle_digit_recognizer", kaggle, tmp_path / "a", kernel_without_ema_kit, monkeypatch
-        )
+        _run_on_kaggle(notebook, kaggle, tmp_path / "a", kernel_without_ema_kit, monkeypatch)
     message = error.value.evalue
     assert error.value.ename == "FileNotFoundError"
-    assert message.startswith("Input 'digit-recognizer' is not attached to this Kaggle notebook")
+    assert message.startswith(f"Input {competition!r} is not attached to this Kaggle notebook")
     assert "Attached under" in message and "datasets/tester/ema-kit" in message
     assert list((kaggle / "working").iterdir()) == []
-    assert [p.name for p in (tmp_path / "a").iterdir()] == ["02_kaggle_digit_recognizer.ipynb"]
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [f"{notebook}.ipynb"]  # no stand-in data
