@@ -105,7 +105,9 @@ def test_input_dir_finds_the_files_one_folder_down_in_a_named_input(fake_kaggle)
 def test_input_dir_refuses_to_guess_between_two_inputs_holding_the_files(fake_kaggle):
     attach(fake_kaggle, "datasets/someone/copy-a")
     attach(fake_kaggle, "datasets/other/copy-b")
-    with pytest.raises(FileNotFoundError, match=r"Several attached inputs hold train.csv: .*other/copy-b, .*someone/copy-a"):
+    with pytest.raises(
+        FileNotFoundError, match=r"Several attached inputs hold train.csv: .*other/copy-b, .*someone/copy-a"
+    ):
         input_dir("digit-recognizer", files=["train.csv"])
 
 
