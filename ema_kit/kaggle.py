@@ -38,6 +38,8 @@ RUN_TYPE_VARIABLE = "KAGGLE_KERNEL_RUN_TYPE"
 _GROUPS = {"competitions": "{}", "datasets": "*/{}", "notebooks": "*/{}", "models": "*/{}"}
 # How deep under input/ a folder holding an input's files may lie: datasets/<owner>/<slug>/<subfolder>.
 _SEARCH_DEPTH = 4
+# Left by input_dir in a local folder that make= wrote, so that later runs still say it holds stand-ins.
+_STAND_IN_MARKER = ".ema_kit-stand-in"
 
 
 def smoke() -> bool:
@@ -125,6 +127,7 @@ def input_dir(
         if partial.exists():  # left by an interrupted run
             shutil.rmtree(partial)
         make(partial)
+        (partial / _STAND_IN_MARKER).write_text(f"written by make={make!r}\n")
         if folder.exists():
             folder.rmdir()  # empty, checked above
         partial.rename(folder)
@@ -136,7 +139,11 @@ def input_dir(
             f"`kaggle competitions download -c {name}`, unzipped), pass local= where they are, or pass "
             f"make= to write stand-in files."
         )
-    print(f"{name}: the local folder {folder} (not on Kaggle)")
+    stand_in = (folder / _STAND_IN_MARKER).is_file()
+    print(
+        f"{name}: the local folder {folder} (not on Kaggle"
+        + ("; stand-in data written by make=)" if stand_in else ")")
+    )
     return folder
 
 

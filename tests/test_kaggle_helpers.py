@@ -142,7 +142,11 @@ def test_input_dir_makes_local_files_once_and_says_they_are_stand_ins(no_kaggle,
     assert first == second == tmp_path / "digit-recognizer" and len(calls) == 1
     assert not list(tmp_path.glob(".*partial"))
     printed = capsys.readouterr().out.splitlines()
-    assert "stand-in data, not the real files" in printed[0] and "the local folder" in printed[1]
+    assert "stand-in data, not the real files" in printed[0]
+    assert printed[1].endswith("(not on Kaggle; stand-in data written by make=)")
+    (first / kaggle._STAND_IN_MARKER).unlink()  # as if the user had put the competition's files there
+    input_dir("digit-recognizer", make=make, local=tmp_path)
+    assert capsys.readouterr().out.endswith("(not on Kaggle)\n") and len(calls) == 1
 
 
 def test_input_dir_interrupted_make_leaves_no_folder(no_kaggle, tmp_path):
