@@ -98,12 +98,23 @@ def write_digit_recognizer(folder: str | os.PathLike, *, test_fraction: float = 
 
 
 def write_image_folder(
-    folder: str | os.PathLike, *, size: int = 32, test_fraction: float = 0.3, seed: int = 0
+    folder: str | os.PathLike,
+    *,
+    size: int | tuple[int, int] = 32,
+    classes: int = 10,
+    columns: tuple[str, str] = ("id", "label"),
+    folders: tuple[str, str] = ("train", "test"),
+    test_fraction: float = 0.3,
+    seed: int = 0,
 ) -> Path:
     """Write the digits as PNG files plus CSVs, the other common Kaggle layout.
 
-    ``train/<id>.png`` with ``train.csv`` (``id,label``), ``test/<id>.png`` with
-    ``sample_submission.csv`` (``id,label``). Images are RGB, ``size`` pixels a side. Returns the folder.
+    ``<train>/<id>.png`` with ``train.csv`` (``id,label``), ``<test>/<id>.png`` with
+    ``sample_submission.csv`` (``id,label``), named by ``folders`` and ``columns``, so the stand-in has
+    the layout of the competition a notebook targets. Images are RGB, ``size`` pixels a side, or, with
+    ``size=(low, high)``, each of a side drawn from ``low..high``: mixed sizes, as in real sets. Only the
+    digits ``0..classes-1`` are kept, for a stand-in with the competition's number of classes.
+    Returns the folder.
 
     Example:
         >>> import tempfile
@@ -113,16 +124,31 @@ def write_image_folder(
     """
     from PIL import Image  # imported here: only the image-folder layout needs Pillow
 
-    images, labels = digits(size)
-    pixels = (images[:, 0] * 255).round().to(torch.uint8).numpy()
-    order = np.random.default_rng(seed).permutation(len(labels))
-    n_test = round(len(labels) * test_fraction)
+    low, high = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size)
+    if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
+        raise ValueError(f"size must be a positive int or a (low, high) pair with low <= high, got {size!r}.")
+    if not (isinstance(classes, int) and 2 <= classes <= 10):
+        raise ValueError(f"classes must be an int from 2 to 10 (the digits 0..classes-1), got {classes!r}.")
+    images, labels = digits(high)
+    rng = np.random.default_rng(seed)
+    kept = np.flatnonzero(labels.numpy() < classes)
+    order = kept[rng.permutation(len(kept))]
+    n_test = round(len(order) * test_fraction)
     folder = Path(folder)
-    for split, indices in (("test", order[:n_test]), ("train", order[n_test:])):
+    id_column, label_column = columns
+    for split, indices in ((folders[1], order[:n_test]), (folders[0], order[n_test:])):
         (folder / split).mkdir(parents=True, exist_ok=True)
         ids = [f"{split}_{i:04d}" for i in indices]
         for image_id, index in zip(ids, indices):
-            Image.fromarray(pixels[index]).convert("RGB").save(folder / split / f"{image_id}.png")
-        frame = pd.DataFrame({"id": ids, "label": labels.numpy()[indices] if split == "train" else 0})
-        frame.to_csv(folder / ("train.csv" if split == "train" else "sample_submission.csv"), index=False)
+            side = int(rng.integers(low, high + 1))
+            image = (
+                F.interpolate(images[index : index + 1], size=(side, side), mode="bilinear")
+                if side != high
+                else images[index : index + 1]
+            )
+            pixels = (image[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(pixels).convert("RGB").save(folder / split / f"{image_id}.png")
+        is_train = split == folders[0]
+        frame = pd.DataFrame({id_column: ids, label_column: labels.numpy()[indices] if is_train else 0})
+        frame.to_csv(folder / ("train.csv" if is_train else "sample_submission.csv"), index=False)
     return folder

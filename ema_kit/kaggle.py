@@ -1,11 +1,15 @@
-"""What the notebooks share: where data and outputs live, the two common Kaggle data layouts as datasets,
+"""What the notebooks share: where inputs and outputs live, the two common Kaggle data layouts as datasets,
 flip-TTA prediction, and a submission checked against the sample submission before it is written.
 
-On Kaggle, competition and dataset files are mounted under ``/kaggle/input/<name>/`` and a kernel writes
-its output to ``/kaggle/working/``; elsewhere the same code reads ``data/<name>/`` and writes
-``runs/<notebook>/`` under the current folder. ``EMA_KIT_SMOKE=1`` asks a notebook for smoke sizes (the
-tests set it); ``EMA_KIT_KAGGLE_ROOT`` points at another folder laid out like ``/kaggle`` (the tests use it
-to run a notebook through the Kaggle paths).
+Kaggle mounts an attached input in one of two layouts: classic, ``/kaggle/input/<slug>/``, or today's,
+``/kaggle/input/competitions/<slug>/``, ``/kaggle/input/datasets/<owner>/<slug>/`` and
+``/kaggle/input/notebooks/<owner>/<slug>/`` (an earlier notebook's output). ``input_dir`` and ``find_file``
+find an input in either, by its slug or, when it was mounted under another slug, by the files it holds.
+On Kaggle a missing input is an error that names what to attach; only off Kaggle do the notebooks write
+stand-in files from the built-in digits (``data/<name>/``) and their outputs to ``runs/<notebook>/``.
+
+``EMA_KIT_SMOKE=1`` asks a notebook for smoke sizes (the tests set it); ``EMA_KIT_KAGGLE_ROOT`` points at
+another folder laid out like ``/kaggle`` (the tests use it to run a notebook through the Kaggle paths).
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ from .train import _model_device, _resolve_amp
 
 SMOKE_VARIABLE = "EMA_KIT_SMOKE"
 ROOT_VARIABLE = "EMA_KIT_KAGGLE_ROOT"
+# Set by Kaggle in every kernel, "Interactive" or "Batch" (Save & Run All).
+RUN_TYPE_VARIABLE = "KAGGLE_KERNEL_RUN_TYPE"
+# Today's layout: input/competitions/<slug>/, input/datasets/<owner>/<slug>/, input/notebooks/<owner>/<slug>/.
+_GROUPS = {"competitions": "{}", "datasets": "*/{}", "notebooks": "*/{}", "models": "*/{}"}
+# How deep under input/ a folder holding an input's files may lie: datasets/<owner>/<slug>/<subfolder>.
+_SEARCH_DEPTH = 4
+# Left by input_dir in a local folder that make= wrote, so that later runs still say it holds stand-ins.
+_STAND_IN_MARKER = ".ema_kit-stand-in"
 
 
 def smoke() -> bool:
@@ -45,92 +57,236 @@ def smoke() -> bool:
     return os.environ.get(SMOKE_VARIABLE, "").strip() not in ("", "0")
 
 
-def kaggle_root() -> Path:
-    """``/kaggle``, or the folder ``EMA_KIT_KAGGLE_ROOT`` names.
+def kaggle_root(root: str | os.PathLike | None = None) -> Path:
+    """``root`` when given, else the folder ``EMA_KIT_KAGGLE_ROOT`` names, else ``/kaggle``.
 
     Example:
-        >>> kaggle_root() == Path(os.environ.get(ROOT_VARIABLE) or "/kaggle")
+        >>> kaggle_root("/tmp/fake-kaggle")
+        PosixPath('/tmp/fake-kaggle')
+    """
+    return Path(root if root is not None else os.environ.get(ROOT_VARIABLE) or "/kaggle")
+
+
+def on_kaggle(*, root: str | os.PathLike | None = None) -> bool:
+    """True in a Kaggle kernel: ``<root>/input`` exists, or Kaggle's ``KAGGLE_KERNEL_RUN_TYPE`` is set.
+
+    Either is enough: a kernel with nothing attached may have no ``/kaggle/input`` at all.
+
+    Example:
+        >>> import tempfile
+        >>> kaggle = Path(tempfile.mkdtemp())
+        >>> (kaggle / "input").mkdir()
+        >>> on_kaggle(root=kaggle)
         True
     """
-    return Path(os.environ.get(ROOT_VARIABLE) or "/kaggle")
+    return (kaggle_root(root) / "input").is_dir() or bool(os.environ.get(RUN_TYPE_VARIABLE, "").strip())
 
 
 def input_dir(
-    name: str, *, make: Callable[[Path], object] | None = None, local: str | os.PathLike = "data"
+    name: str,
+    *,
+    files: Iterable[str] = (),
+    make: Callable[[Path], object] | None = None,
+    local: str | os.PathLike = "data",
+    root: str | os.PathLike | None = None,
 ) -> Path:
-    """The folder holding input ``name``: ``/kaggle/input/<name>`` when it exists, else ``<local>/<name>``.
+    """The folder of the Kaggle input ``name`` (a competition's or dataset's slug), in either mount layout.
 
-    With ``make``, a missing or empty local folder is first filled by ``make(folder)`` (e.g.
-    ``ema_kit.data.write_digit_recognizer``); it writes into a temporary folder that is renamed when
-    complete, so an interrupted run never leaves half the files.
+    On Kaggle it is ``<root>/input/<name>``, ``.../competitions/<name>``, ``.../datasets/<owner>/<name>``
+    or ``.../notebooks/<owner>/<name>``, or, when the input was mounted under another slug, the one
+    attached folder holding every one of ``files`` (e.g. ``("train.csv", "sample_submission.csv")``).
+    Not found there is an error that names the input to attach and lists what is attached: on Kaggle
+    nothing else is ever read in its place.
+
+    Off Kaggle (see ``on_kaggle``) it is ``<local>/<name>``; with ``make``, a missing or empty folder is
+    first filled by ``make(folder)`` (e.g. ``ema_kit.data.write_digit_recognizer``, stand-in files from
+    the built-in digits), written to a temporary folder renamed when complete, so an interrupted run never
+    leaves half the files. It prints which data it chose.
 
     Example:
         >>> import tempfile
         >>> from ema_kit.data import write_digit_recognizer
-        >>> folder = input_dir("digit-recognizer", make=write_digit_recognizer, local=tempfile.mkdtemp())
-        >>> sorted(p.name for p in folder.iterdir())
-        ['sample_submission.csv', 'test.csv', 'train.csv']
+        >>> kaggle = Path(tempfile.mkdtemp())
+        >>> write_digit_recognizer(kaggle / "input" / "competitions" / "digit-recognizer").name
+        'digit-recognizer'
+        >>> folder = input_dir("digit-recognizer", files=["train.csv"], root=kaggle)  # doctest: +ELLIPSIS
+        digit-recognizer: the attached Kaggle input .../input/competitions/digit-recognizer
+        >>> folder.relative_to(kaggle).as_posix()
+        'input/competitions/digit-recognizer'
     """
-    on_kaggle = kaggle_root() / "input" / name
-    if on_kaggle.is_dir():
-        return on_kaggle
+    files = _names("files", files)
+    if on_kaggle(root=root):
+        folder = _locate([name], files, kaggle_root(root))
+        if folder is None:
+            raise FileNotFoundError(_not_attached(name, files, kaggle_root(root)))
+        print(f"{name}: the attached Kaggle input {folder}")
+        return folder
     folder = Path(local) / name
     if make is not None and not (folder.is_dir() and any(folder.iterdir())):
         partial = folder.with_name(f".{folder.name}.partial")
         if partial.exists():  # left by an interrupted run
             shutil.rmtree(partial)
         make(partial)
+        (partial / _STAND_IN_MARKER).write_text(f"written by make={make!r}\n")
         if folder.exists():
             folder.rmdir()  # empty, checked above
         partial.rename(folder)
+        print(f"{name}: not on Kaggle, so {folder} was written by make= (stand-in data, not the real files)")
+        return folder
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"Input {name!r} is neither at {on_kaggle} (attach it to the Kaggle notebook) nor at {folder} "
-            f"(put the files there, or pass make= to write them)."
+            f"Input {name!r}: not on Kaggle, and {folder} does not exist. Put its files there (e.g. "
+            f"`kaggle competitions download -c {name}`, unzipped), pass local= where they are, or pass "
+            f"make= to write stand-in files."
         )
+    stand_in = (folder / _STAND_IN_MARKER).is_file()
+    print(
+        f"{name}: the local folder {folder} (not on Kaggle"
+        + ("; stand-in data written by make=)" if stand_in else ")")
+    )
     return folder
 
 
-def working_dir(name: str, *, local: str | os.PathLike = "runs") -> Path:
-    """Where a notebook writes its outputs: ``/kaggle/working`` on Kaggle, else ``<local>/<name>``; created.
+def working_dir(
+    name: str, *, local: str | os.PathLike = "runs", root: str | os.PathLike | None = None
+) -> Path:
+    """Where a notebook writes its outputs: ``<root>/working`` on Kaggle, else ``<local>/<name>``; created.
 
     Example:
         >>> import tempfile
-        >>> local = Path(tempfile.mkdtemp())
-        >>> working_dir("01_quickstart", local=local) == (kaggle_root() / "working" if kaggle_root().exists()
-        ...                                               else local / "01_quickstart")
+        >>> kaggle = Path(tempfile.mkdtemp())
+        >>> (kaggle / "input").mkdir()
+        >>> working_dir("01_quickstart", root=kaggle) == kaggle / "working"
         True
     """
-    on_kaggle = kaggle_root() / "working"
-    folder = on_kaggle if on_kaggle.is_dir() else Path(local) / name
+    folder = kaggle_root(root) / "working" if on_kaggle(root=root) else Path(local) / name
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
 def find_file(
-    filename: str, *, inputs: Iterable[str] = (), local: Iterable[str | os.PathLike] = ()
+    filename: str,
+    *,
+    inputs: Iterable[str] = (),
+    local: Iterable[str | os.PathLike] = (),
+    root: str | os.PathLike | None = None,
 ) -> Path:
-    """The first ``filename`` in ``/kaggle/input/<each of inputs>``, ``/kaggle/working``, then ``local``.
+    """``filename`` from an earlier run: e.g. the ``model_ema.pth`` a training notebook wrote.
 
-    For weights trained in another notebook: on Kaggle its output is attached as an input; here it is in
-    that notebook's ``runs/`` folder. The error lists every place searched and how to fill one.
+    On Kaggle that notebook's output (or a dataset holding the file) is attached as an input: the file is
+    looked for in the inputs named ``inputs`` (slugs, in either mount layout, as ``input_dir``), then in
+    the one attached input that holds it, then in ``<root>/working``. Off Kaggle it is looked for in the
+    ``local`` folders (e.g. the training notebook's ``runs/`` folder). The error says what to attach or run.
 
     Example:
         >>> import tempfile
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> _ = (folder / "model_ema.pth").write_bytes(b"")
-        >>> find_file("model_ema.pth", inputs=["no-such-dataset"], local=[folder]) == folder / "model_ema.pth"
-        True
+        >>> kaggle = Path(tempfile.mkdtemp())
+        >>> output = kaggle / "input" / "notebooks" / "someone" / "my-training-run"
+        >>> output.mkdir(parents=True)
+        >>> _ = (output / "model_ema.pth").write_bytes(b"")
+        >>> find_file("model_ema.pth", inputs=["ema-kit-digit-recognizer"], root=kaggle).relative_to(kaggle)
+        PosixPath('input/notebooks/someone/my-training-run/model_ema.pth')
     """
-    root = kaggle_root()
-    folders = [root / "input" / name for name in inputs] + [root / "working"] + [Path(p) for p in local]
+    names = _names("inputs", inputs)
+    if on_kaggle(root=root):
+        base = kaggle_root(root)
+        folder = _locate(names, [filename], base)
+        if folder is not None:
+            return folder / filename
+        if (base / "working" / filename).is_file():
+            return base / "working" / filename
+        wanted = " or ".join(repr(name) for name in names) or "the notebook or dataset that holds it"
+        raise FileNotFoundError(
+            f"{filename} is in no input attached to this Kaggle notebook, nor in {base / 'working'}. Attach "
+            f"{wanted} (Add Input: the training notebook's output, or a dataset holding {filename}), then "
+            f"run again. {_attached_text(base)}"
+        )
+    folders = [Path(p) for p in local]
     for folder in folders:
         if (folder / filename).is_file():
             return folder / filename
-    searched = "\n  ".join(str(folder / filename) for folder in folders)
+    searched = "\n  ".join(str(folder / filename) for folder in folders) or "(no local= folders given)"
     raise FileNotFoundError(
-        f"{filename} was not found; searched:\n  {searched}\nRun the notebook that trains it first (locally "
-        f"it writes its runs/ folder), or attach its output or a dataset holding {filename} on Kaggle."
+        f"{filename} was not found; not on Kaggle, so searched:\n  {searched}\nRun the notebook that "
+        f"writes it first (locally it writes its runs/ folder), or pass local= where it is."
+    )
+
+
+def _names(argument: str, values: Iterable[str]) -> list[str]:
+    if isinstance(values, (str, bytes)) or not all(isinstance(value, str) for value in values):
+        raise TypeError(f"{argument} must be a list of names, e.g. [{values!r}], got {values!r}.")
+    return list(values)
+
+
+def _locate(names: list[str], files: list[str], root: Path) -> Path | None:
+    """The attached folder of an input named in ``names`` (holding ``files``), else the one holding ``files``.
+
+    An input found by name may keep its files one or two folders down (a dataset made from a zip); found
+    by its files alone, it must be the only attached folder that holds them: two would be a guess.
+    """
+    base = root / "input"
+    for name in names:
+        mounts = [base / name] + [
+            p for group, pattern in _GROUPS.items() for p in sorted((base / group).glob(pattern.format(name)))
+        ]
+        for mount in (m for m in mounts if m.is_dir()):
+            if not files:
+                return mount
+            holding = [folder for folder in _folders(mount, 2) if _holds(folder, files)]
+            if holding:
+                return holding[0]
+    if not files:
+        return None
+    holding = [folder for folder in _folders(base, _SEARCH_DEPTH) if _holds(folder, files)]
+    if len(holding) > 1:
+        raise FileNotFoundError(
+            f"Several attached inputs hold {', '.join(files)}: {', '.join(map(str, holding))}. Name the one "
+            f"to use by its slug (the last folder of its path) in place of {names}."
+        )
+    return holding[0] if holding else None
+
+
+def _holds(folder: Path, files: list[str]) -> bool:
+    return all((folder / name).is_file() for name in files)
+
+
+def _folders(top: Path, depth: int) -> list[Path]:
+    """``top`` and the folders below it, ``depth`` levels at most, shallowest first (sorted per level)."""
+    found, level = [], [top] if top.is_dir() else []
+    for _ in range(depth + 1):
+        found += level
+        below = []
+        for folder in level:
+            # scandir reads each entry's type with the listing: no stat per file in a folder of images.
+            with os.scandir(folder) as entries:
+                below += sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
+        level = below
+    return found
+
+
+def _attached_text(root: Path) -> str:
+    """What is attached under ``<root>/input``, one slug per input, for an error message."""
+    base = root / "input"
+    if not base.is_dir():
+        return f"{base} does not exist: nothing is attached."
+    attached = []
+    for entry in sorted(base.iterdir()):
+        if entry.name in _GROUPS and entry.is_dir():
+            attached += sorted(
+                p.relative_to(base).as_posix() for p in entry.glob(_GROUPS[entry.name].format("*"))
+            )
+        else:
+            attached.append(entry.name)
+    return f"Attached under {base}: {', '.join(attached) or 'nothing'}."
+
+
+def _not_attached(name: str, files: list[str], root: Path) -> str:
+    base = root / "input"
+    holding = f", and no attached input holds {' + '.join(files)}" if files else ""
+    return (
+        f"Input {name!r} is not attached to this Kaggle notebook: it is neither at {base / name} nor at "
+        f"{base}/competitions/{name} or {base}/datasets/<owner>/{name}{holding}. Attach it (Add Input, "
+        f"search {name!r}) and run again; on Kaggle nothing else is read in its place. {_attached_text(root)}"
     )
 
 
@@ -183,13 +339,15 @@ class ImageFolderDataset(Dataset):
 
     Items are ``(image, label)`` with ``image`` a float tensor ``(channels, height, width)`` in [0, 1]
     (``mode`` "RGB" gives 3 channels, "L" one), or the image alone when ``label=None``. Files are read
-    when an item is asked for, so the set need not fit in memory.
+    when an item is asked for, so the set need not fit in memory. Real sets mix image sizes, and a batch
+    needs one: ``size`` resizes every image to ``size`` x ``size`` pixels (bilinear; the aspect ratio is
+    not kept).
 
     Example:
         >>> import tempfile
         >>> from ema_kit.data import write_image_folder
-        >>> folder = write_image_folder(tempfile.mkdtemp(), size=16)
-        >>> dataset = ImageFolderDataset(pd.read_csv(folder / "train.csv"), folder / "train")
+        >>> folder = write_image_folder(tempfile.mkdtemp(), size=(12, 20))  # sides from 12 to 20 pixels
+        >>> dataset = ImageFolderDataset(pd.read_csv(folder / "train.csv"), folder / "train", size=16)
         >>> image, label = dataset[0]
         >>> tuple(image.shape), label.dtype
         ((3, 16, 16), torch.int64)
@@ -204,9 +362,12 @@ class ImageFolderDataset(Dataset):
         label: str | None = "label",
         suffix: str = ".png",  # appended to each id to name its file; "" when ids already carry one
         mode: str = "RGB",  # PIL mode every image is converted to
+        size: int | None = None,  # side every image is resized to; None keeps the files' sizes
         transform: Callable | None = None,
     ):
         _check_frame(frame)
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"size must be a positive int (pixels per side) or None, got {size!r}.")
         for argument, column in (("id_column", id_column), ("label", label)):
             if column is not None and column not in frame.columns:
                 raise ValueError(
@@ -222,7 +383,7 @@ class ImageFolderDataset(Dataset):
                 f"{missing[0]}; check folder and suffix={suffix!r}."
             )
         self.labels = None if label is None else torch.tensor(frame[label].to_numpy(dtype="int64"))
-        self.mode, self.transform = mode, transform
+        self.mode, self.size, self.transform = mode, size, transform
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -231,7 +392,10 @@ class ImageFolderDataset(Dataset):
         from PIL import Image  # imported here: only this layout needs Pillow
 
         with Image.open(self.paths[index]) as file:
-            array = torch.from_numpy(np.array(file.convert(self.mode), dtype=np.uint8))
+            image = file.convert(self.mode)
+        if self.size is not None:
+            image = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        array = torch.from_numpy(np.array(image, dtype=np.uint8))
         image = (array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)).float() / 255.0
         if self.transform is not None:
             image = self.transform(image)

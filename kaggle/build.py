@@ -40,21 +40,27 @@ DATASET = KAGGLE / "dataset"
 LOADER = KAGGLE / "bundle_loader.py"
 
 PLACEHOLDER_USER = "your-kaggle-username"
-DATASET_SLUG = "ema-kit"  # mounted in kernels at /kaggle/input/ema-kit/
-COMPETITION = "digit-recognizer"
+# Mounted in kernels at /kaggle/input/ema-kit/ (classic) or /kaggle/input/datasets/<user>/ema-kit/ (today).
+DATASET_SLUG = "ema-kit"
+LICENSE = "MIT"  # pyproject.toml's license, and LICENSE's
+DIGITS = "digit-recognizer"
+APTOS = "aptos2019-blindness-detection"  # retina photos of mixed sizes: what 03 trains on
 # The notebooks in the order a reader takes them: (notebook in notebooks/, kernel title, competitions,
-# notebooks whose output it reads). The kernel's slug is its title's (Kaggle derives one from the other).
+# notebooks whose output it reads, GPU). The kernel's slug is its title's (Kaggle derives one from the
+# other). The GPU is on where a notebook trains on a competition's data; the built-in digits and
+# inference train in seconds to minutes on Kaggle's CPUs, and a GPU session is a quota that runs out.
 NOTEBOOKS = [
-    ("01_quickstart", "EMA Kit Quickstart", [], []),
-    ("02_kaggle_digit_recognizer", "EMA Kit Digit Recognizer", [COMPETITION], []),
-    ("03_image_folder_classification", "EMA Kit Image Folder Classification", [], []),
+    ("01_quickstart", "EMA Kit Quickstart", [], [], False),
+    ("02_kaggle_digit_recognizer", "EMA Kit Digit Recognizer", [DIGITS], [], True),
+    ("03_image_folder_classification", "EMA Kit Image Folder Classification", [APTOS], [], True),
     (
         "04_inference_submission",
         "EMA Kit Inference Submission",
-        [COMPETITION],
+        [DIGITS],
         ["02_kaggle_digit_recognizer"],
+        False,
     ),
-    ("05_choose_ema_after_training", "EMA Kit Choose EMA After Training", [], []),
+    ("05_choose_ema_after_training", "EMA Kit Choose EMA After Training", [], [], False),
 ]
 # Skipped in ema_kit/, as are dotfiles (editor swap files, .DS_Store); anything else that is not a module
 # stops the build, since neither the single file nor the wheel would carry it.
@@ -217,15 +223,17 @@ def dataset_metadata(user: str, version: str) -> dict:
         "description": (
             "ema_kit keeps an exponential moving average (EMA) of a PyTorch model's weights "
             "(`ema_kit.ModelEMA`) and trains with it (`ema_kit.fit`). This dataset makes it usable in a "
-            "kernel with the internet off. Attach it, then either\n\n"
-            "* install the wheel: `!pip install --no-index --find-links /kaggle/input/ema-kit ema_kit`, or\n"
-            "* import the one-file copy: `import sys; sys.path.append('/kaggle/input/ema-kit'); "
-            "import ema_kit_single`,\n\n"
-            "then `from ema_kit import ModelEMA`. Both hold the same sources; torch, numpy, pandas and "
-            "matplotlib come from the Kaggle image. License: MIT."
+            "kernel with the internet off. Attach it: it is mounted at `/kaggle/input/ema-kit/` or, in "
+            f"today's layout, `/kaggle/input/datasets/{user}/ema-kit/` (call that folder `DIR`). Then "
+            "either\n\n"
+            "* install the wheel: `!pip install --no-index --find-links DIR ema_kit`, or\n"
+            "* import the one-file copy: `import sys; sys.path.append('DIR'); import ema_kit_single`,\n\n"
+            "then `from ema_kit import ModelEMA`. The example notebooks' first cell finds `DIR` in either "
+            "layout. Both files hold the same sources; torch, numpy, pandas and matplotlib come from the "
+            f"Kaggle image. License: {LICENSE}."
         ),
         "id": f"{user}/{DATASET_SLUG}",
-        "licenses": [{"name": "other"}],  # MIT is not among Kaggle's license names: stated in the description
+        "licenses": [{"name": LICENSE}],
         "resources": [
             {"path": wheel_name(version), "description": "ema_kit, to pip install offline (--no-index)."},
             {
@@ -243,9 +251,11 @@ def wheel_name(version: str) -> str:
 def kernel_metadata(user: str) -> dict[str, dict]:
     """kernel-metadata.json for each notebook, for ``kaggle kernels push -p kaggle/kernels/<notebook>``.
 
-    GPU on, internet off, the ema_kit dataset attached; ``code_file`` is relative to the metadata's folder.
+    The GPU on where the notebook needs one (table NOTEBOOKS), internet off, the ema_kit dataset and the
+    notebook's competition attached; ``code_file`` is relative to the metadata's folder. The fields are
+    those ``kaggle kernels init`` writes.
     """
-    ids = {notebook: f"{user}/{slugify(title)}" for notebook, title, _, _ in NOTEBOOKS}
+    ids = {notebook: f"{user}/{slugify(title)}" for notebook, title, *_ in NOTEBOOKS}
     return {
         notebook: {
             "id": ids[notebook],
@@ -254,14 +264,15 @@ def kernel_metadata(user: str) -> dict[str, dict]:
             "language": "python",
             "kernel_type": "notebook",
             "is_private": True,
-            "enable_gpu": True,
+            "enable_gpu": gpu,
+            "enable_tpu": False,
             "enable_internet": False,
             "dataset_sources": [f"{user}/{DATASET_SLUG}"],
             "competition_sources": competitions,
             "kernel_sources": [ids[source] for source in sources],
             "model_sources": [],
         }
-        for notebook, title, competitions, sources in NOTEBOOKS
+        for notebook, title, competitions, sources, gpu in NOTEBOOKS
     }
 
 
@@ -301,13 +312,13 @@ def _json(data: dict) -> str:
 def build_wheel(sources: dict[str, str], out_dir: Path) -> Path:
     """Build the ema_kit wheel from ``sources`` (as read_package gives them) into ``out_dir``, offline.
 
-    The wheel is built from a copy holding just these modules, pyproject.toml and README.md, so it
+    The wheel is built from a copy holding just these modules, pyproject.toml, README.md and LICENSE, so it
     carries exactly what the single file carries, whatever else lies in the checkout.
     """
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="ema_kit-wheel-") as tmp:
         project = Path(tmp) / "project"
-        for name in ("pyproject.toml", "README.md"):
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
             (project / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(REPO / name, project / name)
         for path, source in sources.items():

@@ -26,14 +26,26 @@ from ema_kit.models import ResNet
 @pytest.fixture
 def no_kaggle(tmp_path, monkeypatch):
     monkeypatch.setenv(kaggle.ROOT_VARIABLE, str(tmp_path / "absent"))
+    monkeypatch.delenv(kaggle.RUN_TYPE_VARIABLE, raising=False)
 
 
 @pytest.fixture
 def fake_kaggle(tmp_path, monkeypatch):
+    """An empty Kaggle root: input/ (nothing attached) and working/, run as "Save & Run All"."""
     root = tmp_path / "kaggle"
-    (root / "working").mkdir(parents=True)
+    (root / "input").mkdir(parents=True)
+    (root / "working").mkdir()
     monkeypatch.setenv(kaggle.ROOT_VARIABLE, str(root))
+    monkeypatch.setenv(kaggle.RUN_TYPE_VARIABLE, "Batch")
     return root
+
+
+def attach(root, mount, files=("train.csv", "sample_submission.csv")):
+    folder = root / "input" / mount
+    folder.mkdir(parents=True)
+    for name in files:
+        (folder / name).write_text(mount)
+    return folder
 
 
 @pytest.mark.parametrize(("value", "expected"), [(None, False), ("", False), ("0", False), ("1", True)])
@@ -44,15 +56,81 @@ def test_smoke_reads_the_environment_switch(monkeypatch, value, expected):
     assert smoke() is expected
 
 
-def test_input_dir_prefers_the_kaggle_input(fake_kaggle, tmp_path):
-    (fake_kaggle / "input" / "digit-recognizer").mkdir(parents=True)
+def test_on_kaggle_when_its_input_folder_exists_or_kaggle_sets_the_run_type(tmp_path, monkeypatch):
+    monkeypatch.delenv(kaggle.RUN_TYPE_VARIABLE, raising=False)
+    assert not kaggle.on_kaggle(root=tmp_path)
+    monkeypatch.setenv(kaggle.RUN_TYPE_VARIABLE, "Interactive")
+    assert kaggle.on_kaggle(root=tmp_path)
+    monkeypatch.delenv(kaggle.RUN_TYPE_VARIABLE)
+    (tmp_path / "input").mkdir()
+    assert kaggle.on_kaggle(root=tmp_path)
+
+
+def test_kaggle_root_argument_beats_the_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv(kaggle.ROOT_VARIABLE, str(tmp_path / "from-env"))
+    assert kaggle.kaggle_root() == tmp_path / "from-env"
+    assert kaggle.kaggle_root(tmp_path / "given") == tmp_path / "given"
+
+
+@pytest.mark.parametrize(
+    "mount",
+    [
+        "digit-recognizer",
+        "competitions/digit-recognizer",
+        "datasets/someone/digit-recognizer",
+        "notebooks/someone/digit-recognizer",
+    ],
+)
+def test_input_dir_finds_an_input_by_its_slug_in_either_layout(fake_kaggle, mount):
+    folder = attach(fake_kaggle, mount)
+    attach(fake_kaggle, "datasets/someone/a-copy")  # by its files alone, the input would be ambiguous
+    assert input_dir("digit-recognizer") == folder
+    assert input_dir("digit-recognizer", files=["train.csv"]) == folder
+
+
+def test_input_dir_finds_an_input_mounted_under_another_slug_by_its_files(fake_kaggle):
+    attach(fake_kaggle, "datasets/someone/ema-kit", files=["ema_kit_single.py"])
+    folder = attach(fake_kaggle, "datasets/someone/my-digits-copy")
+    assert input_dir("digit-recognizer", files=["train.csv", "sample_submission.csv"]) == folder
+
+
+def test_input_dir_finds_the_files_one_folder_down_in_a_named_input(fake_kaggle):
+    (fake_kaggle / "input" / "datasets" / "someone" / "digit-recognizer" / "README.md").parent.mkdir(
+        parents=True
+    )
+    folder = attach(fake_kaggle, "datasets/someone/digit-recognizer/csv")
+    assert input_dir("digit-recognizer", files=["train.csv"]) == folder
+
+
+def test_input_dir_refuses_to_guess_between_two_inputs_holding_the_files(fake_kaggle):
+    attach(fake_kaggle, "datasets/someone/copy-a")
+    attach(fake_kaggle, "datasets/other/copy-b")
+    with pytest.raises(
+        FileNotFoundError, match=r"Several attached inputs hold train.csv: .*other/copy-b, .*someone/copy-a"
+    ):
+        input_dir("digit-recognizer", files=["train.csv"])
+
+
+def test_input_dir_on_kaggle_never_falls_back_and_names_what_to_attach(fake_kaggle, tmp_path):
+    attach(fake_kaggle, "datasets/someone/ema-kit", files=["ema_kit_single.py"])
+    attach(fake_kaggle, "competitions/titanic")
     made = []
-    folder = input_dir("digit-recognizer", make=made.append, local=tmp_path)
-    assert folder == fake_kaggle / "input" / "digit-recognizer"
-    assert made == []
+    with pytest.raises(FileNotFoundError) as error:
+        input_dir("digit-recognizer", files=["train.csv", "test.csv"], make=made.append, local=tmp_path / "d")
+    message = str(error.value)
+    assert "Input 'digit-recognizer' is not attached" in message and "search 'digit-recognizer'" in message
+    assert "Attached under" in message and "competitions/titanic, datasets/someone/ema-kit." in message
+    assert made == [] and not (tmp_path / "d").exists()
 
 
-def test_input_dir_makes_local_files_once(no_kaggle, tmp_path):
+def test_input_dir_on_kaggle_without_an_input_folder_says_nothing_is_attached(tmp_path, monkeypatch):
+    monkeypatch.setenv(kaggle.RUN_TYPE_VARIABLE, "Batch")
+    with pytest.raises(FileNotFoundError, match="input does not exist: nothing is attached"):
+        input_dir("digit-recognizer", make=write_digit_recognizer, local=tmp_path, root=tmp_path / "kaggle")
+    assert not (tmp_path / "digit-recognizer").exists()
+
+
+def test_input_dir_makes_local_files_once_and_says_they_are_stand_ins(no_kaggle, tmp_path, capsys):
     calls = []
 
     def make(folder):
@@ -63,6 +141,12 @@ def test_input_dir_makes_local_files_once(no_kaggle, tmp_path):
     second = input_dir("digit-recognizer", make=make, local=tmp_path)
     assert first == second == tmp_path / "digit-recognizer" and len(calls) == 1
     assert not list(tmp_path.glob(".*partial"))
+    printed = capsys.readouterr().out.splitlines()
+    assert "stand-in data, not the real files" in printed[0]
+    assert printed[1].endswith("(not on Kaggle; stand-in data written by make=)")
+    (first / kaggle._STAND_IN_MARKER).unlink()  # as if the user had put the competition's files there
+    input_dir("digit-recognizer", make=make, local=tmp_path)
+    assert capsys.readouterr().out.endswith("(not on Kaggle)\n") and len(calls) == 1
 
 
 def test_input_dir_interrupted_make_leaves_no_folder(no_kaggle, tmp_path):
@@ -78,37 +162,58 @@ def test_input_dir_interrupted_make_leaves_no_folder(no_kaggle, tmp_path):
     assert (folder / "test.csv").is_file()
 
 
-def test_input_dir_without_files_or_make_names_both_places(no_kaggle, tmp_path):
-    with pytest.raises(FileNotFoundError, match="attach it to the Kaggle notebook"):
+def test_input_dir_off_kaggle_without_files_or_make_says_how_to_get_them(no_kaggle, tmp_path):
+    with pytest.raises(FileNotFoundError, match="kaggle competitions download -c missing"):
         input_dir("missing", local=tmp_path)
 
 
-def test_working_dir_is_kaggle_working_there_and_a_run_folder_elsewhere(tmp_path, monkeypatch):
-    monkeypatch.setenv(kaggle.ROOT_VARIABLE, str(tmp_path / "absent"))
+def test_input_dir_refuses_a_single_string_for_files(fake_kaggle):
+    with pytest.raises(TypeError, match="files must be a list of names"):
+        input_dir("digit-recognizer", files="train.csv")
+
+
+def test_working_dir_is_kaggle_working_there_and_a_run_folder_elsewhere(tmp_path, no_kaggle, monkeypatch):
     assert working_dir("02", local=tmp_path / "runs") == tmp_path / "runs" / "02"
     assert (tmp_path / "runs" / "02").is_dir()
-    (tmp_path / "kaggle" / "working").mkdir(parents=True)
-    monkeypatch.setenv(kaggle.ROOT_VARIABLE, str(tmp_path / "kaggle"))
-    assert working_dir("02", local=tmp_path / "runs") == tmp_path / "kaggle" / "working"
+    monkeypatch.setenv(kaggle.RUN_TYPE_VARIABLE, "Batch")
+    assert (
+        working_dir("02", local=tmp_path / "runs", root=tmp_path / "kaggle")
+        == tmp_path / "kaggle" / "working"
+    )
 
 
-def test_find_file_searches_inputs_then_working_then_local(fake_kaggle, tmp_path):
+def test_find_file_on_kaggle_reads_the_named_input_then_any_holding_it_then_working(fake_kaggle):
+    (fake_kaggle / "working" / "model_ema.pth").write_bytes(b"working")
+    assert find_file("model_ema.pth", inputs=["weights"]).read_bytes() == b"working"
+    other = attach(fake_kaggle, "notebooks/someone/renamed-run", files=["model_ema.pth"])
+    assert find_file("model_ema.pth", inputs=["weights"]) == other / "model_ema.pth"
+    named = attach(fake_kaggle, "weights", files=["model_ema.pth"])
+    assert find_file("model_ema.pth", inputs=["weights"]) == named / "model_ema.pth"
+
+
+def test_find_file_on_kaggle_never_reads_a_local_run(fake_kaggle, tmp_path):
+    attach(fake_kaggle, "datasets/someone/ema-kit", files=["ema_kit_single.py"])
     local = tmp_path / "run"
     local.mkdir()
     (local / "model_ema.pth").write_bytes(b"local")
-    assert find_file("model_ema.pth", inputs=["weights"], local=[local]) == local / "model_ema.pth"
-    (fake_kaggle / "working" / "model_ema.pth").write_bytes(b"working")
-    assert find_file("model_ema.pth", inputs=["weights"], local=[local]).read_bytes() == b"working"
-    (fake_kaggle / "input" / "weights").mkdir(parents=True)
-    (fake_kaggle / "input" / "weights" / "model_ema.pth").write_bytes(b"input")
-    assert find_file("model_ema.pth", inputs=["weights"], local=[local]).read_bytes() == b"input"
-
-
-def test_find_file_missing_lists_every_place_searched(fake_kaggle, tmp_path):
-    with pytest.raises(FileNotFoundError, match="searched") as error:
-        find_file("model_ema.pth", inputs=["weights"], local=[tmp_path / "run"])
+    with pytest.raises(FileNotFoundError) as error:
+        find_file("model_ema.pth", inputs=["weights"], local=[local])
     message = str(error.value)
-    assert str(fake_kaggle / "input" / "weights") in message and str(tmp_path / "run") in message
+    assert (
+        "Attach 'weights'" in message
+        and "Attached under" in message
+        and "datasets/someone/ema-kit" in message
+    )
+
+
+def test_find_file_off_kaggle_searches_the_local_folders_in_order(no_kaggle, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    second.mkdir()
+    (second / "model_ema.pth").write_bytes(b"b")
+    assert find_file("model_ema.pth", inputs=["weights"], local=[first, second]) == second / "model_ema.pth"
+    with pytest.raises(FileNotFoundError, match="searched") as error:
+        find_file("missing.pth", local=[first, second])
+    assert str(first / "missing.pth") in str(error.value) and str(second / "missing.pth") in str(error.value)
 
 
 def test_pixel_csv_dataset_reads_the_digit_recognizer_files(tmp_path):
@@ -149,6 +254,27 @@ def test_image_folder_dataset_reads_pngs_in_csv_order(tmp_path):
     sample = pd.read_csv(folder / "sample_submission.csv")
     gray = ImageFolderDataset(sample, folder / "test", label=None, mode="L")
     assert gray[0].shape == (1, 12, 12)
+
+
+def test_image_folder_dataset_resizes_images_of_mixed_sizes_to_one(tmp_path):
+    folder = write_image_folder(tmp_path, size=(9, 30))
+    frame = pd.read_csv(folder / "train.csv")
+    from PIL import Image
+
+    sides = set()
+    for image_id in frame["id"][:40]:
+        with Image.open(folder / "train" / f"{image_id}.png") as file:
+            sides.add(file.size[0])
+    assert len(sides) > 5  # the files really are of mixed sizes
+    dataset = ImageFolderDataset(frame, folder / "train", size=24)
+    batch = next(iter(DataLoader(dataset, batch_size=16)))
+    assert batch[0].shape == (16, 3, 24, 24)
+
+
+def test_image_folder_dataset_refuses_a_size_that_is_not_a_side(tmp_path):
+    folder = write_image_folder(tmp_path, size=8)
+    with pytest.raises(ValueError, match=r"size must be a positive int .*got \(8, 8\)"):
+        ImageFolderDataset(pd.read_csv(folder / "train.csv"), folder / "train", size=(8, 8))
 
 
 def test_image_folder_dataset_missing_files_name_the_suffix(tmp_path):
@@ -193,8 +319,9 @@ def test_predict_flip_tta_averages_the_mirror_image():
     images = torch.randn(6, 1, 4, 4)
     labels = torch.zeros(6, dtype=torch.int64)
     expected = (model(images).softmax(1) + model(images.flip(-1)).softmax(1)).detach() / 2
-    torch.testing.assert_close(predict(model, DataLoader(list(zip(images, labels)), batch_size=4), tta=True),
-                               expected)
+    torch.testing.assert_close(
+        predict(model, DataLoader(list(zip(images, labels)), batch_size=4), tta=True), expected
+    )
 
 
 def test_predict_empty_loader_is_an_error():

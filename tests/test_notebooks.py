@@ -1,29 +1,50 @@
-"""The notebooks, run with nbmake at smoke sizes: in order on local folders, and through Kaggle's layout.
+"""The notebooks, executed at smoke sizes: in order on local folders, and as Kaggle runs them.
 
-``EMA_KIT_SMOKE=1`` only shrinks epochs and rows, so these run the code a user runs. The notebooks are
-copied to a temporary folder first, so their data and runs/ folders land there, not in the checkout.
+``EMA_KIT_SMOKE=1`` only shrinks epochs, rows and image sizes, so these run the code a user runs. The
+notebooks are copied to a temporary folder first, so their data and runs/ folders land there, not in the
+checkout. The Kaggle runs execute in a kernel that cannot import an installed ema_kit (a virtual
+environment that sees every package here but ema_kit), as "Save & Run All" does, against a temporary
+folder laid out like ``/kaggle``: ema_kit comes from the attached ema-kit dataset, as on Kaggle.
 """
 
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
+import zipfile
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import pytest
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 from ema_kit.data import write_digit_recognizer
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+_spec = importlib.util.spec_from_file_location("kaggle_build", REPO / "kaggle" / "build.py")
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
+
+# Smaller than the built-in stand-in's 539 test rows: a notebook that fell back to those fails the check.
+TEST_ROWS = 180
+
+
+def _without_kaggle(env: dict) -> dict:
+    return {name: value for name, value in env.items() if not name.startswith("KAGGLE_")}
 
 
 def _nbmake(notebooks: list[Path], cwd: Path, **env: str) -> None:
     """Run the notebooks with nbmake, in the order given, in one pytest process; fail with its output."""
     command = [sys.executable, "-m", "pytest", "--nbmake", "--nbmake-timeout=600", "-q",
-               "-p", "no:cacheprovider", "--rootdir", str(cwd), *map(str, notebooks)]
-    result = subprocess.run(command, cwd=cwd, env=os.environ | {"EMA_KIT_SMOKE": "1"} | env,
-                            capture_output=True, text=True)
+               "-p", "no:cacheprovider", "--rootdir", str(cwd), *map(str, notebooks)]  # fmt: skip
+    result = subprocess.run(command, cwd=cwd, env=_without_kaggle(os.environ) | {"EMA_KIT_SMOKE": "1"} | env,
+                            capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
 
@@ -32,36 +53,228 @@ def _copy(names: list[str], folder: Path) -> list[Path]:
     return [Path(shutil.copy(NOTEBOOKS / f"{name}.ipynb", folder)) for name in names]
 
 
+def _first_code_cell(name: str) -> str:
+    notebook = json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())
+    return "".join(next(cell for cell in notebook["cells"] if cell["cell_type"] == "code")["source"])
+
+
+# -- the first cell: ema_kit from the attached dataset, wherever it is mounted --------------------
+
+
+def _stand_in_single_file(folder: Path) -> Path:
+    package = folder / "src" / "ema_kit"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('__version__ = "9.9.9"\n')
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ema_kit_single.py"
+    path.write_text(build.single_file(build.read_package(package), "9.9.9"))
+    shutil.rmtree(folder / "src")
+    return path
+
+
+def _stand_in_wheel(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    path = folder / "ema_kit-9.9.9-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr("ema_kit/__init__.py", '__version__ = "9.9.9"\n')
+    return path
+
+
+def _run_first_cell(tmp_path: Path) -> subprocess.CompletedProcess:
+    """The notebooks' first cell, then ``import ema_kit``, in an interpreter without site-packages."""
+    code = _first_code_cell("01_quickstart") + "\nimport ema_kit\nprint(ema_kit.__version__)\n"
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    env["EMA_KIT_KAGGLE_ROOT"] = str(tmp_path / "kaggle")
+    command = [sys.executable, "-S", "-c", code]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_every_notebook_starts_with_the_same_cell_that_finds_the_ema_kit_dataset():
+    names = sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb"))
+    cells = {name: _first_code_cell(name) for name in names}
+    assert len(names) == 5 and len(set(cells.values())) == 1, cells
+    assert "kaggle_input.glob" in cells[names[0]]
+
+
+@pytest.mark.parametrize(
+    "mount, make",
+    [
+        ("ema-kit", _stand_in_single_file),
+        ("datasets/someone/ema-kit", _stand_in_single_file),
+        ("datasets/someone/my-copy-of-ema-kit", _stand_in_single_file),
+        ("datasets/someone/ema-kit", _stand_in_wheel),
+        ("ema-kit", _stand_in_wheel),
+    ],
+)
+def test_first_cell_imports_ema_kit_from_the_dataset_in_either_layout(tmp_path, mount, make):
+    found = make(tmp_path / "kaggle" / "input" / mount)
+    result = _run_first_cell(tmp_path)
+    assert result.stdout.splitlines() == [f"ema_kit from {found}", "9.9.9"], result.stderr
+
+
+def test_first_cell_does_nothing_where_no_dataset_is_attached(tmp_path):
+    (tmp_path / "kaggle" / "input" / "competitions" / "digit-recognizer").mkdir(parents=True)
+    result = _run_first_cell(tmp_path)
+    assert result.stdout == "" and "No module named 'ema_kit'" in result.stderr
+
+
+# -- off Kaggle: every notebook, in order, on built-in stand-in data ------------------------------
+
+
 @pytest.mark.slow
 def test_every_notebook_runs_in_order_at_smoke_size(tmp_path):
     names = sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb"))
     assert names[:4] == ["01_quickstart", "02_kaggle_digit_recognizer", "03_image_folder_classification",
-                         "04_inference_submission"]
+                         "04_inference_submission"]  # fmt: skip
     _nbmake(_copy(names, tmp_path), tmp_path, EMA_KIT_KAGGLE_ROOT=str(tmp_path / "no-kaggle-here"))
     for run in ("01_quickstart", "02_kaggle_digit_recognizer", "03_image_folder_classification"):
         assert (tmp_path / "runs" / run / "model_ema.pth").is_file()
     submission = pd.read_csv(tmp_path / "runs" / "04_inference_submission" / "submission.csv")
     sample = pd.read_csv(tmp_path / "data" / "digit-recognizer" / "sample_submission.csv")
     assert list(submission.columns) == ["ImageId", "Label"] and len(submission) == len(sample)
+    images = pd.read_csv(tmp_path / "runs" / "03_image_folder_classification" / "submission.csv")
+    assert list(images.columns) == ["id_code", "diagnosis"] and images["diagnosis"].between(0, 4).all()
+
+
+# -- on Kaggle: "Save & Run All" in a kernel without ema_kit installed -----------------------------
+
+
+@pytest.fixture(scope="module")
+def kernel_without_ema_kit(tmp_path_factory):
+    """A Jupyter kernel spec whose Python sees every package installed here except ema_kit.
+
+    Returns the JUPYTER_PATH that holds it; it is named ``python3``, the notebooks' own kernel name.
+    """
+    root = tmp_path_factory.mktemp("kernel")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", root / "venv"], check=True)
+    venv_python = root / "venv" / "bin" / "python"
+    site = subprocess.check_output(
+        [venv_python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True
+    ).strip()
+    preinstalled = root / "preinstalled"
+    preinstalled.mkdir()
+    for entry in Path(sysconfig.get_path("purelib")).iterdir():
+        if not entry.name.lower().startswith(("ema_kit", "__editable__")):
+            (preinstalled / entry.name).symlink_to(entry)
+    Path(site, "preinstalled.pth").write_text(f"{preinstalled}\n")
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    probe = subprocess.run(
+        [venv_python, "-c", "import ema_kit"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert "No module named 'ema_kit'" in probe.stderr, "the kernel's Python must not find ema_kit"
+    spec = root / "jupyter" / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    argv = [str(venv_python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(
+        json.dumps({"argv": argv, "display_name": "Python 3", "language": "python"})
+    )
+    return root / "jupyter"
+
+
+def _run_on_kaggle(
+    name: str, kaggle: Path, cwd: Path, jupyter_path: Path, monkeypatch
+) -> nbformat.NotebookNode:
+    """Execute notebook ``name`` as Kaggle's "Save & Run All" does, with ``kaggle`` as /kaggle."""
+    notebook = nbformat.read(_copy([name], cwd)[0], as_version=4)
+    with monkeypatch.context() as patch:  # the kernel inherits this environment
+        patch.delenv("PYTHONPATH", raising=False)
+        patch.setenv("EMA_KIT_SMOKE", "1")
+        patch.setenv("EMA_KIT_KAGGLE_ROOT", str(kaggle))
+        patch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+        patch.setenv("JUPYTER_PATH", str(jupyter_path))  # where the kernel spec "python3" is found first
+        NotebookClient(
+            notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+        ).execute()
+    return notebook
+
+
+def _competition(folder: Path) -> Path:
+    """The Digit Recognizer's files, with a test set of TEST_ROWS rows."""
+    write_digit_recognizer(folder)
+    pd.read_csv(folder / "test.csv").head(TEST_ROWS).to_csv(folder / "test.csv", index=False)
+    sample = pd.read_csv(folder / "sample_submission.csv").head(TEST_ROWS)
+    sample.to_csv(folder / "sample_submission.csv", index=False)
+    return folder
+
+
+def _printed(notebook: nbformat.NotebookNode, index: int) -> str:
+    return "".join(output.get("text", "") for output in notebook.cells[index].get("outputs", []))
 
 
 @pytest.mark.slow
-def test_kaggle_layout_trains_then_submits_from_the_saved_ema_weights(tmp_path):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # classic: every input under its slug; the dataset holds the single file
+        {"competition": "digit-recognizer", "ema_kit": "ema-kit", "ship": "single file",
+         "output": "ema-kit-digit-recognizer"},
+        # today's: competitions/, datasets/<owner>/, notebooks/<owner>/; the dataset holds the wheel only,
+        # and 02's output is attached under a slug other than the one 04 names (found by model_ema.pth)
+        {"competition": "competitions/digit-recognizer", "ema_kit": "datasets/tester/ema-kit",
+         "ship": "wheel", "output": "notebooks/tester/my-digits-run"},
+    ],
+    ids=["classic", "current"],
+)  # fmt: skip
+def test_on_kaggle_02_trains_and_04_submits_from_the_attached_inputs(
+    tmp_path, kernel_without_ema_kit, monkeypatch, layout
+):
     kaggle = tmp_path / "kaggle"
-    competition = write_digit_recognizer(kaggle / "input" / "digit-recognizer")
+    competition = _competition(kaggle / "input" / layout["competition"])
+    dataset = kaggle / "input" / layout["ema_kit"]
+    dataset.mkdir(parents=True)
+    if layout["ship"] == "wheel":
+        shipped = build.build_wheel(build.read_package(), dataset)
+    else:
+        shipped = dataset / "ema_kit_single.py"
+        shipped.write_text(build.single_file(build.read_package(), build.package_version()))
     (kaggle / "working").mkdir()
-    training, inference = _copy(["02_kaggle_digit_recognizer"], tmp_path / "a") + _copy(
-        ["04_inference_submission"], tmp_path / "b"
+
+    training = _run_on_kaggle(
+        "02_kaggle_digit_recognizer", kaggle, tmp_path / "a", kernel_without_ema_kit, monkeypatch
     )
-    _nbmake([training], tmp_path / "a", EMA_KIT_KAGGLE_ROOT=str(kaggle))
-    # Kaggle mounts a notebook's output as an input of the notebooks that attach it, under its slug.
-    shutil.move(kaggle / "working", kaggle / "input" / "ema-kit-digit-recognizer")
+    assert _printed(training, 1) == f"ema_kit from {shipped}\n"
+    assert f"digit-recognizer: the attached Kaggle input {competition}" in _printed(training, 4)
+    trained = pd.read_csv(kaggle / "working" / "submission.csv")
+    assert len(trained) == TEST_ROWS
+    # Kaggle mounts a notebook's output as an input of the notebooks that attach it.
+    shutil.move(kaggle / "working", kaggle / "input" / layout["output"])
     (kaggle / "working").mkdir()
-    _nbmake([inference], tmp_path / "b", EMA_KIT_KAGGLE_ROOT=str(kaggle))
+    inference = _run_on_kaggle(
+        "04_inference_submission", kaggle, tmp_path / "b", kernel_without_ema_kit, monkeypatch
+    )
+    assert f"Loaded {kaggle / 'input' / layout['output'] / 'model_ema.pth'}" in _printed(inference, 6)
 
     submission = pd.read_csv(kaggle / "working" / "submission.csv")
     sample = pd.read_csv(competition / "sample_submission.csv")
-    assert list(submission.columns) == list(sample.columns)
-    assert submission["ImageId"].tolist() == sample["ImageId"].tolist()
+    assert list(submission.columns) == list(sample.columns) == ["ImageId", "Label"]
+    assert submission["ImageId"].tolist() == sample["ImageId"].tolist() == list(range(1, TEST_ROWS + 1))
     assert submission["Label"].between(0, 9).all()
-    assert not (tmp_path / "a" / "data").exists() and not (tmp_path / "b" / "runs").exists()
+    assert submission.equals(trained)  # the same saved EMA weights, the same test.csv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "kaggle"]
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["02_kaggle_digit_recognizer.ipynb"]  # no data/
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "notebook, competition",
+    [("02_kaggle_digit_recognizer", "digit-recognizer"),
+     ("03_image_folder_classification", "aptos2019-blindness-detection")],
+)  # fmt: skip
+def test_on_kaggle_without_the_competition_attached_a_notebook_stops_naming_it_and_writes_nothing(
+    tmp_path, kernel_without_ema_kit, monkeypatch, notebook, competition
+):
+    kaggle = tmp_path / "kaggle"
+    dataset = kaggle / "input" / "datasets" / "tester" / "ema-kit"
+    dataset.mkdir(parents=True)
+    (dataset / "ema_kit_single.py").write_text(
+        build.single_file(build.read_package(), build.package_version())
+    )
+    (kaggle / "working").mkdir()
+    with pytest.raises(CellExecutionError) as error:
+        _run_on_kaggle(notebook, kaggle, tmp_path / "a", kernel_without_ema_kit, monkeypatch)
+    message = error.value.evalue
+    assert error.value.ename == "FileNotFoundError"
+    assert message.startswith(f"Input {competition!r} is not attached to this Kaggle notebook")
+    assert "Attached under" in message and "datasets/tester/ema-kit" in message
+    assert list((kaggle / "working").iterdir()) == []
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [f"{notebook}.ipynb"]  # no stand-in data
