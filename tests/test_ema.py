@@ -96,11 +96,17 @@ def test_decay_from_half_life_halves_the_weight_after_that_many_steps():
         {"steps": 10, "epochs": 1, "steps_per_epoch": 5},
         {"epochs": 1},
         {"epochs": 1, "steps_per_epoch": 0},
-        {"steps": "100"},
+        {"steps": 1e300},  # its decay rounds to 1.0: an EMA that never moves
     ],
 )
-def test_decay_from_half_life_rejects_bad_input(kwargs):
+def test_decay_from_half_life_rejects_bad_values(kwargs):
     with pytest.raises(ValueError, match="half-life|steps_per_epoch"):
+        decay_from_half_life(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"steps": "100"}, {"steps": True}, {"epochs": 1, "steps_per_epoch": 2.5}])
+def test_decay_from_half_life_rejects_bad_types(kwargs):
+    with pytest.raises(TypeError, match="steps|steps_per_epoch"):
         decay_from_half_life(**kwargs)
 
 
@@ -175,13 +181,15 @@ def test_dtype_option_sets_the_shadow_precision(model):
     assert ema.module.state_dict()["1.num_batches_tracked"].dtype == torch.int64
 
 
-def test_shadow_is_one_flat_buffer_per_dtype_and_nothing_is_allocated_per_step(model):
+def test_shadow_is_one_copy_of_the_weights_and_nothing_is_allocated_per_step(model):
     ema = ModelEMA(model, warmup=False)
-    tensors = list(ema.module.state_dict().values())
-    storages = {t.untyped_storage().data_ptr() for t in tensors}
-    assert len(storages) == 2  # one float32 buffer, one int64 buffer: a single shadow copy
-    floats = [t for t in tensors if t.is_floating_point()]
-    assert floats[0].untyped_storage().nbytes() == sum(t.numel() for t in floats) * 4
+    shadow, live = ema.module.state_dict(), model.state_dict()
+    assert {t.untyped_storage().data_ptr() for t in shadow.values()}.isdisjoint(
+        t.untyped_storage().data_ptr() for t in live.values()
+    )
+    assert sum(t.untyped_storage().nbytes() for t in shadow.values()) == sum(
+        t.untyped_storage().nbytes() for t in live.values()
+    )
     train_steps(model, 1)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for _ in range(3):
@@ -274,7 +282,7 @@ def test_model_of_another_shape_is_a_clear_error_and_the_ema_is_kept(model):
     ema = ModelEMA(model)
     before = copy.deepcopy(ema.state_dict())
     with pytest.raises(
-        ValueError, match=r"shape mismatch.*9\.weight: \(5, 64\) vs \(10, 64\).*new ModelEMA"
+        ValueError, match=r"shape mismatch.*9\.weight: \(5, 64\) vs \(10, 64\).*build a new EMA"
     ):
         ema.update(small_cnn(num_classes=5))
     with pytest.raises(ValueError, match="missing"):
@@ -456,9 +464,15 @@ def test_non_finite_weights_propagate_when_not_skipping(model):
 # -- bad input -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("decay", [1.0, 1.5, -0.1, float("nan"), True, "0.999", None])
-def test_bad_decay_names_the_argument_and_the_fix(model, decay):
+@pytest.mark.parametrize("decay", [1.0, 1.5, -0.1, float("nan")])
+def test_bad_decay_value_names_the_argument_and_the_fix(model, decay):
     with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\).*decay_from_half_life"):
+        ModelEMA(model, decay=decay)
+
+
+@pytest.mark.parametrize("decay", [True, "0.999", None])
+def test_decay_of_another_type_is_a_type_error(model, decay):
+    with pytest.raises(TypeError, match=r"decay must be a number.*decay_from_half_life"):
         ModelEMA(model, decay=decay)
 
 
@@ -467,8 +481,11 @@ def test_bad_decay_names_the_argument_and_the_fix(model, decay):
     [
         ({"update_every": 0}, ValueError, "update_every must be an int >= 1"),
         ({"update_after_step": -1}, ValueError, "update_after_step must be an int >= 0"),
-        ({"update_every": 2.5}, ValueError, "update_every"),
-        ({"buffers": "mean"}, ValueError, "buffers must be 'average' or 'copy'"),
+        ({"update_every": 2.5}, TypeError, "update_every must be an int"),
+        ({"buffers": "mean"}, ValueError, r"buffers must be one of \('average', 'copy'\)"),
+        ({"buffers": None}, TypeError, "buffers must be one of"),
+        ({"device": 1.5}, TypeError, "device must be"),
+        ({"device": "cuda:99"}, ValueError, "device must be a device this machine has"),
         ({"dtype": torch.int64}, TypeError, "dtype must be a floating-point"),
         ({"warmup": "yes"}, TypeError, "warmup must be True or False"),
         ({"skip_non_finite": 1}, TypeError, "skip_non_finite must be True or False"),
@@ -505,5 +522,6 @@ def test_numpy_numbers_and_cpu_0_are_accepted(model):
     import numpy as np
 
     ema = ModelEMA(model, decay=np.float32(0.5), update_every=np.int64(2), device="cpu:0", warmup=False)
-    assert isinstance(ema.update_every, int) and ema.device == torch.device("cpu")
-    assert not ema._plan._groups[0]._remote  # the shadow sits beside the model, not on a "remote" device
+    assert isinstance(ema.update_every, int) and isinstance(ema.decay, float)
+    assert ema.device == torch.device("cpu")  # where CPU tensors live: the shadow sits beside the model
+    assert {t.device for t in ema.module.state_dict().values()} == {torch.device("cpu")}

@@ -26,7 +26,7 @@ NOTEBOOKS = [
     "04_inference_submission",
     "05_choose_ema_after_training",
 ]
-CORE_TESTS = ["tests/test_ema.py", "tests/test_fused.py"]
+CORE_TESTS = ["tests/test_ema.py", "tests/test_shadows.py"]
 # Kaggle's license names, from kaggle-api's docs/datasets_metadata.md.
 KAGGLE_LICENSES = {
     "CC0-1.0", "CC-BY-SA-3.0", "CC-BY-SA-4.0", "CC-BY-NC-SA-4.0", "GPL-2.0", "ODbL-1.0", "DbCL-1.0",

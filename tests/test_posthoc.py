@@ -180,7 +180,9 @@ def test_disk_bytes_and_repr_report_the_snapshots(tmp_path):
     _, posthoc = trained_tracker(tmp_path, steps=20)
     sizes = sum(path.stat().st_size for path in tmp_path.glob("snapshot-*.pth"))
     assert posthoc.disk_bytes == sizes > 0
-    assert repr(posthoc).startswith("PostHocEMA(sigma_rels=(0.05, 0.1), step=20, 4 snapshots (steps 5..20), ")
+    assert repr(posthoc).startswith(
+        "PostHocEMA(sigma_rels=(0.05, 0.1), num_steps=20, 4 snapshots (steps 5..20), "
+    )
     assert str(tmp_path) in repr(posthoc) and " KB in " in repr(posthoc)
 
 
@@ -287,7 +289,6 @@ def test_a_length_outside_what_the_snapshots_reconstruct_is_a_clear_error(run):
     [
         ({"sigma_rel": 0.0}, "sigma_rel must be a number between 0 and 0.2887"),
         ({"sigma_rel": 0.3}, "sigma_rel must be a number between 0 and 0.2887"),
-        ({"sigma_rel": "0.1"}, "sigma_rel must be"),
         ({}, "either as sigma_rel.*or as half_life"),
         ({"sigma_rel": 0.1, "half_life": 10}, "not both"),
         ({"half_life": STEPS}, "half_life must be a number of steps between 0 and"),
@@ -298,6 +299,11 @@ def test_a_length_outside_what_the_snapshots_reconstruct_is_a_clear_error(run):
 def test_bad_synthesis_arguments_are_clear_errors(run, kwargs, message):
     with pytest.raises(ValueError, match=message):
         run.posthoc.synthesize(**kwargs)
+
+
+def test_a_synthesis_length_of_another_type_is_a_type_error(run):
+    with pytest.raises(TypeError, match="sigma_rel must be a number, got '0.1'"):
+        run.posthoc.synthesize("0.1")
 
 
 def test_synthesis_without_snapshots_is_a_clear_error(tmp_path):
