@@ -19,7 +19,6 @@ error names what no longer matches.
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 from torch import Tensor, nn
@@ -46,8 +45,6 @@ for _register in (
     register_module_buffer_registration_hook,
 ):
     _register(_count_registration)
-
-_shape = operator.attrgetter("shape")
 
 
 class Shadows:
@@ -108,7 +105,7 @@ class Shadows:
             or _registrations != self._registrations
             or sum(map(len, self._dicts)) != self._entries
             or list(map(Tensor.data_ptr, self._watched)) != self._addresses
-            or list(map(_shape, self._lives)) != self._shapes
+            or list(map(Tensor.size, self._resizable)) != self._shapes
         ):
             self._bind(model)
 
@@ -117,7 +114,7 @@ class Shadows:
 
         Tensors that are not averaged are copied into every set that is not left alone.
         """
-        if all(w is not None and w != 1.0 for w in weights):
+        if None not in weights and 1.0 not in weights:
             self._stage()
             if weights != self._weights:  # a list per op pairs each live tensor's K shadows with K weights
                 self._weights = list(weights)
@@ -132,7 +129,8 @@ class Shadows:
                     torch._foreach_add_(shadows, lives, alpha=weight)
             for shadows, lives in self._copies:
                 torch._foreach_copy_(shadows, lives)
-            self._copy_extra_state(range(len(weights)))
+            if self._extra:
+                self._copy_extra_state(range(len(weights)))
         elif all(w == 1.0 for w in weights):
             self.copy()
         else:  # the sets' schedules differ at this step
@@ -189,13 +187,16 @@ class Shadows:
         self._plan(live, slots, sets)
         self._model = model
         self._registrations = _registrations
-        self._dicts = [d for m in live.modules() for d in (m._modules, m._parameters, m._buffers)]
+        # Only a dict with entries can lose one.
+        self._dicts = [d for m in live.modules() for d in (m._modules, m._parameters, m._buffers) if d]
         self._entries = sum(map(len, self._dicts))
-        self._lives = [slot.tensor for slot in slots]
-        # Every shadow is watched too: a set moved or cast by hand (ema.module.half()) is laid out again.
-        self._watched = self._lives + [slot.tensor for shadow_slots in sets for slot in shadow_slots.values()]
+        lives = [slot.tensor for slot in slots]
+        # One shadow per set is watched too: a set moved or cast by hand (ema.module.half()) is laid out anew.
+        self._watched = lives + [next(iter(shadow_slots.values())).tensor for shadow_slots in sets]
         self._addresses = list(map(Tensor.data_ptr, self._watched))
-        self._shapes = list(map(_shape, self._lives))
+        # resize_ keeps the address when it shrinks; torch refuses it on tensors that require grad.
+        self._resizable = [tensor for tensor in lives if not tensor.requires_grad]
+        self._shapes = list(map(Tensor.size, self._resizable))
 
     def _plan(self, live: nn.Module, slots: list[Slot], sets: list[dict]) -> None:
         """Build the op lists: live tensors grouped by kind, device and dtypes, each with its K shadows."""

@@ -253,3 +253,17 @@ def test_repr_names_decays_and_half_lives(model):
         warnings.simplefilter("error")
         text = repr(multi)
     assert text.startswith("MultiEMA(decays=(0.9, 0.99), half_lives=(7, 69) steps") and "Sequential" in text
+
+
+def test_numpy_decays_are_numbers(model):
+    import numpy as np
+
+    multi = MultiEMA(model, (np.float32(0.5), np.float64(0.9)))
+    assert multi.decays == (0.5, 0.9) and all(type(decay) is float for decay in multi.decays)
+
+
+def test_emas_is_a_read_only_mapping_in_the_order_given(model):
+    multi = MultiEMA(model, (0.9, 0.5))
+    assert list(multi.emas) == [0.9, 0.5]
+    with pytest.raises(TypeError):
+        multi.emas[0.99] = ModelEMA(model)

@@ -198,10 +198,33 @@ def test_resume_from_state_dict_is_bit_identical(tmp_path):
     resumed.load_state_dict(torch.load(tmp_path / "state.pth", weights_only=True))
     train_steps(model, 20, lambda: posthoc.update(model), seed=1)
     train_steps(resumed_model, 20, lambda: resumed.update(resumed_model), seed=1)
-    assert resumed.snapshots == posthoc.snapshots and resumed.step == 43
+    assert resumed.snapshots == posthoc.snapshots and resumed.num_steps == 43
     for a, b in zip(posthoc.profiles.values(), resumed.profiles.values()):
         assert max_error(a.state_dict(), b.state_dict()) == 0.0
     assert max_error(resumed.synthesize(0.07), posthoc.synthesize(0.07)) == 0.0
+
+
+def test_a_state_saved_with_the_old_counter_name_loads(tmp_path):
+    model, posthoc = trained_tracker(tmp_path, steps=12)
+    state = posthoc.state_dict()
+    state["step"] = state.pop("num_steps")  # as ema_kit 0.1 saved it
+    resumed = PostHocEMA(small_cnn(), snapshot_every=1, folder=tmp_path)
+    resumed.load_state_dict(state)
+    assert resumed.num_steps == resumed.step == 12
+
+
+def test_numpy_arguments_are_numbers(tmp_path):
+    import numpy as np
+
+    posthoc = PostHocEMA(nn.Linear(2, 2), sigma_rels=(np.float32(0.05), 0.1), snapshot_every=np.int64(4))
+    assert posthoc.snapshot_every == 4 and type(posthoc.sigma_rels[0]) is float
+
+
+def test_profiles_is_a_read_only_mapping_like_multi_ema_emas(tmp_path):
+    _, posthoc = trained_tracker(tmp_path, steps=4)
+    assert list(posthoc.profiles) == [0.05, 0.10]
+    with pytest.raises(TypeError):
+        posthoc.profiles[0.2] = nn.Linear(2, 2)
 
 
 def test_load_state_drops_snapshots_gone_from_the_folder_with_a_warning(tmp_path):
@@ -366,6 +389,9 @@ def test_load_state_of_another_model_or_lengths_is_a_clear_error_and_changes_not
         ({"sigma_rels": (0.05, 0.5)}, ValueError, r"sigma_rels\[1\] must be a number between 0 and"),
         ({"snapshot_every": 0}, ValueError, "snapshot_every must be an int >= 1"),
         ({"max_snapshots": 1}, ValueError, "max_snapshots must be an int >= 2"),
+        ({"snapshot_every": 2.5}, TypeError, "snapshot_every must be an int"),
+        ({"sigma_rels": (0.05, "0.1")}, TypeError, r"sigma_rels\[1\] must be a number"),
+        ({"buffers": "mean"}, ValueError, "buffers must be one of"),
     ],
 )
 def test_bad_tracker_arguments_are_clear_errors(kwargs, error, message):
