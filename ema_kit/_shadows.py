@@ -202,7 +202,8 @@ class Shadows:
         """Build the op lists: live tensors grouped by kind, device and dtypes, each with its K shadows."""
         k = len(sets)
         sources = [slot.tensor.detach() for slot in slots]  # what the ops read: the live tensor or its stage
-        shadows = [[shadow_slots[slot.key].tensor for shadow_slots in sets] for slot in slots]
+        # Plain tensors in the op lists: a list holding Parameters costs a subclass check per element.
+        shadows = [[shadow_slots[slot.key].tensor.detach() for shadow_slots in sets] for slot in slots]
         remote: dict[tuple, list[int]] = {}  # an EMA kept on another device than the model: staged
         for i, (source, (shadow, *_)) in enumerate(zip(sources, shadows)):
             if source.device != shadow.device:

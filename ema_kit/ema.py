@@ -87,8 +87,9 @@ class ModelEMA:
         dtype: the shadow's floating-point dtype. By default float32 for bf16/fp16 weights, because
             ``(1 - decay) * (w - ema_w)`` is below their resolution and rounds away; otherwise the
             weight's own dtype.
-        device: where the shadow lives, e.g. ``"cpu"`` to keep it off the GPU. By default it follows
-            the model's device, also when the model is moved later.
+        device: where the shadow lives, e.g. ``"cpu"`` to keep it off the GPU (each update then copies
+            the weights into one pinned buffer with non-blocking copies, and averages on the CPU). By
+            default it follows the model's device, also when the model is moved later.
         skip_non_finite: check the live weights before each update (one GPU sync); if they hold NaN or
             Inf, skip the update with a warning and keep the last good EMA.
 
