@@ -134,6 +134,7 @@ class Shadows:
         elif all(w == 1.0 for w in weights):
             self.copy()
         else:  # the sets' schedules differ at this step
+            self._stage()
             for k, weight in enumerate(weights):
                 if weight is not None:
                     self._blend_set(k, weight)
@@ -192,7 +193,8 @@ class Shadows:
         self._entries = sum(map(len, self._dicts))
         lives = [slot.tensor for slot in slots]
         # One shadow per set is watched too: a set moved or cast by hand (ema.module.half()) is laid out anew.
-        self._watched = lives + [next(iter(shadow_slots.values())).tensor for shadow_slots in sets]
+        first = next(slot.key for slot in slots if _averageable(slot.tensor))
+        self._watched = lives + [shadow_slots[first].tensor for shadow_slots in sets]
         self._addresses = list(map(Tensor.data_ptr, self._watched))
         # resize_ keeps the address when it shrinks; torch refuses it on tensors that require grad.
         self._resizable = [tensor for tensor in lives if not tensor.requires_grad]
@@ -250,7 +252,6 @@ class Shadows:
         ]
 
     def _blend_set(self, j: int, weight: float) -> None:
-        self._stage()
         lists = self._per_set[j]
         if weight == 1.0:
             for shadows, lives in lists["lerp"] + lists["cast"] + lists["copy"]:

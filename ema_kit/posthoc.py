@@ -14,6 +14,7 @@ t, the lag after which a step's weight has halved, is ``t * (1 - 2 ** (-1 / gamm
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -510,12 +511,12 @@ class PostHocEMA:
                 weight = float(synthesis.coefficients[index])
                 index += 1
                 for key, value in profile.items():
-                    if value.is_floating_point():
-                        term = value.double() * weight
+                    if _averaged(value):
+                        term = value.to(torch.complex128 if value.is_complex() else torch.float64) * weight
                         total[key] = term if key not in total else total[key].add_(term)
             latest = snapshot["profiles"][0]
         return {
-            key: total[key].to(value.dtype) if value.is_floating_point() else latest[key].clone()
+            key: total[key].to(value.dtype) if _averaged(value) else copy.deepcopy(latest[key])
             for key, value in expected.items()
         }
 
@@ -580,7 +581,7 @@ def scan(
     syntheses = [posthoc._solve(float(s), None, at_step, max_residual) for s in sigma_rels]
     cache = {} if posthoc.disk_bytes <= SCAN_CACHE_BYTES else None
     with torch.no_grad():
-        original = {key: value.clone() for key, value in live.state_dict().items()}
+        original = copy.deepcopy(live.state_dict())
     training, rows = live.training, []
     try:
         for synthesis in syntheses:
@@ -673,12 +674,22 @@ def _read_snapshot(path: Path, step: int) -> dict:
     return snapshot
 
 
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {key: value.detach().cpu() for key, value in module.state_dict().items()}
+def _averaged(value) -> bool:
+    """Whether synthesis combines this state-dict value; the rest (integers, extra state) is copied."""
+    return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+
+
+def _cpu_state(module: nn.Module) -> dict:
+    """The state dict on the CPU; modules' extra state (``get_extra_state``) as it is."""
+    return {
+        key: value.detach().cpu() if isinstance(value, torch.Tensor) else value
+        for key, value in module.state_dict().items()
+    }
 
 
 def _nbytes(module: nn.Module) -> int:
-    unique = {tensor.data_ptr(): tensor for tensor in module.state_dict().values()}  # tied weights once
+    tensors = [value for value in module.state_dict().values() if isinstance(value, torch.Tensor)]
+    unique = {tensor.data_ptr(): tensor for tensor in tensors}  # tied weights once
     return sum(tensor.numel() * tensor.element_size() for tensor in unique.values())
 
 

@@ -483,3 +483,41 @@ def test_max_residual_is_the_documented_default():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert 0 < SIGMA_REL_MAX < 0.29
+
+
+class ComplexWithExtra(nn.Module):
+    """A complex weight and extra state (a dict), next to a plain linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+        self.phase = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+        self.config = {"calls": 0}
+
+    def get_extra_state(self):
+        return dict(self.config)
+
+    def set_extra_state(self, state):
+        self.config = dict(state)
+
+
+def test_complex_weights_are_synthesized_and_extra_state_is_carried(tmp_path):
+    torch.manual_seed(0)
+    model = ComplexWithExtra()
+    posthoc = PostHocEMA(model, snapshot_every=5, folder=tmp_path)
+    reference = {0.05: None, 0.10: None}
+    for t in range(1, 41):
+        with torch.no_grad():
+            model.phase.add_(torch.randn(4, dtype=torch.complex64) * 0.1)
+        model.config["calls"] = t
+        posthoc.update(model)
+        for sigma_rel, gamma in zip(posthoc.sigma_rels, posthoc.gammas):
+            live = model.phase.detach().to(torch.complex128)
+            weight = 1.0 if t == 1 else 1 - (1 - 1 / t) ** (gamma + 1)
+            previous = live if reference[sigma_rel] is None else reference[sigma_rel]
+            reference[sigma_rel] = previous + weight * (live - previous)
+    assert (posthoc.profiles[0.10].phase.to(torch.complex128) - reference[0.10]).abs().max() < 1e-5
+    synthesized = posthoc.synthesize(0.10)
+    assert synthesized["phase"].dtype == torch.complex64
+    assert (synthesized["phase"] - posthoc.profiles[0.10].phase).abs().max() < 1e-5
+    assert synthesized["_extra_state"] == {"calls": 40}
