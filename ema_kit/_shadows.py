@@ -19,6 +19,7 @@ error names what no longer matches.
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +105,8 @@ class Shadows:
             model is not self._model
             or _registrations != self._registrations
             or sum(map(len, self._dicts)) != self._entries
-            or list(map(Tensor.data_ptr, self._watched)) != self._addresses
+            or list(map(Tensor.data_ptr, map(operator.getitem, self._holders, self._names)))
+            != self._addresses
             or list(map(Tensor.size, self._resizable)) != self._shapes
         ):
             self._bind(model)
@@ -191,11 +193,13 @@ class Shadows:
         # Only a dict with entries can lose one.
         self._dicts = [d for m in live.modules() for d in (m._modules, m._parameters, m._buffers) if d]
         self._entries = sum(map(len, self._dicts))
-        lives = [slot.tensor for slot in slots]
+        # Looked up in their dicts: .to() and .float() put new buffer objects there, without a hook.
         # One shadow per set is watched too: a set moved or cast by hand (ema.module.half()) is laid out anew.
         first = next(slot.key for slot in slots if _averageable(slot.tensor))
-        self._watched = lives + [shadow_slots[first].tensor for shadow_slots in sets]
-        self._addresses = list(map(Tensor.data_ptr, self._watched))
+        watched = slots + [shadow_slots[first] for shadow_slots in sets]
+        self._holders, self._names = [s.holder for s in watched], [s.name for s in watched]
+        self._addresses = _addresses(self._holders, self._names)
+        lives = [slot.tensor for slot in slots]
         # resize_ keeps the address when it shrinks; torch refuses it on tensors that require grad.
         self._resizable = [tensor for tensor in lives if not tensor.requires_grad]
         self._shapes = list(map(Tensor.size, self._resizable))
@@ -333,6 +337,10 @@ class _Stage:
         torch._foreach_copy_(self.views, self._lives, non_blocking=self._pinned)
         if self._pinned:  # the CPU reads the buffer next: wait for the copies queued on the GPU
             torch.cuda.current_stream(self._source).synchronize()
+
+
+def _addresses(holders: list[dict], names: list[str]) -> list[int]:
+    return list(map(Tensor.data_ptr, map(operator.getitem, holders, names)))
 
 
 def _averageable(tensor: Tensor) -> bool:

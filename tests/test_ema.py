@@ -676,3 +676,12 @@ def test_load_state_with_a_sparse_tensor_fails_before_changing_anything(model):
     with pytest.raises(ValueError, match=r"\['0\.weight'\] are not dense tensors"):
         ema.load_state_dict(state)
     assert ema.decay == 0.9 and ema.num_steps == 2
+
+
+def test_buffer_cast_without_its_module_s_parameters_is_followed(model):
+    model[1].running_mean = model[1].running_mean.double()
+    ema, reference = ModelEMA(model, decay=0.9, warmup=False), ReferenceEMA(model)
+    model.float()  # puts a new running_mean object in the buffer dict, leaves every parameter as it was
+    train_steps(model, 3, lambda: (ema.update(model), reference.update(model, 0.9)))
+    assert ema.module[1].running_mean.dtype == torch.float32
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
