@@ -10,8 +10,9 @@ live tensor is paired with its K shadows in turn, with a list of K weights).
 Before each update, ``follow(model)`` checks that the lists still point at the model's tensors. The check
 is cheap: a global counter of module, parameter and buffer registrations anywhere in the process (torch's
 registration hooks; assignments such as ``model[0] = nn.Linear(4, 8)`` or ``load_state_dict(assign=True)``
-bump it), the number of entries in the model's module, parameter and buffer dicts (a deletion shrinks
-it), and each tensor's address and shape (``.to()``, casts, ``.data`` swaps and ``resize_`` change them).
+bump it), the number of the model's submodules (a deletion fires no hook), and each tensor's address,
+looked up in its module (``.to()``, casts, ``.data`` swaps change it), and the shape of each tensor that
+can be resized in place.
 When any of them changed, the model is walked again: the shadows rebind to its current tensors, or an
 error names what no longer matches.
 """
@@ -101,14 +102,17 @@ class Shadows:
 
         Raises ValueError, before anything changes, when its layout no longer matches the shadows.
         """
-        if (
-            model is not self._model
-            or _registrations != self._registrations
-            or sum(map(len, self._dicts)) != self._entries
-            or list(map(Tensor.data_ptr, map(operator.getitem, self._holders, self._names)))
-            != self._addresses
-            or list(map(Tensor.size, self._resizable)) != self._shapes
-        ):
+        try:
+            changed = (
+                model is not self._model
+                or _registrations != self._registrations
+                or sum(map(len, self._children)) != self._entries
+                or _addresses(self._holders, self._names) != self._addresses
+                or list(map(Tensor.size, self._resizable)) != self._shapes
+            )
+        except KeyError:  # a parameter or buffer was deleted
+            changed = True
+        if changed:
             self._bind(model)
 
     def blend(self, weights: list[float | None]) -> None:
@@ -123,14 +127,16 @@ class Shadows:
                 self._weight_lists = [
                     list(weights) * (len(lives) // len(weights)) for _, lives in self._lerps
                 ]
+            # The small copies first, while follow() has just brought their tensors' metadata into cache:
+            # after the lerp has streamed the weights through it they cost 3% of a ResNet-50 step, not 0.3%.
+            for shadows, lives in self._copies:
+                torch._foreach_copy_(shadows, lives)
             for (shadows, lives), per_tensor in zip(self._lerps, self._weight_lists):
                 torch._foreach_lerp_(shadows, lives, weights[0] if len(weights) == 1 else per_tensor)
             for pairs, weight in zip(self._casts, weights):  # mul_ and add_ convert dtypes inside
                 for shadows, lives in pairs:
                     torch._foreach_mul_(shadows, 1.0 - weight)
                     torch._foreach_add_(shadows, lives, alpha=weight)
-            for shadows, lives in self._copies:
-                torch._foreach_copy_(shadows, lives)
             if self._extra:
                 self._copy_extra_state(range(len(weights)))
         elif all(w == 1.0 for w in weights):
@@ -190,9 +196,10 @@ class Shadows:
         self._plan(live, slots, sets)
         self._model = model
         self._registrations = _registrations
-        # Only a dict with entries can lose one.
-        self._dicts = [d for m in live.modules() for d in (m._modules, m._parameters, m._buffers) if d]
-        self._entries = sum(map(len, self._dicts))
+        # A deleted submodule fires no hook: its parent's dict of children shrinks (only a dict with entries
+        # can). A deleted parameter or buffer is missing when its address is looked up.
+        self._children = [m._modules for m in live.modules() if m._modules]
+        self._entries = sum(map(len, self._children))
         # Looked up in their dicts: .to() and .float() put new buffer objects there, without a hook.
         # One shadow per set is watched too: a set moved or cast by hand (ema.module.half()) is laid out anew.
         first = next(slot.key for slot in slots if _averageable(slot.tensor))
