@@ -33,6 +33,7 @@ from torch.nn.modules.module import (
 from ._checks import check_module
 from ._tensors import Slot, layout_mismatch, saved_slots
 
+INTERLEAVE_FROM = 16_384  # elements: with several sets, smaller tensors take one op per set (see _plan)
 _registrations = 0  # module/parameter/buffer assignments in this process, on any module
 
 
@@ -133,6 +134,9 @@ class Shadows:
                 torch._foreach_copy_(shadows, lives)
             for (shadows, lives), per_tensor in zip(self._lerps, self._weight_lists):
                 torch._foreach_lerp_(shadows, lives, weights[0] if len(weights) == 1 else per_tensor)
+            for pairs, weight in zip(self._small_lerps, weights):
+                for shadows, lives in pairs:
+                    torch._foreach_lerp_(shadows, lives, weight)
             for pairs, weight in zip(self._casts, weights):  # mul_ and add_ convert dtypes inside
                 for shadows, lives in pairs:
                     torch._foreach_mul_(shadows, 1.0 - weight)
@@ -150,7 +154,8 @@ class Shadows:
     def copy(self) -> None:
         """Make every set an exact copy of the live weights (also mends a shadow holding NaN)."""
         self._stage()
-        for shadows, lives in self._lerps + self._copies + [pair for pairs in self._casts for pair in pairs]:
+        per_set = [pair for pairs in self._small_lerps + self._casts for pair in pairs]
+        for shadows, lives in self._copies + self._lerps + per_set:
             torch._foreach_copy_(shadows, lives)
         self._copy_extra_state(range(len(self.modules)))
 
@@ -231,6 +236,13 @@ class Shadows:
         for i, slot in enumerate(slots):
             source, shadow = sources[i], shadows[i][0]
             kind = "copy" if not self._averaged(slot) else "lerp" if source.dtype == shadow.dtype else "cast"
+            # With several sets, a big tensor is read once for all of them: one op pairs it with its K
+            # shadows in turn (a list of K weights). Small ones cost their launch more than their bytes, and
+            # a weight list costs more per tensor than one weight: one op per set (benchmarks/ema_update.py,
+            # several-decays table: 3 sets of the tiny CNN cost 2.45x one set per set, 2.8x interleaved;
+            # ResNet-50 2.9x per set, 2.5x interleaved).
+            if kind == "lerp" and k > 1 and source.numel() < INTERLEAVE_FROM:
+                kind = "small lerp"
             groups.setdefault((kind, shadow.device, shadow.dtype, source.dtype), []).append(i)
 
         def of(kind: str, sets: range) -> list[tuple[list[Tensor], list[Tensor]]]:
@@ -243,10 +255,12 @@ class Shadows:
 
         every = range(k)
         self._lerps, self._copies = of("lerp", every), of("copy", every)
+        self._small_lerps = [of("small lerp", range(j, j + 1)) for j in every]
         # lerp_ needs equal dtypes, and add_'s alpha is one number per op: casts take one op pair per set.
         self._casts = [of("cast", range(j, j + 1)) for j in every]
         self._per_set = [
-            {kind: of(kind, range(j, j + 1)) for kind in ("lerp", "cast", "copy")} for j in every
+            {kind: of(kind, range(j, j + 1)) for kind in ("copy", "lerp", "small lerp", "cast")}
+            for j in every
         ]
         self._weights: list = []
         by_device: dict[torch.device, list[Tensor]] = {}
@@ -264,17 +278,14 @@ class Shadows:
 
     def _blend_set(self, j: int, weight: float) -> None:
         lists = self._per_set[j]
-        if weight == 1.0:
-            for shadows, lives in lists["lerp"] + lists["cast"] + lists["copy"]:
-                torch._foreach_copy_(shadows, lives)
-        else:
-            for shadows, lives in lists["lerp"]:
+        for shadows, lives in sum(lists.values(), []) if weight == 1.0 else lists["copy"]:
+            torch._foreach_copy_(shadows, lives)
+        if weight != 1.0:
+            for shadows, lives in lists["lerp"] + lists["small lerp"]:
                 torch._foreach_lerp_(shadows, lives, weight)
             for shadows, lives in lists["cast"]:
                 torch._foreach_mul_(shadows, 1.0 - weight)
                 torch._foreach_add_(shadows, lives, alpha=weight)
-            for shadows, lives in lists["copy"]:
-                torch._foreach_copy_(shadows, lives)
         self._copy_extra_state([j])
 
     def _stage(self) -> None:
