@@ -103,3 +103,16 @@ def test_all_finite_sees_nan_and_inf_in_any_averaged_tensor():
         model.bf16[3] = 0
         model.stat[0] = float("nan")
     assert not shadows.all_finite()
+
+
+def test_a_stage_copies_its_live_tensors_into_one_buffer_each_fill():
+    from ema_kit._shadows import _Stage
+
+    lives = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 2, 2)]
+    stage = _Stage(lives, torch.device("cpu"))  # pinned, non-blocking copies only from a CUDA model
+    assert len({view.untyped_storage().data_ptr() for view in stage.views}) == 1
+    for _ in range(2):
+        for live in lives:
+            live.add_(1.0)
+        stage.fill()
+        assert all(torch.equal(view, live) for view, live in zip(stage.views, lives))
