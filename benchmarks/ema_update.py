@@ -11,7 +11,8 @@ single flat tensor holding as many elements as the model's floating-point state.
 gives GB/s (three passes over the floating-point state per update: read both, write the shadow).
 
 A reference row, not a peer, gives a bare ``torch._foreach_lerp_`` over the model's floating-point
-tensors (lists built once, nothing else): what one op per tensor costs on the machine of the run.
+tensors (lists built once, nothing else): what one op per tensor costs on the machine of the run. ema_kit
+updates with that same idiom, so its targets are stated against this row of the same run.
 
 A second table prices several decays at once: ``MultiEMA`` with 3 decays (one pass) and 3 separate
 ``ModelEMA`` objects, as ratios to one ``ModelEMA``, measured in the same interleaved rounds.
@@ -208,20 +209,21 @@ def render(results: dict, sizes: dict, device: torch.device, args) -> str:
         "tensors built once: no integer buffers, no check that the model's tensors moved. It is not a "
         "usable EMA; it shows what one op per tensor costs on this machine in this run.",
         "",
-        "Targets: ema_kit fastest on every model; at most 1.15x the floor on the two big models, "
-        "at most 4x on the tiny CNN.",
+        "Targets: ema_kit fastest of all peers on every model; at most 1.05x the reference row on the two "
+        "big models and 1.15x on the tiny CNN (the reference moves with the machine's speed as ema_kit does; "
+        "what ema_kit adds is the check that the model did not change, and copying integer buffers).",
     ]
-    ours = {m: results[m]["ema_kit ModelEMA"] / results[m][floor] for m in models}
+    ours = {m: results[m]["ema_kit ModelEMA"] / results[m][REFERENCE] for m in models}
     fastest = all(
         min((v for k, v in results[m].items() if k not in (floor, REFERENCE, *SEVERAL)), default=0)
         == results[m]["ema_kit ModelEMA"]
         for m in models
     )
-    big_ok = all(ours[m] <= 1.15 for m in models[:2])
-    tiny_ok = ours[models[2]] <= 4
+    big_ok = all(ours[m] <= 1.05 for m in models[:2])
+    tiny_ok = ours[models[2]] <= 1.15
     lines.append(
-        f"This run: fastest on every model: {'yes' if fastest else 'NO'}; big models "
-        f"{', '.join(f'{ours[m]:.2f}x' for m in models[:2])} ({'met' if big_ok else 'MISSED'}); "
+        f"This run: fastest on every model: {'yes' if fastest else 'NO'}; ema_kit / reference on the big "
+        f"models {', '.join(f'{ours[m]:.2f}x' for m in models[:2])} ({'met' if big_ok else 'MISSED'}); "
         f"tiny CNN {ours[models[2]]:.2f}x ({'met' if tiny_ok else 'MISSED'})."
     )
     return "\n".join(lines + several_decays(results, models)) + "\n"

@@ -1,9 +1,10 @@
 """ema_kit: an exponential moving average of PyTorch model weights, for Kaggle and Jupyter."""
 
 from .ema import ModelEMA, decay_from_half_life
+from .files import load_weights
 from .multi import MultiEMA
-from .plot import plot_history
-from .posthoc import PostHocEMA, plot_scan, scan
+from .plot import plot_history, plot_scan
+from .posthoc import PostHocEMA, scan
 from .train import FitState, accuracy, evaluate, fit
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "accuracy",
     "FitState",
     "plot_history",
+    "load_weights",
 ]
 __version__ = "0.1.0"

@@ -77,9 +77,9 @@ def layout_mismatch(given: dict, expected: dict) -> str | None:
     missing = [key for key in expected if key not in given]
     unexpected = [key for key in given if key not in expected]
     shapes = [
-        f"{key}: {tuple(given[key].shape)} vs {tuple(expected[key].shape)}"
+        f"{key}: {_shape(given[key])} vs {_shape(expected[key])}"
         for key in expected
-        if key in given and tuple(given[key].shape) != tuple(expected[key].shape)
+        if key in given and _shape(given[key]) != _shape(expected[key])
     ]
     problems = [
         f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
@@ -87,3 +87,8 @@ def layout_mismatch(given: dict, expected: dict) -> str | None:
         if items
     ]
     return "; ".join(problems) or None
+
+
+def _shape(value) -> tuple | str:
+    # Extra state (``get_extra_state``) may be any object: it matches any other non-tensor.
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else "not a tensor"

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
-import numbers
-import operator
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -15,9 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._fused import FusedUpdate
-from ._tensors import Slot, layout_mismatch, saved_slots, unwrap
-from .files import save_weights
+from . import _checks
+from ._shadows import Shadows
+from ._tensors import layout_mismatch
+from .files import atomic_save, save_weights
 
 # Warmup caps the decay at (1 - 1/n) ** 8 for the n-th update: a power-function EMA (Karras et al.
 # 2024, gamma = 7) that averages over the latest ~10% of the updates so far (sigma_rel = 0.10). Measured on
@@ -47,18 +45,23 @@ def decay_from_half_life(
             "steps_per_epoch=...), not both or neither."
         )
     if epochs is not None:
-        if not isinstance(steps_per_epoch, int) or isinstance(steps_per_epoch, bool) or steps_per_epoch < 1:
-            raise ValueError(
-                f"steps_per_epoch must be a positive int to convert epochs to steps, got "
-                f"{steps_per_epoch!r} (len(train_loader) is the usual value)."
-            )
-        steps = epochs * steps_per_epoch
-        what = f"epochs={epochs!r} (x steps_per_epoch={steps_per_epoch})"
+        if steps_per_epoch is None:
+            raise ValueError("epochs=... needs steps_per_epoch=... (len(train_loader) is the usual value).")
+        per_epoch = _checks.check_int("steps_per_epoch", steps_per_epoch, minimum=1)
+        steps = _checks.check_real("epochs", epochs) * per_epoch
+        what = f"epochs={epochs!r} (x steps_per_epoch={per_epoch})"
     else:
+        steps = _checks.check_real("steps", steps)
         what = f"steps={steps!r}"
-    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or not steps > 0 or math.isinf(steps):
+    if not steps > 0 or math.isinf(steps):
         raise ValueError(f"The half-life must be a positive, finite number, got {what}.")
-    return 0.5 ** (1.0 / steps)
+    decay = 0.5 ** (1.0 / steps)
+    if decay == 1.0:
+        raise ValueError(
+            f"The half-life {what} is so long that its decay rounds to 1.0 in float64, an EMA that never "
+            "moves; give a half-life below about 1e15 steps."
+        )
+    return decay
 
 
 class ModelEMA:
@@ -84,8 +87,9 @@ class ModelEMA:
         dtype: the shadow's floating-point dtype. By default float32 for bf16/fp16 weights, because
             ``(1 - decay) * (w - ema_w)`` is below their resolution and rounds away; otherwise the
             weight's own dtype.
-        device: where the shadow lives, e.g. ``"cpu"`` to keep it off the GPU. By default it follows
-            the model's device, also when the model is moved later.
+        device: where the shadow lives, e.g. ``"cpu"`` to keep it off the GPU (each update then copies
+            the weights into one pinned buffer with non-blocking copies, and averages on the CPU). By
+            default it follows the model's device, also when the model is moved later.
         skip_non_finite: check the live weights before each update (one GPU sync); if they hold NaN or
             Inf, skip the update with a warning and keep the last good EMA.
 
@@ -128,34 +132,49 @@ class ModelEMA:
                 skip_non_finite=skip_non_finite,
             )
         )
-        self.__dict__.update(settings)
-        self.device = _check_device(device)
+        shadows = Shadows(
+            model,
+            1,
+            average_buffers=settings["buffers"] == "average",
+            dtype=settings["dtype"],
+            device=_checks.check_device("device", device),
+        )
+        self._attach(shadows, 0, settings)
+
+    @classmethod
+    def _member(cls, shadows: Shadows, index: int, settings: dict) -> ModelEMA:
+        """The EMA held in set ``index`` of ``shadows``, which others update (``MultiEMA``)."""
+        ema = cls.__new__(cls)
+        ema._attach(shadows, index, settings)
+        return ema
+
+    def _attach(self, shadows: Shadows, index: int, settings: dict) -> None:
+        self._shadows, self._index = shadows, index
+        self._set_schedule(settings)
         self.num_steps = 0  # update() calls so far
         self.num_updates = 0  # averaging updates applied (after update_after_step, every update_every)
         self.num_skipped = 0  # updates skipped for NaN/Inf weights
+        self.module = shadows.modules[index]
 
-        live = _plain_module(model, "model")
-        lives = [slot.tensor for slot in saved_slots(live)]
-        if not any(tensor.is_floating_point() for tensor in lives):
-            raise ValueError(f"{type(live).__name__} has no floating-point parameters or buffers to average.")
-        plan = self._plan_for(live)
-        with torch.no_grad():
-            torch._foreach_copy_(plan.shadows, plan.lives)
-        # Deep-copy the model with its tensors swapped for the shadows, so no second copy is ever made.
-        memo = {
-            id(live_tensor): nn.Parameter(shadow, requires_grad=False)
-            if isinstance(live_tensor, nn.Parameter)
-            else shadow
-            for live_tensor, shadow in zip(lives, plan.shadows)
-        }
-        try:
-            self.module = copy.deepcopy(live, memo).eval().requires_grad_(False)
-        except Exception as error:
-            raise TypeError(
-                f"ModelEMA copies the model with copy.deepcopy, which failed for "
-                f"{type(live).__name__}: {error}"
-            ) from error
-        self._adopt(plan, model)
+    def _set_schedule(self, settings: dict) -> None:
+        self.decay, self.warmup = settings["decay"], settings["warmup"]
+        self.update_after_step, self.update_every = settings["update_after_step"], settings["update_every"]
+        self.skip_non_finite = settings["skip_non_finite"]
+
+    @property
+    def buffers(self) -> str:
+        """``"average"`` or ``"copy"``: what happens to floating-point buffers (see the class docstring)."""
+        return "average" if self._shadows.average_buffers else "copy"
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The shadow's floating-point dtype, or None for the default rule (see the class docstring)."""
+        return self._shadows.dtype
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the shadow lives, or None when it follows the model."""
+        return self._shadows.device
 
     @property
     def ema(self) -> nn.Module:
@@ -175,18 +194,15 @@ class ModelEMA:
         return decay
 
     def update(self, model: nn.Module) -> None:
-        """Fold the model's current weights into the EMA; call it after each optimizer step."""
-        self._follow(model)
-        weight = self._advance(self._plan.all_finite)
-        if weight == 1.0:
-            self._plan.copy_()
-        elif weight is not None:
-            self._plan.lerp_(weight)
+        """Fold the model's current weights into the EMA; call it after each optimizer step.
 
-    def _follow(self, model: nn.Module) -> None:
-        """Rebind to ``model`` when it is another object, or its tensors were moved, cast or replaced."""
-        if model is not self._model or self._current_addresses() != self._addresses:
-            self._bind(model)
+        Follows the model when its tensors were moved, cast or replaced, or a submodule was swapped for
+        one of the same shape; a model whose layout no longer matches is a ValueError, before any change.
+        """
+        self._shadows.follow(model)
+        weights: list[float | None] = [None] * len(self._shadows.modules)
+        weights[self._index] = self._advance(self._shadows.all_finite)
+        self._shadows.blend(weights)
 
     def _advance(self, all_finite: Callable[[], bool]) -> float | None:
         """Count one ``update`` call; return the blend weight it calls for (1.0: copy), or None (no change).
@@ -215,7 +231,7 @@ class ModelEMA:
 
     def copy_to(self, model: nn.Module) -> None:
         """Write the EMA weights (and buffers) into ``model`` for good."""
-        lives, shadows = self._pair(model)
+        lives, shadows = self._shadows.pair(model, self._index)
         with torch.no_grad():
             torch._foreach_copy_(lives, shadows)
 
@@ -231,7 +247,7 @@ class ModelEMA:
             >>> with ema.applied_to(model):
             ...     ema_output = model(torch.ones(1, 2))
         """
-        lives, shadows = self._pair(model)
+        lives, shadows = self._shadows.pair(model, self._index)
         with torch.no_grad():
             saved = [live.clone() for live in lives]
         try:
@@ -247,9 +263,22 @@ class ModelEMA:
 
         ``model.load_state_dict(torch.load(path, weights_only=True))`` loads it (strict), keys without
         wrapper prefixes. A name ending in ``.safetensors`` writes safetensors instead (``pip install
-        safetensors``); ``ema_kit.files.load_weights(path)`` reads either.
+        safetensors``); ``ema_kit.files.load_weights(path)`` reads either. Modules' extra state
+        (``get_extra_state``) goes into ``.pth`` files only: safetensors holds tensors alone.
         """
-        return save_weights(self.module.state_dict(), path)
+        weights = self.module.state_dict()
+        extra = [key for key, value in weights.items() if not isinstance(value, torch.Tensor)]
+        if not extra:
+            return save_weights(weights, path)
+        if Path(path).suffix == ".safetensors":
+            raise ValueError(
+                f"{Path(path).name}: the model's {extra[:3]} are extra state (get_extra_state), not "
+                "tensors, which safetensors cannot hold; save to a .pth name instead."
+            )
+        return atomic_save(
+            {key: value.detach().cpu() if key not in extra else value for key, value in weights.items()},
+            path,
+        )
 
     def state_dict(self) -> dict:
         """Everything needed to resume bit-identically: the shadow, the counters and the settings.
@@ -280,7 +309,7 @@ class ModelEMA:
         try:
             settings = _check_settings(state["settings"])
             counters = {
-                name: _check_int(name, state[name], minimum=0)
+                name: _checks.check_int(name, state[name], minimum=0)
                 for name in ("num_steps", "num_updates", "num_skipped")
             }
             weights = state["weights"]
@@ -288,25 +317,39 @@ class ModelEMA:
             raise ValueError(
                 f"The ModelEMA state lacks {error}; was it saved by another ema_kit version?"
             ) from None
+        expected = self.module.state_dict()
         # A state read from a file can hold anything weights_only allows: refuse it here, before any change.
         if isinstance(weights, dict):
-            hollow = [k for k, v in weights.items() if not isinstance(v, torch.Tensor) or v.is_meta]
+            hollow = [
+                key
+                for key, value in weights.items()
+                if isinstance(expected.get(key), torch.Tensor)
+                and (not isinstance(value, torch.Tensor) or value.is_meta or value.layout != torch.strided)
+            ]
         else:
             hollow = ["weights"]
         if hollow:
             raise ValueError(
-                f"The ModelEMA state's {hollow[:3]} are not tensors that hold values; was it saved with "
-                "ModelEMA.state_dict()?"
+                f"The ModelEMA state's {hollow[:3]} are not dense tensors that hold values; was it saved "
+                "with ModelEMA.state_dict()?"
             )
-        _check_weights_match(weights, self.module.state_dict())
+        _check_weights_match(weights, expected)
+        shared = {"buffers": self.buffers, "dtype": self.dtype}
+        if len(self._shadows.modules) > 1 and {name: settings[name] for name in shared} != shared:
+            raise ValueError(
+                f"This EMA shares buffers={self.buffers!r} and dtype={self.dtype} with the other EMAs of "
+                f"its MultiEMA, but the state holds buffers={settings['buffers']!r} and "
+                f"dtype={settings['dtype']}; build the MultiEMA with the state's settings to load it."
+            )
         return settings, counters, weights
 
     def _restore(self, settings: dict, counters: dict, weights: dict) -> None:
-        self.__dict__.update(settings, **counters)
-        self._bind(self._model)  # lay the shadow out for the restored dtype before filling it
+        self._set_schedule(settings)
+        self.__dict__.update(counters)
+        if (settings["buffers"], settings["dtype"]) != (self.buffers, self.dtype):
+            self._shadows.relayout(average_buffers=settings["buffers"] == "average", dtype=settings["dtype"])
         with torch.no_grad():
-            for key, tensor in self.module.state_dict().items():
-                tensor.copy_(weights[key])
+            self.module.load_state_dict(weights)
 
     def __call__(self, *args, **kwargs):
         """Run the EMA model: ``ema(x)`` is ``ema.module(x)``."""
@@ -318,69 +361,6 @@ class ModelEMA:
             f"num_updates={self.num_updates}, module={type(self.module).__name__})"
         )
 
-    # -- binding the live model's tensors to the shadow's ---------------------------------------------
-
-    def _plan_for(self, live: nn.Module) -> FusedUpdate:
-        slots = saved_slots(live)
-        lives = [slot.tensor for slot in slots]
-        average = [
-            t.is_floating_point() and (isinstance(t, nn.Parameter) or self.buffers == "average")
-            for t in lives
-        ]
-        placements = [
-            (
-                self.device or t.device,
-                (self.dtype or torch.promote_types(t.dtype, torch.float32))
-                if t.is_floating_point()
-                else t.dtype,
-            )
-            for t in lives
-        ]
-        return FusedUpdate(lives, average, placements)
-
-    def _adopt(self, plan: FusedUpdate, model: nn.Module) -> None:
-        """Make ``plan`` the update path, and note the tensor addresses whose change calls for a rebind.
-
-        Every tensor of the model is watched (it may be moved, cast or replaced at any time); of the
-        EMA, which this object owns, one tensor per shadow buffer, enough to see ``ema.module.to(...)``.
-        """
-        self._plan, self._model = plan, model
-        ema_slots = saved_slots(self.module)
-        slots = saved_slots(unwrap(model)) + [ema_slots[i] for i in plan.first_of_each_buffer]
-        self._holders = [slot.holder for slot in slots]
-        self._names = [slot.name for slot in slots]
-        self._addresses = self._current_addresses()
-
-    def _current_addresses(self) -> list[int]:
-        return list(map(torch.Tensor.data_ptr, map(operator.getitem, self._holders, self._names)))
-
-    def _bind(self, model: nn.Module) -> None:
-        live = _plain_module(model, "model")
-        ema_slots = saved_slots(self.module)
-        _check_slots_match(saved_slots(live), ema_slots)
-        plan = self._plan_for(live)
-        with torch.no_grad():  # keep the EMA's values; only where they live changes
-            torch._foreach_copy_(plan.shadows, [slot.tensor for slot in ema_slots])
-        for slot, shadow in zip(ema_slots, plan.shadows):
-            slot.tensor.data = shadow
-        self._adopt(plan, model)
-
-    def _pair(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The model's tensors and the EMA's, matched by key (without rebinding the update path)."""
-        live_slots, ema_slots = saved_slots(_plain_module(model, "model")), saved_slots(self.module)
-        _check_slots_match(live_slots, ema_slots)
-        return [slot.tensor.detach() for slot in live_slots], [slot.tensor for slot in ema_slots]
-
-
-def _plain_module(model, name: str) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}.")
-    return unwrap(model)
-
-
-def _check_slots_match(live: list[Slot], ema: list[Slot]) -> None:
-    _check_weights_match({s.key: s.tensor for s in live}, {s.key: s.tensor for s in ema}, what="The model")
-
 
 def _check_weights_match(given: dict, expected: dict, what: str = "The state") -> None:
     problems = layout_mismatch(given, expected)
@@ -391,67 +371,14 @@ def _check_weights_match(given: dict, expected: dict, what: str = "The state") -
         )
 
 
-def _check_decay(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-        raise ValueError(
-            f"decay must be a number in [0, 1), got {value!r}. Typical values are 0.99 to 0.9999; "
-            "decay_from_half_life(steps) gives the decay for a half-life in steps."
-        )
-    return float(value)
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}.")
-    return value
-
-
-def _check_int(name: str, value, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return int(value)  # numpy integers too
-
-
-def _check_buffers(value) -> str:
-    if value not in ("average", "copy"):
-        raise ValueError(f"buffers must be 'average' or 'copy', got {value!r}.")
-    return value
-
-
-def _check_dtype(value) -> torch.dtype | None:
-    if isinstance(value, str):  # as stored by state_dict
-        value = getattr(torch, value, value)
-    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
-        raise TypeError(
-            f"dtype must be a floating-point torch.dtype such as torch.float32, or None, got {value!r}."
-        )
-    return value
-
-
-def _check_device(value) -> torch.device | None:
-    if value is None:
-        return None
-    try:
-        device = torch.device(value)
-        torch.empty(0, device=device)  # torch's own words if this machine lacks it (no CUDA, no GPU 3)
-    except Exception as error:
-        raise ValueError(
-            f"device must be a device this machine has, such as 'cpu' or 'cuda', or None to follow the "
-            f"model, got {value!r} ({error})."
-        ) from None
-    if device.type == "meta":
-        raise ValueError("device='meta' holds no values to average; give a real device such as 'cpu'.")
-    return torch.device("cpu") if device.type == "cpu" else device  # "cpu:0" is where CPU tensors live
-
-
 _SETTINGS = {
-    "decay": _check_decay,
-    "warmup": lambda value: _check_bool("warmup", value),
-    "update_after_step": lambda value: _check_int("update_after_step", value, minimum=0),
-    "update_every": lambda value: _check_int("update_every", value, minimum=1),
-    "buffers": _check_buffers,
-    "dtype": _check_dtype,
-    "skip_non_finite": lambda value: _check_bool("skip_non_finite", value),
+    "decay": lambda value: _checks.check_decay("decay", value),
+    "warmup": lambda value: _checks.check_bool("warmup", value),
+    "update_after_step": lambda value: _checks.check_int("update_after_step", value, minimum=0),
+    "update_every": lambda value: _checks.check_int("update_every", value, minimum=1),
+    "buffers": lambda value: _checks.check_choice("buffers", value, ("average", "copy")),
+    "dtype": lambda value: _checks.check_dtype("dtype", value),
+    "skip_non_finite": lambda value: _checks.check_bool("skip_non_finite", value),
 }
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
 from . import _env
 from .files import atomic_write_bytes
 from .history import lower_is_better, score_columns
+from .posthoc import _steps
 
 LIVE_COLOR = "tab:blue"
 EMA_COLORS = ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
@@ -118,3 +119,53 @@ class LivePlot:
             from IPython.display import Image
 
             self._handle = _env.display(Image(data=png.getvalue(), format="png"), self._handle)
+
+
+def plot_scan(table: pd.DataFrame, metric: str, mode: str = "min") -> Figure:
+    """Plot ``metric`` against the EMA length from a ``scan`` table, with the best length marked.
+
+    ``mode`` says which is best: ``"min"`` (a loss) or ``"max"`` (an accuracy). Returns a matplotlib
+    Figure (shown by Jupyter when it is the cell's value; ``figure.savefig(path)`` writes it).
+
+    Example:
+        >>> table = pd.DataFrame({"sigma_rel": [0.05, 0.1], "half_life": [50.0, 100.0], "loss": [0.3, 0.2]})
+        >>> figure = plot_scan(table, "loss", mode="min")
+    """
+    if not isinstance(table, pd.DataFrame) or not {"sigma_rel", "half_life"} <= set(table.columns):
+        raise ValueError(
+            "plot_scan takes the DataFrame that scan(...) returns (columns sigma_rel, half_life, metrics)."
+        )
+    metrics = [c for c in table.columns if c not in ("sigma_rel", "half_life")]
+    if metric not in metrics:
+        raise ValueError(f"metric must be one of the scanned metrics {metrics}, got {metric!r}.")
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' (lower is better) or 'max' (higher is better), got {mode!r}.")
+    if table[metric].isna().all():
+        raise ValueError(f"The scan holds no value of {metric!r} to plot.")
+    table = table.sort_values("sigma_rel")
+    best = table.loc[table[metric].idxmin() if mode == "min" else table[metric].idxmax()]
+    figure = NotebookFigure(figsize=(6.4, 4.0), layout="constrained")
+    axes = figure.add_subplot()
+    axes.plot(table["sigma_rel"], table[metric], "o-", color="C0", label=metric)
+    axes.axvline(best["sigma_rel"], color="C1", linestyle="--", linewidth=1)
+    axes.plot(
+        [best["sigma_rel"]],
+        [best[metric]],
+        "*",
+        color="C1",
+        markersize=14,
+        label=(
+            f"chosen: sigma_rel {best['sigma_rel']:.3g} (half-life {_steps(best['half_life'])} steps), "
+            f"{metric} {best[metric]:.4g}"
+        ),
+    )
+    axes.set_xscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 0.04, not 4 x 10^-2
+    axes.xaxis.set_major_formatter(plain)
+    axes.xaxis.set_minor_formatter(plain)
+    axes.set_xlabel("EMA length, sigma_rel (log scale)")
+    axes.set_ylabel(metric)
+    better = "lower" if mode == "min" else "higher"
+    axes.set_title(f"Post-hoc EMA: {metric} by EMA length ({better} is better)")
+    axes.legend(loc="best", fontsize="small")
+    return figure

@@ -14,26 +14,25 @@ t, the lag after which a step's weight has halved, is ``t * (1 - 2 ** (-1 / gamm
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
 from torch import nn
 
-from ._tensors import layout_mismatch, unwrap
-from .ema import ModelEMA
+from . import _checks
+from ._shadows import Shadows
+from ._tensors import layout_mismatch
 from .files import atomic_save, load_weights
-from .multi import SharedPass
-from .plot import NotebookFigure
 
 SIGMA_REL_MAX = math.sqrt(1 / 12)  # gamma -> 0: a plain average of every step so far, the longest profile
 # A length is synthesized only when the best combination of the snapshots' profiles matches its profile
@@ -149,23 +148,30 @@ class PostHocEMA:
     ):
         self.sigma_rels = _check_sigma_rels(sigma_rels)
         self.gammas = tuple(gamma_from_sigma_rel(s) for s in self.sigma_rels)
-        self.snapshot_every = _check_int("snapshot_every", snapshot_every, minimum=1)
-        self.max_snapshots = _check_int("max_snapshots", max_snapshots, minimum=2)
+        self.snapshot_every = _checks.check_int("snapshot_every", snapshot_every, minimum=1)
+        self.max_snapshots = _checks.check_int("max_snapshots", max_snapshots, minimum=2)
         self.folder = None if folder is None else Path(folder)
-        self.step = 0  # update() calls so far
+        self.num_steps = 0  # update() calls so far
         self.snapshots: list[int] = []  # the steps whose snapshot file is in ``folder``, oldest first
         self._grid = self.snapshot_every  # the thinning grid (see the class docstring)
-        # One ModelEMA per profile holds its weights; their own decay and counters are not used.
-        self._profiles = [
-            ModelEMA(model, 0.0, warmup=False, buffers=buffers, dtype=dtype, device=device)
-            for _ in self.sigma_rels
-        ]
-        self._pass = SharedPass(self._profiles)
+        self._shadows = Shadows(
+            model,
+            len(self.sigma_rels),
+            average_buffers=_checks.check_choice("buffers", buffers, ("average", "copy")) == "average",
+            dtype=_checks.check_dtype("dtype", dtype),
+            device=_checks.check_device("device", device),
+        )
+        self._profiles = dict(zip(self.sigma_rels, self._shadows.modules))
 
     @property
-    def profiles(self) -> dict[float, nn.Module]:
+    def profiles(self) -> Mapping[float, nn.Module]:
         """sigma_rel -> the tracked power-function EMA as a model (in eval mode), at the current step."""
-        return {s: ema.module for s, ema in zip(self.sigma_rels, self._profiles)}
+        return MappingProxyType(self._profiles)
+
+    @property
+    def step(self) -> int:
+        """``num_steps``, by the name ema_kit 0.1 used (the counter ``ModelEMA`` calls ``num_steps``)."""
+        return self.num_steps
 
     @property
     def disk_bytes(self) -> int:
@@ -176,12 +182,12 @@ class PostHocEMA:
 
     def update(self, model: nn.Module) -> None:
         """Fold the model's weights into each profile; call it after each optimizer step."""
-        if self.step == 0:
+        if self.num_steps == 0:
             self._check_folder_is_free()
-        self._pass.follow(model)
-        t = self.step + 1
-        self._pass.step([_blend_weight(t, gamma) for gamma in self.gammas])
-        self.step = t
+        self._shadows.follow(model)
+        t = self.num_steps + 1
+        self._shadows.blend([_blend_weight(t, gamma) for gamma in self.gammas])
+        self.num_steps = t
         if t % self.snapshot_every == 0:
             self.snapshot()
 
@@ -190,15 +196,15 @@ class PostHocEMA:
 
         Under DDP only rank 0 writes (every rank keeps the same list of snapshots).
         """
-        if self.step == 0:
+        if self.num_steps == 0:
             raise ValueError("PostHocEMA has nothing to snapshot yet: call update(model) after each step.")
         folder = self._require_folder()
-        path = self._path(self.step)
-        if self.snapshots and self.snapshots[-1] == self.step:
+        path = self._path(self.num_steps)
+        if self.snapshots and self.snapshots[-1] == self.num_steps:
             return path
-        kept, grid = self.snapshots + [self.step], self._grid
+        kept, grid = self.snapshots + [self.num_steps], self._grid
         while len(kept) > self.max_snapshots:
-            on_grid = [s for s in kept if s % grid == 0 or s == self.step]
+            on_grid = [s for s in kept if s % grid == 0 or s == self.num_steps]
             if len(on_grid) == len(kept):
                 grid *= 2
             kept = on_grid
@@ -213,13 +219,13 @@ class PostHocEMA:
         atomic_save(
             {
                 "format": _SNAPSHOT_FORMAT,
-                "step": self.step,
+                "step": self.num_steps,
                 "sigma_rels": list(self.sigma_rels),
                 "gammas": list(self.gammas),
                 "snapshot_every": self.snapshot_every,
                 "max_snapshots": self.max_snapshots,
                 "grid": grid,
-                "profiles": [_cpu_state(ema.module) for ema in self._profiles],
+                "profiles": [_cpu_state(module) for module in self._shadows.modules],
             },
             path,
         )
@@ -230,7 +236,7 @@ class PostHocEMA:
         """Take ``out_dir / "posthoc"`` as the folder when none was given, and check it before training."""
         if self.folder is None and getattr(state, "out_dir", None) is not None:
             self.folder = Path(state.out_dir) / "posthoc"
-        if self.step == 0:
+        if self.num_steps == 0:
             self._check_folder_is_free()
 
     def on_step_end(self, state) -> None:
@@ -238,7 +244,7 @@ class PostHocEMA:
 
     def on_fit_end(self, state) -> None:
         """Snapshot the final step, so that synthesis covers the end of training."""
-        if self.step:
+        if self.num_steps:
             self.snapshot()
 
     # -- after training -------------------------------------------------------------------------------------
@@ -290,14 +296,14 @@ class PostHocEMA:
         """Everything to resume bit-identically; loads with ``torch.load(..., weights_only=True)``."""
         return {
             "format": _FORMAT,
-            "step": self.step,
+            "num_steps": self.num_steps,
             "sigma_rels": list(self.sigma_rels),
             "snapshot_every": self.snapshot_every,
             "max_snapshots": self.max_snapshots,
             "grid": self._grid,
             "snapshots": list(self.snapshots),
             "folder": None if self.folder is None else str(self.folder),
-            "profiles": [ema.module.state_dict() for ema in self._profiles],
+            "profiles": [module.state_dict() for module in self._shadows.modules],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -310,11 +316,12 @@ class PostHocEMA:
             raise ValueError("Not a PostHocEMA state: expected the dict from PostHocEMA.state_dict().")
         try:
             sigma_rels = tuple(state["sigma_rels"])
-            step = _check_int("step", state["step"], minimum=0)
-            snapshot_every = _check_int("snapshot_every", state["snapshot_every"], minimum=1)
-            max_snapshots = _check_int("max_snapshots", state["max_snapshots"], minimum=2)
-            grid = _check_int("grid", state["grid"], minimum=1)
-            snapshots = [_check_int("snapshots", s, minimum=1) for s in state["snapshots"]]
+            counter = "num_steps" if "num_steps" in state else "step"  # "step" in states of ema_kit 0.1
+            step = _checks.check_int("num_steps", state[counter], minimum=0)
+            snapshot_every = _checks.check_int("snapshot_every", state["snapshot_every"], minimum=1)
+            max_snapshots = _checks.check_int("max_snapshots", state["max_snapshots"], minimum=2)
+            grid = _checks.check_int("grid", state["grid"], minimum=1)
+            snapshots = [_checks.check_int("snapshots", s, minimum=1) for s in state["snapshots"]]
             profiles, folder = state["profiles"], state["folder"]
         except KeyError as error:
             raise ValueError(
@@ -325,7 +332,9 @@ class PostHocEMA:
                 f"The state tracks sigma_rels {sigma_rels}, but this PostHocEMA tracks {self.sigma_rels}: "
                 f"build PostHocEMA(model, sigma_rels={sigma_rels}, ...) to resume it."
             )
-        expected = self._profiles[0].module.state_dict()
+        if not isinstance(profiles, list) or len(profiles) != len(self.sigma_rels):
+            raise ValueError(f"The PostHocEMA state holds no list of {len(self.sigma_rels)} profiles.")
+        expected = self._shadows.modules[0].state_dict()
         for profile in profiles:
             _check_same_model(profile, expected, "The PostHocEMA state")
         if self.folder is None and folder is not None:
@@ -339,13 +348,12 @@ class PostHocEMA:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self.step, self.snapshot_every, self.max_snapshots = step, snapshot_every, max_snapshots
+        self.num_steps, self.snapshot_every, self.max_snapshots = step, snapshot_every, max_snapshots
         self._grid = grid
         self.snapshots = [s for s in snapshots if s not in missing]
         with torch.no_grad():
-            for ema, profile in zip(self._profiles, profiles):
-                for key, tensor in ema.module.state_dict().items():
-                    tensor.copy_(profile[key])
+            for module, profile in zip(self._shadows.modules, profiles):
+                module.load_state_dict(profile)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, model: nn.Module, **options) -> PostHocEMA:
@@ -367,21 +375,21 @@ class PostHocEMA:
             max_snapshots=max(latest["max_snapshots"], len(steps)),
             **options,
         )
-        expected = tracker._profiles[0].module.state_dict()
+        expected = tracker._shadows.modules[0].state_dict()
+        for profile in latest["profiles"]:
+            _check_same_model(profile, expected, f"The snapshot {folder / _name(steps[-1])}")
         with torch.no_grad():
-            for ema, profile in zip(tracker._profiles, latest["profiles"]):
-                _check_same_model(profile, expected, f"The snapshot {folder / _name(steps[-1])}")
-                for key, tensor in ema.module.state_dict().items():
-                    tensor.copy_(profile[key])
-        tracker.step, tracker.snapshots, tracker._grid = steps[-1], steps, latest["grid"]
+            for module, profile in zip(tracker._shadows.modules, latest["profiles"]):
+                module.load_state_dict(profile)
+        tracker.num_steps, tracker.snapshots, tracker._grid = steps[-1], steps, latest["grid"]
         return tracker
 
     def __repr__(self) -> str:
         where = "no folder yet" if self.folder is None else str(self.folder)
         span = f" (steps {self.snapshots[0]}..{self.snapshots[-1]})" if self.snapshots else ""
         return (
-            f"PostHocEMA(sigma_rels={self.sigma_rels}, step={self.step}, {len(self.snapshots)} snapshots"
-            f"{span}, {_size(self.disk_bytes)} in {where})"
+            f"PostHocEMA(sigma_rels={self.sigma_rels}, num_steps={self.num_steps}, "
+            f"{len(self.snapshots)} snapshots{span}, {_size(self.disk_bytes)} in {where})"
         )
 
     # -- internals ------------------------------------------------------------------------------------------
@@ -407,7 +415,7 @@ class PostHocEMA:
                 f"{others[0]}..{others[-1]}). Give this PostHocEMA a new folder, delete those files, or "
                 "resume that run with load_state_dict(...) or PostHocEMA.from_folder(...)."
             )
-        per_snapshot = sum(_nbytes(ema.module) for ema in self._profiles)
+        per_snapshot = sum(map(_nbytes, self._shadows.modules))
         existing = next(p for p in [folder, *folder.parents] if p.exists())
         needed, free = per_snapshot * (self.max_snapshots + 1), shutil.disk_usage(existing).free
         if needed > free:
@@ -421,7 +429,7 @@ class PostHocEMA:
     def _at_step(self, at_step) -> int:
         if not self.snapshots:
             raise ValueError(
-                f"PostHocEMA has no snapshots yet (step {self.step}; the first is written at step "
+                f"PostHocEMA has no snapshots yet (step {self.num_steps}; the first is written at step "
                 f"{self.snapshot_every}, or call snapshot())."
             )
         if at_step is None:
@@ -485,7 +493,7 @@ class PostHocEMA:
                 f"{' ...' if len(missing) > 3 else ''}. Restore them (was the folder moved or cleaned?), "
                 "or rebuild the tracker from the files left: PostHocEMA.from_folder(folder, model)."
             )
-        expected = self._profiles[0].module.state_dict()
+        expected = self._shadows.modules[0].state_dict()
         total: dict[str, torch.Tensor] = {}
         index = 0
         for step, path in paths.items():
@@ -503,12 +511,12 @@ class PostHocEMA:
                 weight = float(synthesis.coefficients[index])
                 index += 1
                 for key, value in profile.items():
-                    if value.is_floating_point():
-                        term = value.double() * weight
+                    if _averaged(value):
+                        term = value.to(torch.complex128 if value.is_complex() else torch.float64) * weight
                         total[key] = term if key not in total else total[key].add_(term)
             latest = snapshot["profiles"][0]
         return {
-            key: total[key].to(value.dtype) if value.is_floating_point() else latest[key].clone()
+            key: total[key].to(value.dtype) if _averaged(value) else copy.deepcopy(latest[key])
             for key, value in expected.items()
         }
 
@@ -558,7 +566,6 @@ def scan(
         >>> table = scan(posthoc, model, lambda m: {"loss": (m(x) - y).square().mean().item()})
         >>> list(table.columns), len(table)
         (['sigma_rel', 'half_life', 'loss'], 9)
-        >>> figure = plot_scan(table, "loss", mode="min")
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -566,15 +573,15 @@ def scan(
         raise TypeError(f"score must be a function score(model) -> dict of metrics, got {score!r}.")
     if not isinstance(posthoc, PostHocEMA):
         posthoc = PostHocEMA.from_folder(posthoc, model)
-    live = unwrap(model)
-    _check_same_model(live.state_dict(), posthoc._profiles[0].module.state_dict(), "The model given to scan")
+    live = _checks.check_module("model", model)
+    _check_same_model(live.state_dict(), posthoc._shadows.modules[0].state_dict(), "The model given to scan")
     at_step = posthoc._at_step(at_step)
     if sigma_rels is None:
         sigma_rels = np.geomspace(*posthoc.reconstructable_range(at_step, max_residual), 9).tolist()
     syntheses = [posthoc._solve(float(s), None, at_step, max_residual) for s in sigma_rels]
     cache = {} if posthoc.disk_bytes <= SCAN_CACHE_BYTES else None
     with torch.no_grad():
-        original = {key: value.clone() for key, value in live.state_dict().items()}
+        original = copy.deepcopy(live.state_dict())
     training, rows = live.training, []
     try:
         for synthesis in syntheses:
@@ -590,52 +597,6 @@ def scan(
         live.load_state_dict(original)
         live.train(training)
     return pd.DataFrame(rows)
-
-
-def plot_scan(table: pd.DataFrame, metric: str, mode: str = "min") -> Figure:
-    """Plot ``metric`` against the EMA length from a ``scan`` table, with the best length marked.
-
-    ``mode`` says which is best: ``"min"`` (a loss) or ``"max"`` (an accuracy). Returns a matplotlib
-    Figure (shown by Jupyter when it is the cell's value; ``figure.savefig(path)`` writes it).
-    """
-    if not isinstance(table, pd.DataFrame) or not {"sigma_rel", "half_life"} <= set(table.columns):
-        raise ValueError(
-            "plot_scan takes the DataFrame that scan(...) returns (columns sigma_rel, half_life, metrics)."
-        )
-    metrics = [c for c in table.columns if c not in ("sigma_rel", "half_life")]
-    if metric not in metrics:
-        raise ValueError(f"metric must be one of the scanned metrics {metrics}, got {metric!r}.")
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' (lower is better) or 'max' (higher is better), got {mode!r}.")
-    if table[metric].isna().all():
-        raise ValueError(f"The scan holds no value of {metric!r} to plot.")
-    table = table.sort_values("sigma_rel")
-    best = table.loc[table[metric].idxmin() if mode == "min" else table[metric].idxmax()]
-    figure = NotebookFigure(figsize=(6.4, 4.0), layout="constrained")
-    axes = figure.add_subplot()
-    axes.plot(table["sigma_rel"], table[metric], "o-", color="C0", label=metric)
-    axes.axvline(best["sigma_rel"], color="C1", linestyle="--", linewidth=1)
-    axes.plot(
-        [best["sigma_rel"]],
-        [best[metric]],
-        "*",
-        color="C1",
-        markersize=14,
-        label=(
-            f"chosen: sigma_rel {best['sigma_rel']:.3g} (half-life {_steps(best['half_life'])} steps), "
-            f"{metric} {best[metric]:.4g}"
-        ),
-    )
-    axes.set_xscale("log")
-    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 0.04, not 4 x 10^-2
-    axes.xaxis.set_major_formatter(plain)
-    axes.xaxis.set_minor_formatter(plain)
-    axes.set_xlabel("EMA length, sigma_rel (log scale)")
-    axes.set_ylabel(metric)
-    better = "lower" if mode == "min" else "higher"
-    axes.set_title(f"Post-hoc EMA: {metric} by EMA length ({better} is better)")
-    axes.legend(loc="best", fontsize="small")
-    return figure
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -713,12 +674,22 @@ def _read_snapshot(path: Path, step: int) -> dict:
     return snapshot
 
 
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {key: value.detach().cpu() for key, value in module.state_dict().items()}
+def _averaged(value) -> bool:
+    """Whether synthesis combines this state-dict value; the rest (integers, extra state) is copied."""
+    return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+
+
+def _cpu_state(module: nn.Module) -> dict:
+    """The state dict on the CPU; modules' extra state (``get_extra_state``) as it is."""
+    return {
+        key: value.detach().cpu() if isinstance(value, torch.Tensor) else value
+        for key, value in module.state_dict().items()
+    }
 
 
 def _nbytes(module: nn.Module) -> int:
-    unique = {tensor.data_ptr(): tensor for tensor in module.state_dict().values()}  # tied weights once
+    tensors = [value for value in module.state_dict().values() if isinstance(value, torch.Tensor)]
+    unique = {tensor.data_ptr(): tensor for tensor in tensors}  # tied weights once
     return sum(tensor.numel() * tensor.element_size() for tensor in unique.values())
 
 
@@ -746,26 +717,20 @@ def _check_same_model(given, expected: dict, what: str) -> None:
 
 
 def _check_sigma_rel(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < SIGMA_REL_MAX:
+    sigma_rel = _checks.check_real(name, value)
+    if not 0 < sigma_rel < SIGMA_REL_MAX:
         raise ValueError(
             f"{name} must be a number between 0 and {SIGMA_REL_MAX:.4f} (a power-function EMA's relative "
             f"length; 0.05 to 0.2 is typical), got {value!r}."
         )
-    return float(value)
+    return sigma_rel
 
 
 def _check_sigma_rels(values) -> tuple[float, ...]:
-    if isinstance(values, (int, float, str, bytes)) or not isinstance(values, Sequence) or not values:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(
             f"sigma_rels must be a sequence of relative lengths such as (0.05, 0.10), got {values!r}."
         )
+    _checks.check_sequence("sigma_rels", values, "(0.05, 0.10)")
     checked = tuple(_check_sigma_rel(f"sigma_rels[{i}]", value) for i, value in enumerate(values))
-    if len(set(checked)) != len(checked):
-        raise ValueError(f"sigma_rels {checked} repeats a length: give each once.")
-    return checked
-
-
-def _check_int(name: str, value, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return value
+    return _checks.check_distinct("sigma_rels", checked)

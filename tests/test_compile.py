@@ -38,14 +38,16 @@ def test_compiled_ema_module_evaluates_like_eager_and_sees_every_later_update(mo
 
     def assert_compiled_matches_eager():
         with torch.no_grad():
-            expected = ema.module(x)
-            torch.testing.assert_close(compiled_ema(x), expected, rtol=1e-5, atol=1e-5)
+            x_in = x.to(ema.module[0].weight.dtype)
+            expected = ema.module(x_in)
+            torch.testing.assert_close(compiled_ema(x_in), expected, rtol=1e-5, atol=1e-5)
             return expected
 
     before = assert_compiled_matches_eager()
     train_steps(model, 2, lambda: ema.update(model), seed=1)  # updated in place
     assert not torch.allclose(assert_compiled_matches_eager(), before)
-    other, shadow = copy.deepcopy(model), ema.module[0].weight.data_ptr()
-    train_steps(other, 2, lambda: ema.update(other), seed=2)  # another model object: the EMA's
-    assert ema.module[0].weight.data_ptr() != shadow  # tensors are laid out again, in new memory
+    other, shadow = copy.deepcopy(model).double(), ema.module[0].weight.data_ptr()
+    train_steps(other, 2, lambda: ema.update(other), seed=2)  # another model object, in float64: the
+    assert ema.module[0].weight.data_ptr() != shadow  # EMA's tensors are laid out again, in new memory
+    assert ema.module[0].weight.dtype == torch.float64
     assert_compiled_matches_eager()

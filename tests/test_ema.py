@@ -96,11 +96,17 @@ def test_decay_from_half_life_halves_the_weight_after_that_many_steps():
         {"steps": 10, "epochs": 1, "steps_per_epoch": 5},
         {"epochs": 1},
         {"epochs": 1, "steps_per_epoch": 0},
-        {"steps": "100"},
+        {"steps": 1e300},  # its decay rounds to 1.0: an EMA that never moves
     ],
 )
-def test_decay_from_half_life_rejects_bad_input(kwargs):
+def test_decay_from_half_life_rejects_bad_values(kwargs):
     with pytest.raises(ValueError, match="half-life|steps_per_epoch"):
+        decay_from_half_life(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"steps": "100"}, {"steps": True}, {"epochs": 1, "steps_per_epoch": 2.5}])
+def test_decay_from_half_life_rejects_bad_types(kwargs):
+    with pytest.raises(TypeError, match="steps|steps_per_epoch"):
         decay_from_half_life(**kwargs)
 
 
@@ -175,13 +181,15 @@ def test_dtype_option_sets_the_shadow_precision(model):
     assert ema.module.state_dict()["1.num_batches_tracked"].dtype == torch.int64
 
 
-def test_shadow_is_one_flat_buffer_per_dtype_and_nothing_is_allocated_per_step(model):
+def test_shadow_is_one_copy_of_the_weights_and_nothing_is_allocated_per_step(model):
     ema = ModelEMA(model, warmup=False)
-    tensors = list(ema.module.state_dict().values())
-    storages = {t.untyped_storage().data_ptr() for t in tensors}
-    assert len(storages) == 2  # one float32 buffer, one int64 buffer: a single shadow copy
-    floats = [t for t in tensors if t.is_floating_point()]
-    assert floats[0].untyped_storage().nbytes() == sum(t.numel() for t in floats) * 4
+    shadow, live = ema.module.state_dict(), model.state_dict()
+    assert {t.untyped_storage().data_ptr() for t in shadow.values()}.isdisjoint(
+        t.untyped_storage().data_ptr() for t in live.values()
+    )
+    assert sum(t.untyped_storage().nbytes() for t in shadow.values()) == sum(
+        t.untyped_storage().nbytes() for t in live.values()
+    )
     train_steps(model, 1)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for _ in range(3):
@@ -274,7 +282,7 @@ def test_model_of_another_shape_is_a_clear_error_and_the_ema_is_kept(model):
     ema = ModelEMA(model)
     before = copy.deepcopy(ema.state_dict())
     with pytest.raises(
-        ValueError, match=r"shape mismatch.*9\.weight: \(5, 64\) vs \(10, 64\).*new ModelEMA"
+        ValueError, match=r"shape mismatch.*9\.weight: \(5, 64\) vs \(10, 64\).*build a new EMA"
     ):
         ema.update(small_cnn(num_classes=5))
     with pytest.raises(ValueError, match="missing"):
@@ -456,9 +464,15 @@ def test_non_finite_weights_propagate_when_not_skipping(model):
 # -- bad input -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("decay", [1.0, 1.5, -0.1, float("nan"), True, "0.999", None])
-def test_bad_decay_names_the_argument_and_the_fix(model, decay):
+@pytest.mark.parametrize("decay", [1.0, 1.5, -0.1, float("nan")])
+def test_bad_decay_value_names_the_argument_and_the_fix(model, decay):
     with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\).*decay_from_half_life"):
+        ModelEMA(model, decay=decay)
+
+
+@pytest.mark.parametrize("decay", [True, "0.999", None])
+def test_decay_of_another_type_is_a_type_error(model, decay):
+    with pytest.raises(TypeError, match=r"decay must be a number.*decay_from_half_life"):
         ModelEMA(model, decay=decay)
 
 
@@ -467,8 +481,11 @@ def test_bad_decay_names_the_argument_and_the_fix(model, decay):
     [
         ({"update_every": 0}, ValueError, "update_every must be an int >= 1"),
         ({"update_after_step": -1}, ValueError, "update_after_step must be an int >= 0"),
-        ({"update_every": 2.5}, ValueError, "update_every"),
-        ({"buffers": "mean"}, ValueError, "buffers must be 'average' or 'copy'"),
+        ({"update_every": 2.5}, TypeError, "update_every must be an int"),
+        ({"buffers": "mean"}, ValueError, r"buffers must be one of \('average', 'copy'\)"),
+        ({"buffers": None}, TypeError, "buffers must be one of"),
+        ({"device": 1.5}, TypeError, "device must be"),
+        ({"device": "cuda:99"}, ValueError, "device must be a device this machine has"),
         ({"dtype": torch.int64}, TypeError, "dtype must be a floating-point"),
         ({"warmup": "yes"}, TypeError, "warmup must be True or False"),
         ({"skip_non_finite": 1}, TypeError, "skip_non_finite must be True or False"),
@@ -505,5 +522,166 @@ def test_numpy_numbers_and_cpu_0_are_accepted(model):
     import numpy as np
 
     ema = ModelEMA(model, decay=np.float32(0.5), update_every=np.int64(2), device="cpu:0", warmup=False)
-    assert isinstance(ema.update_every, int) and ema.device == torch.device("cpu")
-    assert not ema._plan._groups[0]._remote  # the shadow sits beside the model, not on a "remote" device
+    assert isinstance(ema.update_every, int) and isinstance(ema.decay, float)
+    assert ema.device == torch.device("cpu")  # where CPU tensors live: the shadow sits beside the model
+    assert {t.device for t in ema.module.state_dict().values()} == {torch.device("cpu")}
+
+
+# -- the model changed after building ------------------------------------------------------------------
+
+
+def test_submodule_replaced_by_one_of_the_same_shape_is_followed(model):
+    ema, reference = ModelEMA(model, decay=0.9, warmup=False), ReferenceEMA(model)
+    train_steps(model, 2, lambda: (ema.update(model), reference.update(model, 0.9)))
+    model[7] = nn.Linear(16 * 4 * 4, 64)  # a fresh layer: the EMA must average it, not the detached one
+    train_steps(model, 3, lambda: (ema.update(model), reference.update(model, 0.9)), seed=1)
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+
+
+def change(model: nn.Module, how: str) -> None:
+    if how == "another shape":
+        model[9] = nn.Linear(64, 5)
+    elif how == "appended":
+        model.append(nn.Linear(10, 3))
+    elif how == "deleted":
+        del model[9]
+    elif how == "parameter deleted":
+        del model[7].bias
+    elif how == "buffer shrunk in place":
+        model[1].running_mean.resize_(4)
+    else:
+        model[1].running_var.resize_(4096)  # grown in place: new memory
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "another shape",
+        "appended",
+        "deleted",
+        "parameter deleted",
+        "buffer shrunk in place",
+        "buffer grown in place",
+    ],
+)
+def test_layout_changed_after_building_is_a_clear_error_at_the_next_update(model, how):
+    ema = ModelEMA(model)
+    train_steps(model, 2, lambda: ema.update(model))
+    before = copy.deepcopy(ema.state_dict())
+    change(model, how)
+    with pytest.raises(ValueError, match="does not match the model this EMA was built for.*undo the change"):
+        ema.update(model)
+    after = ema.state_dict()
+    assert after["num_steps"] == before["num_steps"] == 2
+    assert all(torch.equal(v, before["weights"][k]) for k, v in after["weights"].items())
+
+
+def test_a_module_without_weights_appended_is_followed(model):
+    ema, reference = ModelEMA(model, decay=0.9, warmup=False), ReferenceEMA(model)
+    model.append(nn.Identity())  # the averaged tensors are the same
+    train_steps(model, 3, lambda: (ema.update(model), reference.update(model, 0.9)))
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+
+
+# -- what an EMA holds --------------------------------------------------------------------------------
+
+
+class Scaled(nn.Module):
+    """A layer with extra state (a dict), as quantization observers and some norms keep."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.config = {"scale": 2.0, "calls": 0}
+
+    def forward(self, x):
+        self.config["calls"] += 1
+        return self.linear(x) * self.config["scale"]
+
+    def get_extra_state(self):
+        return dict(self.config)
+
+    def set_extra_state(self, state):
+        self.config = dict(state)
+
+
+def test_extra_state_is_copied_saved_and_resumed(tmp_path):
+    torch.manual_seed(0)
+    model = Scaled()
+    ema = ModelEMA(model, decay=0.5, warmup=False)
+    model(torch.ones(1, 4))
+    model.config["scale"] = 3.0
+    ema.update(model)
+    assert ema.module.config == {"scale": 3.0, "calls": 1}  # copied, not averaged
+    torch.save(ema.state_dict(), tmp_path / "ema.pth")
+    resumed = ModelEMA(Scaled(), decay=0.9)
+    resumed.load_state_dict(torch.load(tmp_path / "ema.pth", weights_only=True))
+    assert resumed.module.config == ema.module.config and resumed.num_steps == 1
+    assert torch.equal(resumed.module.linear.weight, ema.module.linear.weight)
+    fresh = Scaled()
+    fresh.load_state_dict(torch.load(ema.save(tmp_path / "model_ema.pth"), weights_only=True))
+    assert fresh.config == ema.module.config
+    with pytest.raises(ValueError, match=r"extra state.*safetensors.*\.pth"):
+        ema.save(tmp_path / "model_ema.safetensors")
+
+
+def test_fit_with_out_dir_saves_a_model_with_extra_state(tmp_path):
+    from ema_kit import fit
+
+    torch.manual_seed(0)
+    model = Scaled()
+    data = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(3)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    fit(model, data, data, epochs=2, optimizer=optimizer, ema=0.9, out_dir=tmp_path, progress="off")
+    weights = torch.load(tmp_path / "model_ema.pth", weights_only=True)
+    assert weights["_extra_state"]["calls"] == model.config["calls"]
+
+
+def test_complex_parameters_are_averaged_like_complex128():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.weight = nn.Parameter(torch.randn(3, 4, dtype=torch.complex64))
+    ema = ModelEMA(model, decay=0.8, warmup=False)
+    reference = model.weight.detach().to(torch.complex128, copy=True)
+    for _ in range(5):
+        with torch.no_grad():
+            model.weight.add_(torch.randn(3, 4, dtype=torch.complex64))
+        ema.update(model)
+        reference = 0.8 * reference + 0.2 * model.weight.detach().to(torch.complex128)
+    assert ema.module.weight.dtype == torch.complex64
+    assert (ema.module.weight.to(torch.complex128) - reference).abs().max() < 1e-5
+    assert not torch.equal(ema.module.weight, model.weight)  # averaged, not copied
+
+
+def test_model_on_meta_is_refused_at_construction():
+    with torch.device("meta"):
+        model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"weight is on the meta device.*to_empty"):
+        ModelEMA(model)
+
+
+def test_sparse_tensor_is_a_clear_error():
+    model = nn.Linear(2, 2)
+    model.register_buffer("mask", torch.eye(2).to_sparse())
+    with pytest.raises(ValueError, match="mask is a torch.sparse_coo tensor.*dense"):
+        ModelEMA(model)
+
+
+def test_load_state_with_a_sparse_tensor_fails_before_changing_anything(model):
+    ema = ModelEMA(model, decay=0.9)
+    train_steps(model, 2, lambda: ema.update(model))
+    state = copy.deepcopy(ema.state_dict())
+    state["weights"]["0.weight"] = state["weights"]["0.weight"].to_sparse()
+    state["settings"]["decay"], state["num_steps"] = 0.5, 99
+    with pytest.raises(ValueError, match=r"\['0\.weight'\] are not dense tensors"):
+        ema.load_state_dict(state)
+    assert ema.decay == 0.9 and ema.num_steps == 2
+
+
+def test_buffer_cast_without_its_module_s_parameters_is_followed(model):
+    model[1].running_mean = model[1].running_mean.double()
+    ema, reference = ModelEMA(model, decay=0.9, warmup=False), ReferenceEMA(model)
+    model.float()  # puts a new running_mean object in the buffer dict, leaves every parameter as it was
+    train_steps(model, 3, lambda: (ema.update(model), reference.update(model, 0.9)))
+    assert ema.module[1].running_mean.dtype == torch.float32
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6

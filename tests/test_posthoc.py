@@ -180,7 +180,9 @@ def test_disk_bytes_and_repr_report_the_snapshots(tmp_path):
     _, posthoc = trained_tracker(tmp_path, steps=20)
     sizes = sum(path.stat().st_size for path in tmp_path.glob("snapshot-*.pth"))
     assert posthoc.disk_bytes == sizes > 0
-    assert repr(posthoc).startswith("PostHocEMA(sigma_rels=(0.05, 0.1), step=20, 4 snapshots (steps 5..20), ")
+    assert repr(posthoc).startswith(
+        "PostHocEMA(sigma_rels=(0.05, 0.1), num_steps=20, 4 snapshots (steps 5..20), "
+    )
     assert str(tmp_path) in repr(posthoc) and " KB in " in repr(posthoc)
 
 
@@ -196,10 +198,33 @@ def test_resume_from_state_dict_is_bit_identical(tmp_path):
     resumed.load_state_dict(torch.load(tmp_path / "state.pth", weights_only=True))
     train_steps(model, 20, lambda: posthoc.update(model), seed=1)
     train_steps(resumed_model, 20, lambda: resumed.update(resumed_model), seed=1)
-    assert resumed.snapshots == posthoc.snapshots and resumed.step == 43
+    assert resumed.snapshots == posthoc.snapshots and resumed.num_steps == 43
     for a, b in zip(posthoc.profiles.values(), resumed.profiles.values()):
         assert max_error(a.state_dict(), b.state_dict()) == 0.0
     assert max_error(resumed.synthesize(0.07), posthoc.synthesize(0.07)) == 0.0
+
+
+def test_a_state_saved_with_the_old_counter_name_loads(tmp_path):
+    model, posthoc = trained_tracker(tmp_path, steps=12)
+    state = posthoc.state_dict()
+    state["step"] = state.pop("num_steps")  # as ema_kit 0.1 saved it
+    resumed = PostHocEMA(small_cnn(), snapshot_every=1, folder=tmp_path)
+    resumed.load_state_dict(state)
+    assert resumed.num_steps == resumed.step == 12
+
+
+def test_numpy_arguments_are_numbers(tmp_path):
+    import numpy as np
+
+    posthoc = PostHocEMA(nn.Linear(2, 2), sigma_rels=(np.float32(0.05), 0.1), snapshot_every=np.int64(4))
+    assert posthoc.snapshot_every == 4 and type(posthoc.sigma_rels[0]) is float
+
+
+def test_profiles_is_a_read_only_mapping_like_multi_ema_emas(tmp_path):
+    _, posthoc = trained_tracker(tmp_path, steps=4)
+    assert list(posthoc.profiles) == [0.05, 0.10]
+    with pytest.raises(TypeError):
+        posthoc.profiles[0.2] = nn.Linear(2, 2)
 
 
 def test_load_state_drops_snapshots_gone_from_the_folder_with_a_warning(tmp_path):
@@ -287,7 +312,6 @@ def test_a_length_outside_what_the_snapshots_reconstruct_is_a_clear_error(run):
     [
         ({"sigma_rel": 0.0}, "sigma_rel must be a number between 0 and 0.2887"),
         ({"sigma_rel": 0.3}, "sigma_rel must be a number between 0 and 0.2887"),
-        ({"sigma_rel": "0.1"}, "sigma_rel must be"),
         ({}, "either as sigma_rel.*or as half_life"),
         ({"sigma_rel": 0.1, "half_life": 10}, "not both"),
         ({"half_life": STEPS}, "half_life must be a number of steps between 0 and"),
@@ -298,6 +322,11 @@ def test_a_length_outside_what_the_snapshots_reconstruct_is_a_clear_error(run):
 def test_bad_synthesis_arguments_are_clear_errors(run, kwargs, message):
     with pytest.raises(ValueError, match=message):
         run.posthoc.synthesize(**kwargs)
+
+
+def test_a_synthesis_length_of_another_type_is_a_type_error(run):
+    with pytest.raises(TypeError, match="sigma_rel must be a number, got '0.1'"):
+        run.posthoc.synthesize("0.1")
 
 
 def test_synthesis_without_snapshots_is_a_clear_error(tmp_path):
@@ -360,6 +389,9 @@ def test_load_state_of_another_model_or_lengths_is_a_clear_error_and_changes_not
         ({"sigma_rels": (0.05, 0.5)}, ValueError, r"sigma_rels\[1\] must be a number between 0 and"),
         ({"snapshot_every": 0}, ValueError, "snapshot_every must be an int >= 1"),
         ({"max_snapshots": 1}, ValueError, "max_snapshots must be an int >= 2"),
+        ({"snapshot_every": 2.5}, TypeError, "snapshot_every must be an int"),
+        ({"sigma_rels": (0.05, "0.1")}, TypeError, r"sigma_rels\[1\] must be a number"),
+        ({"buffers": "mean"}, ValueError, "buffers must be one of"),
     ],
 )
 def test_bad_tracker_arguments_are_clear_errors(kwargs, error, message):
@@ -461,3 +493,41 @@ def test_the_longest_length_is_the_plain_average_of_every_step():
         warnings.simplefilter("error")
         assert sigma_rel_from_gamma(0.0) == pytest.approx(SIGMA_REL_MAX, rel=1e-12)  # gamma 0: equal weights
         assert gamma_from_sigma_rel(SIGMA_REL_MAX * (1 - 1e-9)) == pytest.approx(0.0, abs=1e-6)
+
+
+class ComplexWithExtra(nn.Module):
+    """A complex weight and extra state (a dict), next to a plain linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+        self.phase = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+        self.config = {"calls": 0}
+
+    def get_extra_state(self):
+        return dict(self.config)
+
+    def set_extra_state(self, state):
+        self.config = dict(state)
+
+
+def test_complex_weights_are_synthesized_and_extra_state_is_carried(tmp_path):
+    torch.manual_seed(0)
+    model = ComplexWithExtra()
+    posthoc = PostHocEMA(model, snapshot_every=5, folder=tmp_path)
+    reference = {0.05: None, 0.10: None}
+    for t in range(1, 41):
+        with torch.no_grad():
+            model.phase.add_(torch.randn(4, dtype=torch.complex64) * 0.1)
+        model.config["calls"] = t
+        posthoc.update(model)
+        for sigma_rel, gamma in zip(posthoc.sigma_rels, posthoc.gammas):
+            live = model.phase.detach().to(torch.complex128)
+            weight = 1.0 if t == 1 else 1 - (1 - 1 / t) ** (gamma + 1)
+            previous = live if reference[sigma_rel] is None else reference[sigma_rel]
+            reference[sigma_rel] = previous + weight * (live - previous)
+    assert (posthoc.profiles[0.10].phase.to(torch.complex128) - reference[0.10]).abs().max() < 1e-5
+    synthesized = posthoc.synthesize(0.10)
+    assert synthesized["phase"].dtype == torch.complex64
+    assert (synthesized["phase"] - posthoc.profiles[0.10].phase).abs().max() < 1e-5
+    assert synthesized["_extra_state"] == {"calls": 40}

@@ -1,0 +1,402 @@
+"""Shadows: K averaged copies ("sets") of one live model's weights, kept bound to the model as it changes.
+
+``ModelEMA`` (K = 1), ``MultiEMA`` (one set per decay) and ``PostHocEMA`` (one per profile) each hold one
+``Shadows`` and keep only their schedule: which weight each set blends in at a step.
+
+The update is the plain multi-tensor idiom: tensor lists built once per ``(device, dtype)``, then one
+``torch._foreach_lerp_`` (``_foreach_copy_`` for integer buffers) per list, for all K sets at once (each
+live tensor is paired with its K shadows in turn, with a list of K weights).
+
+Before each update, ``follow(model)`` checks that the lists still point at the model's tensors. The check
+is cheap: a global counter of module, parameter and buffer registrations anywhere in the process (torch's
+registration hooks; assignments such as ``model[0] = nn.Linear(4, 8)`` or ``load_state_dict(assign=True)``
+bump it), the number of the model's submodules (a deletion fires no hook), and each tensor's address,
+looked up in its module (``.to()``, casts, ``.data`` swaps change it), and the shape of each tensor that
+can be resized in place.
+When any of them changed, the model is walked again: the shadows rebind to its current tensors, or an
+error names what no longer matches.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
+
+from ._checks import check_module
+from ._tensors import Slot, layout_mismatch, saved_slots
+
+INTERLEAVE_FROM = 16_384  # elements: with several sets, smaller tensors take one op per set (see _plan)
+_registrations = 0  # module/parameter/buffer assignments in this process, on any module
+
+
+def _count_registration(*_) -> None:
+    global _registrations
+    _registrations += 1
+
+
+for _register in (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+    register_module_buffer_registration_hook,
+):
+    _register(_count_registration)
+
+
+class Shadows:
+    """``count`` shadow sets of ``model``'s parameters and persistent buffers, each held in ``modules[k]``.
+
+    Each ``modules[k]`` is a copy of the model in eval mode without gradients whose tensors are set k's
+    shadows. Floating-point and complex tensors are averaged (buffers only when ``average_buffers``);
+    the rest (integer counters) and modules' extra state (``get_extra_state``) are copied at each update.
+
+    Args:
+        model: the live model (wrappers looked through).
+        count: the number of shadow sets.
+        average_buffers: average floating-point buffers like weights, or copy them.
+        dtype: the shadows' floating-point dtype; by default float32 for lower-precision weights, else the
+            weight's own (complex weights take the matching complex dtype).
+        device: where the shadows live; None follows the model's device.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> shadows = Shadows(model, 2, average_buffers=True, dtype=None, device=None)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.fill_(1.0)
+        >>> shadows.follow(model)
+        >>> shadows.blend([0.5, None])  # set 0 moves halfway to the weights, set 1 stays
+        >>> bool((shadows.modules[0].weight - model.weight).abs().max() < 1)
+        True
+    """
+
+    def __init__(self, model: nn.Module, count: int, *, average_buffers: bool, dtype, device):
+        self.average_buffers, self.dtype, self.device = average_buffers, dtype, device
+        live = check_module("model", model)
+        slots = _checked_slots(live, "The model")
+        if not any(_averageable(slot.tensor) for slot in slots):
+            raise ValueError(f"{type(live).__name__} has no floating-point parameters or buffers to average.")
+        self.modules: list[nn.Module] = []
+        for _ in range(count):
+            with torch.no_grad():
+                memo = {id(slot.tensor): self._new_shadow(slot.tensor, slot.tensor) for slot in slots}
+            try:
+                module = copy.deepcopy(live, memo)
+            except Exception as error:
+                raise TypeError(
+                    f"The EMA copies the model with copy.deepcopy, which failed for {type(live).__name__}: "
+                    f"{error}"
+                ) from error
+            self.modules.append(module.eval().requires_grad_(False))
+        self._bind(model)
+
+    # -- the update -----------------------------------------------------------------------------------
+
+    def follow(self, model: nn.Module) -> None:
+        """Bind to ``model``'s current tensors when it is another object or has changed since the last call.
+
+        Raises ValueError, before anything changes, when its layout no longer matches the shadows.
+        """
+        try:
+            changed = (
+                model is not self._model
+                or _registrations != self._registrations
+                or sum(map(len, self._children)) != self._entries
+                or _addresses(self._holders, self._names) != self._addresses
+                or list(map(Tensor.size, self._resizable)) != self._shapes
+            )
+        except KeyError:  # a parameter or buffer was deleted
+            changed = True
+        if changed:
+            self._bind(model)
+
+    def blend(self, weights: list[float | None]) -> None:
+        """One step per set: ``shadow += weights[k] * (live - shadow)``; 1.0 copies; None leaves the set.
+
+        Tensors that are not averaged are copied into every set that is not left alone.
+        """
+        if None not in weights and 1.0 not in weights:
+            self._stage()
+            if weights != self._weights:  # a list per op pairs each live tensor's K shadows with K weights
+                self._weights = list(weights)
+                self._weight_lists = [
+                    list(weights) * (len(lives) // len(weights)) for _, lives in self._lerps
+                ]
+            # The small copies first, while follow() has just brought their tensors' metadata into cache:
+            # after the lerp has streamed the weights through it they cost 3% of a ResNet-50 step, not 0.3%.
+            for shadows, lives in self._copies:
+                torch._foreach_copy_(shadows, lives)
+            for (shadows, lives), per_tensor in zip(self._lerps, self._weight_lists):
+                torch._foreach_lerp_(shadows, lives, weights[0] if len(weights) == 1 else per_tensor)
+            for pairs, weight in zip(self._small_lerps, weights):
+                for shadows, lives in pairs:
+                    torch._foreach_lerp_(shadows, lives, weight)
+            for pairs, weight in zip(self._casts, weights):  # mul_ and add_ convert dtypes inside
+                for shadows, lives in pairs:
+                    torch._foreach_mul_(shadows, 1.0 - weight)
+                    torch._foreach_add_(shadows, lives, alpha=weight)
+            if self._extra:
+                self._copy_extra_state(range(len(weights)))
+        elif all(w == 1.0 for w in weights):
+            self.copy()
+        else:  # the sets' schedules differ at this step
+            self._stage()
+            for k, weight in enumerate(weights):
+                if weight is not None:
+                    self._blend_set(k, weight)
+
+    def copy(self) -> None:
+        """Make every set an exact copy of the live weights (also mends a shadow holding NaN)."""
+        self._stage()
+        per_set = [pair for pairs in self._small_lerps + self._casts for pair in pairs]
+        for shadows, lives in self._copies + self._lerps + per_set:
+            torch._foreach_copy_(shadows, lives)
+        self._copy_extra_state(range(len(self.modules)))
+
+    def all_finite(self) -> bool:
+        """Whether every averaged live tensor is free of NaN and Inf (one sync per device on a GPU)."""
+        return all(
+            bool(
+                torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))]).isfinite().all()
+            )
+            for tensors in self._finite_checks
+        )
+
+    # -- other uses of the live model -----------------------------------------------------------------
+
+    def pair(self, model: nn.Module, k: int) -> tuple[list[Tensor], list[Tensor]]:
+        """``model``'s tensors and set k's, matched by key, for copying one into the other."""
+        live = check_module("model", model)
+        lives = {slot.key: slot.tensor.detach() for slot in _checked_slots(live, "The model")}
+        shadows = {slot.key: slot.tensor for slot in saved_slots(self.modules[k])}
+        _check_layout(lives, shadows)
+        return [lives[key] for key in shadows], list(shadows.values())
+
+    def relayout(self, *, average_buffers: bool, dtype) -> None:
+        """Apply restored settings: the averaged buffers and the shadow dtype (values kept, then cast)."""
+        self.average_buffers, self.dtype = average_buffers, dtype
+        self._bind(self._model)
+
+    # -- binding ----------------------------------------------------------------------------------------
+
+    def _bind(self, model: nn.Module) -> None:
+        """Point the update lists at ``model``'s tensors, laying the shadows out for them where needed."""
+        live = check_module("model", model)
+        slots = _checked_slots(live, "The model")
+        lives = {slot.key: slot for slot in slots}
+        sets = [{slot.key: slot for slot in saved_slots(module)} for module in self.modules]
+        _check_layout({k: s.tensor for k, s in lives.items()}, {k: s.tensor for k, s in sets[0].items()})
+        with torch.no_grad():  # keep the EMA's values; only where and how they are laid out may change
+            for shadow_slots in sets:
+                for key, slot in shadow_slots.items():
+                    live_tensor, shadow = lives[key].tensor, slot.tensor
+                    if _layout(shadow) != self._layout_for(live_tensor):
+                        _replace(slot, self._new_shadow(live_tensor, shadow))
+        self._plan(live, slots, sets)
+        self._model = model
+        self._registrations = _registrations
+        # A deleted submodule fires no hook: its parent's dict of children shrinks (only a dict with entries
+        # can). A deleted parameter or buffer is missing when its address is looked up.
+        self._children = [m._modules for m in live.modules() if m._modules]
+        self._entries = sum(map(len, self._children))
+        # Looked up in their dicts: .to() and .float() put new buffer objects there, without a hook.
+        # One shadow per set is watched too: a set moved or cast by hand (ema.module.half()) is laid out anew.
+        first = next(slot.key for slot in slots if _averageable(slot.tensor))
+        watched = slots + [shadow_slots[first] for shadow_slots in sets]
+        self._holders, self._names = [s.holder for s in watched], [s.name for s in watched]
+        self._addresses = _addresses(self._holders, self._names)
+        lives = [slot.tensor for slot in slots]
+        # resize_ keeps the address when it shrinks; torch refuses it on tensors that require grad.
+        self._resizable = [tensor for tensor in lives if not tensor.requires_grad]
+        self._shapes = list(map(Tensor.size, self._resizable))
+
+    def _plan(self, live: nn.Module, slots: list[Slot], sets: list[dict]) -> None:
+        """Build the op lists: live tensors grouped by kind, device and dtypes, each with its K shadows."""
+        k = len(sets)
+        sources = [slot.tensor.detach() for slot in slots]  # what the ops read: the live tensor or its stage
+        # Plain tensors in the op lists: a list holding Parameters costs a subclass check per element.
+        shadows = [[shadow_slots[slot.key].tensor.detach() for shadow_slots in sets] for slot in slots]
+        remote: dict[tuple, list[int]] = {}  # an EMA kept on another device than the model: staged
+        for i, (source, (shadow, *_)) in enumerate(zip(sources, shadows)):
+            if source.device != shadow.device:
+                remote.setdefault((source.device, source.dtype, shadow.device), []).append(i)
+        self._stages = []
+        for (_, _, device), members in remote.items():
+            stage = _Stage([sources[i] for i in members], device)
+            self._stages.append(stage)
+            for i, view in zip(members, stage.views):
+                sources[i] = view
+        groups: dict[tuple, list[int]] = {}
+        for i, slot in enumerate(slots):
+            source, shadow = sources[i], shadows[i][0]
+            kind = "copy" if not self._averaged(slot) else "lerp" if source.dtype == shadow.dtype else "cast"
+            # With several sets, a big tensor is read once for all of them: one op pairs it with its K
+            # shadows in turn (a list of K weights). Small ones cost their launch more than their bytes, and
+            # a weight list costs more per tensor than one weight: one op per set (benchmarks/ema_update.py,
+            # several-decays table: 3 sets of the tiny CNN cost 2.45x one set per set, 2.8x interleaved;
+            # ResNet-50 2.9x per set, 2.5x interleaved).
+            if kind == "lerp" and k > 1 and source.numel() < INTERLEAVE_FROM:
+                kind = "small lerp"
+            groups.setdefault((kind, shadow.device, shadow.dtype, source.dtype), []).append(i)
+
+        def of(kind: str, sets: range) -> list[tuple[list[Tensor], list[Tensor]]]:
+            # Each live tensor is read once per op, paired with the shadows of ``sets`` in turn.
+            return [
+                ([shadows[i][j] for i in members for j in sets], [sources[i] for i in members for _ in sets])
+                for (group_kind, *_), members in groups.items()
+                if group_kind == kind
+            ]
+
+        every = range(k)
+        self._lerps, self._copies = of("lerp", every), of("copy", every)
+        self._small_lerps = [of("small lerp", range(j, j + 1)) for j in every]
+        # lerp_ needs equal dtypes, and add_'s alpha is one number per op: casts take one op pair per set.
+        self._casts = [of("cast", range(j, j + 1)) for j in every]
+        self._per_set = [
+            {kind: of(kind, range(j, j + 1)) for kind in ("copy", "lerp", "small lerp", "cast")}
+            for j in every
+        ]
+        self._weights: list = []
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for slot in slots:
+            tensor = slot.tensor.detach()
+            if self._averaged(slot) and tensor.numel():
+                by_device.setdefault(tensor.device, []).append(tensor)
+        self._finite_checks = list(by_device.values())
+        own = nn.Module.get_extra_state
+        self._extra = [
+            (name, module)
+            for name, module in live.named_modules()
+            if getattr(type(module), "get_extra_state", own) is not own
+        ]
+
+    def _blend_set(self, j: int, weight: float) -> None:
+        lists = self._per_set[j]
+        for shadows, lives in sum(lists.values(), []) if weight == 1.0 else lists["copy"]:
+            torch._foreach_copy_(shadows, lives)
+        if weight != 1.0:
+            for shadows, lives in lists["lerp"] + lists["small lerp"]:
+                torch._foreach_lerp_(shadows, lives, weight)
+            for shadows, lives in lists["cast"]:
+                torch._foreach_mul_(shadows, 1.0 - weight)
+                torch._foreach_add_(shadows, lives, alpha=weight)
+        self._copy_extra_state([j])
+
+    def _stage(self) -> None:
+        for stage in self._stages:
+            stage.fill()
+
+    def _copy_extra_state(self, sets) -> None:
+        for name, module in self._extra:
+            state = module.get_extra_state()
+            for j in sets:
+                self.modules[j].get_submodule(name).set_extra_state(copy.deepcopy(state))
+
+    # -- placement ------------------------------------------------------------------------------------
+
+    def _averaged(self, slot: Slot) -> bool:
+        tensor = slot.tensor
+        return _averageable(tensor) and (isinstance(tensor, nn.Parameter) or self.average_buffers)
+
+    def _placement(self, live: Tensor) -> tuple[torch.device, torch.dtype]:
+        """Where and in which dtype ``live``'s shadows live."""
+        dtype = live.dtype
+        if live.is_floating_point():
+            dtype = self.dtype or torch.promote_types(dtype, torch.float32)
+        elif live.is_complex():
+            dtype = (self.dtype or torch.promote_types(dtype.to_real(), torch.float32)).to_complex()
+        return self.device or live.device, dtype
+
+    def _layout_for(self, live: Tensor) -> tuple:
+        device, dtype = self._placement(live)
+        return _layout(torch.empty_like(live, dtype=dtype, device="meta"), device)
+
+    def _new_shadow(self, live: Tensor, value: Tensor) -> Tensor:
+        """A shadow for ``live``: its shape and memory layout, the EMA's device and dtype, ``value``."""
+        device, dtype = self._placement(live)
+        shadow = torch.empty_like(live, dtype=dtype, device=device, requires_grad=False)
+        shadow.copy_(value.detach())
+        return nn.Parameter(shadow, requires_grad=False) if isinstance(live, nn.Parameter) else shadow
+
+
+def _layout(tensor: Tensor, device: torch.device | None = None) -> tuple:
+    """What a shadow must share with the one its live tensor calls for: device, dtype, shape, strides."""
+    return (device or tensor.device, tensor.dtype, tuple(tensor.shape), tensor.stride())
+
+
+class _Stage:
+    """Live tensors on one device, copied each step into one buffer on the shadows' device.
+
+    An EMA kept in CPU memory for a CUDA model stages through pinned memory with non-blocking copies (one
+    ``_foreach_copy_``, then one wait for the stream), rather than one synchronous copy per tensor. The
+    buffer holds one copy of those weights in their own dtype.
+    """
+
+    def __init__(self, lives: list[Tensor], device: torch.device):
+        self._lives = lives
+        source = lives[0].device
+        self._pinned = device.type == "cpu" and source.type == "cuda"
+        flat = torch.empty(
+            sum(t.numel() for t in lives), dtype=lives[0].dtype, device=device, pin_memory=self._pinned
+        )
+        starts = [0]
+        for t in lives:
+            starts.append(starts[-1] + t.numel())
+        self.views = [flat[a:b].view(t.shape) for t, a, b in zip(lives, starts, starts[1:])]
+        self._source = source
+
+    def fill(self) -> None:
+        torch._foreach_copy_(self.views, self._lives, non_blocking=self._pinned)
+        if self._pinned:  # the CPU reads the buffer next: wait for the copies queued on the GPU
+            torch.cuda.current_stream(self._source).synchronize()
+
+
+def _addresses(holders: list[dict], names: list[str]) -> list[int]:
+    return list(map(Tensor.data_ptr, map(operator.getitem, holders, names)))
+
+
+def _averageable(tensor: Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def _replace(slot: Slot, shadow: Tensor) -> None:
+    """Put ``shadow`` in a shadow module's slot (a parameter keeps its object: tied weights stay tied)."""
+    current = slot.tensor
+    if isinstance(current, nn.Parameter):
+        current.data = shadow.data if isinstance(shadow, nn.Parameter) else shadow
+    else:
+        slot.holder[slot.name] = shadow
+
+
+def _checked_slots(module: nn.Module, what: str) -> list[Slot]:
+    """``saved_slots(module)``, refusing tensors an EMA cannot hold: on ``meta``, or sparse."""
+    slots = saved_slots(module)
+    for slot in slots:
+        tensor = slot.tensor
+        if tensor.is_meta:
+            raise ValueError(
+                f"{what}'s {slot.key} is on the meta device: it has a shape but no values to average. "
+                "Load or initialize the weights (e.g. model.to_empty(device='cpu') and load_state_dict) "
+                "before building the EMA."
+            )
+        if tensor.layout != torch.strided:
+            raise ValueError(
+                f"{what}'s {slot.key} is a {tensor.layout} tensor; the EMA averages dense tensors only. "
+                "Keep a dense copy of it in the model (tensor.to_dense()), or leave it out of the EMA."
+            )
+    return slots
+
+
+def _check_layout(given: dict, expected: dict) -> None:
+    problems = layout_mismatch(given, expected)
+    if problems:
+        raise ValueError(
+            f"The model does not match the model this EMA was built for ({problems}). An EMA averages one "
+            "fixed set of tensors: undo the change to the model, or build a new EMA for the new architecture."
+        )
