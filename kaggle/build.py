@@ -61,6 +61,7 @@ NOTEBOOKS = [
         False,
     ),
     ("05_choose_ema_after_training", "EMA Kit Choose EMA After Training", [], [], False),
+    ("06_ema_extras", "EMA Kit EMA Extras", [], [], False),
 ]
 # Skipped in ema_kit/, as are dotfiles (editor swap files, .DS_Store); anything else that is not a module
 # stops the build, since neither the single file nor the wheel would carry it.

@@ -92,7 +92,7 @@ def _run_first_cell(tmp_path: Path) -> subprocess.CompletedProcess:
 def test_every_notebook_starts_with_the_same_cell_that_finds_the_ema_kit_dataset():
     names = sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb"))
     cells = {name: _first_code_cell(name) for name in names}
-    assert len(names) == 5 and len(set(cells.values())) == 1, cells
+    assert len(names) == 6 and len(set(cells.values())) == 1, cells
     assert "kaggle_input.glob" in cells[names[0]]
 
 
@@ -134,6 +134,8 @@ def test_every_notebook_runs_in_order_at_smoke_size(tmp_path):
     assert list(submission.columns) == ["ImageId", "Label"] and len(submission) == len(sample)
     images = pd.read_csv(tmp_path / "runs" / "03_image_folder_classification" / "submission.csv")
     assert list(images.columns) == ["id_code", "diagnosis"] and images["diagnosis"].between(0, 4).all()
+    figures = sorted(path.name for path in (tmp_path / "runs" / "06_ema_extras").iterdir())
+    assert figures == ["bn_refresh.png", "half_life.png", "lowp_shadow.png", "switch_ema.png"]
 
 
 # -- on Kaggle: "Save & Run All" in a kernel without ema_kit installed -----------------------------
