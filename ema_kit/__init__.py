@@ -4,7 +4,7 @@ from .ema import ModelEMA, decay_from_half_life
 from .multi import MultiEMA
 from .plot import plot_history
 from .posthoc import PostHocEMA, plot_scan, scan
-from .train import FitState, accuracy, evaluate, fit
+from .train import Callback, FitState, accuracy, evaluate, fit
 
 __all__ = [
     "ModelEMA",
@@ -17,6 +17,7 @@ __all__ = [
     "evaluate",
     "accuracy",
     "FitState",
+    "Callback",
     "plot_history",
 ]
 __version__ = "0.1.0"
