@@ -170,6 +170,8 @@ def fit(
         raise ValueError(f"mode must be 'auto', 'min' or 'max' (for monitor), got {mode!r}.")
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}.")
+    if overwrite and resume is not False:
+        raise ValueError(f"resume={resume!r} continues a run and overwrite=True starts over: pass one of them.")
     callbacks = _check_callbacks(callbacks)
     batches = _length(train_loader, "train_loader")
     _length(val_loader, "val_loader")
@@ -202,6 +204,9 @@ def fit(
         _resume(state, resume, scheduler, scaler, amp_dtype, generators, stateful)
     live_plot = LivePlot(out_dir and out_dir / "history.png") if plot and main_process else None
     shown = Progress(progress if main_process else "off", epochs=epochs)
+    if resume is not None and shown.mode != "off":
+        done = " (all of them: nothing left to train)" if state.epoch >= epochs else ""
+        print(f"Resumed from {resume} after epoch {state.epoch} of {epochs}{done}.")
     trainer = _Trainer(
         model,
         optimizer,

@@ -516,6 +516,9 @@ def test_resume_auto_starts_fresh_then_continues_like_one_run(tmp_path):
     resumed, resumed_log = run_into(tmp_path / "split", 3, resume="auto")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
     pd.testing.assert_frame_equal(log.drop(columns="seconds"), resumed_log.drop(columns="seconds"))
+    rerun, rerun_log = run_into(tmp_path / "split", 3, resume="auto")  # finished: the notebook run again
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rerun.state_dict().values()))
+    pd.testing.assert_frame_equal(rerun_log, resumed_log)
 
 
 def test_a_rerun_into_a_finished_run_folder_is_refused_unless_overwrite(tmp_path):
@@ -586,6 +589,7 @@ def test_posthoc_ema_as_a_callback_resumes_to_the_snapshots_of_one_run(tmp_path)
         ({"callbacks": [object()]}, TypeError, r"callbacks\[0\].*object.*ema_kit.Callback"),
         ({"mode": "lower"}, ValueError, "mode must be 'auto', 'min' or 'max'"),
         ({"resume": 3}, ValueError, "resume must be"),
+        ({"resume": "auto", "overwrite": True}, ValueError, "pass one of them"),
     ],
 )
 def test_bad_settings_are_refused_before_training(change, error, message):
