@@ -171,7 +171,9 @@ def fit(
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}.")
     if overwrite and resume is not False:
-        raise ValueError(f"resume={resume!r} continues a run and overwrite=True starts over: pass one of them.")
+        raise ValueError(
+            f"resume={resume!r} continues a run and overwrite=True starts over: pass one of them."
+        )
     callbacks = _check_callbacks(callbacks)
     batches = _length(train_loader, "train_loader")
     _length(val_loader, "val_loader")
