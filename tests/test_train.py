@@ -633,6 +633,17 @@ def test_numpy_scalars_are_taken_wherever_a_number_is():
     assert "ema0.5_loss" in log and "ema0.9_loss" in log
 
 
+def test_an_optimizer_built_with_numpy_numbers_resumes(tmp_path):
+    import numpy as np
+
+    def numpy_sgd(model):
+        return torch.optim.SGD(model.parameters(), lr=np.float32(0.05), momentum=np.float64(0.9))
+
+    run_into(tmp_path, 1, make_optimizer=numpy_sgd)
+    _, log = run_into(tmp_path, 2, make_optimizer=numpy_sgd, resume=True)
+    assert log["epoch"].tolist() == [1, 2]
+
+
 def test_a_misspelled_hook_is_an_error_not_ignored():
     from ema_kit import Callback
 
