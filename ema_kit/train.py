@@ -195,6 +195,12 @@ def fit(
     emas = _named_emas(averager)
     columns = _columns(emas, metrics)
     monitors, mode = _monitors(monitor, mode, emas, metrics, directions, columns)
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if plateau and scheduler.mode != mode:  # it would lower the lr while the monitor improves
+        raise ValueError(
+            f"scheduler is ReduceLROnPlateau(mode={scheduler.mode!r}), but fit monitors {monitors[0]} with "
+            f"mode={mode!r}; build it with mode={mode!r}, or pass monitor= for the quantity it should watch."
+        )
     if out_dir is not None and main_process and overwrite and resume is None:
         for name in _RUN_FILES:  # a kill before the first epoch ends must not leave the old run to resume
             (out_dir / name).unlink(missing_ok=True)

@@ -599,6 +599,15 @@ def test_bad_settings_are_refused_before_training(change, error, message):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_plateau_scheduler_watching_the_other_direction_is_refused():
+    model, optimizer, train, val = setup()
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min")  # the monitor is accuracy
+    with pytest.raises(ValueError, match=r"ReduceLROnPlateau\(mode='min'\).*ema_accuracy with mode='max'"):
+        quiet_fit(model, train, val, epochs=1, optimizer=optimizer, scheduler=plateau)
+    log = quiet_fit(model, train, val, epochs=1, optimizer=optimizer, scheduler=plateau, monitor="loss")
+    assert len(log) == 1
+
+
 def test_an_out_dir_that_is_a_file_is_refused_before_training(tmp_path):
     model, optimizer, train, val = setup()
     (tmp_path / "run").write_text("not a folder")
