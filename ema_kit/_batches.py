@@ -71,17 +71,15 @@ def pick(output, output_key: int | str | None):
             f"The model returned a {type(output).__name__}, not a tensor: say which part is the prediction "
             "for the loss and metrics with output_key=0 (an index for a tuple, a key for a dict)."
         )
+    if isinstance(output, torch.Tensor):  # indexing it would silently take the first row
+        raise ValueError(
+            f"output_key={output_key!r} was given, but the model returned a tensor: drop output_key."
+        )
     try:
         return output[output_key]
     except (KeyError, IndexError, TypeError):
-        keys = (
-            list(output)
-            if isinstance(output, Mapping)
-            else f"{len(output)} items"
-            if hasattr(output, "__len__")
-            else type(output).__name__
-        )
-        raise ValueError(f"output_key={output_key!r} is not in the model's output ({keys}).") from None
+        held = f"keys {list(output)}" if isinstance(output, Mapping) else f"a {type(output).__name__}"
+        raise ValueError(f"output_key={output_key!r} is not in the model's output ({held}).") from None
 
 
 def to_device(value, device: torch.device):

@@ -687,3 +687,13 @@ def test_a_callback_subclass_overrides_only_the_hooks_it_needs():
     counter = CountSteps()
     quiet_fit(model, train, val, epochs=1, optimizer=optimizer, callbacks=[counter])
     assert counter.steps == len(train)
+
+
+def test_output_key_on_a_model_that_returns_a_tensor_is_an_error_not_its_first_row():
+    model, _, _, val = setup()
+    with pytest.raises(ValueError, match="returned a tensor: drop output_key"):
+        evaluate(model, val, output_key=0)
+    with pytest.raises(
+        ValueError, match=r"output_key='scores' is not in the model's output \(keys \['logits'"
+    ):
+        evaluate(HuggingFaceLike(), reshaped(val, lambda x, y: ({"pixel_values": x}, y)), output_key="scores")
