@@ -132,7 +132,7 @@ def fit(
     over all of them. The best epoch is the one with the best ``monitor`` value: lower is better for
     losses and errors, higher for scores. Only well-known names (``loss``, ``accuracy``, ``rmse``,
     ``auc``, ... see ``ema_kit.history.DIRECTIONS``) are known; say it for any other with ``mode=`` or in
-    ``metrics={"rmsle": (rmsle, "min")}``, or fit refuses to start.
+    ``metrics={"lb": (lb_score, "min")}``, or fit refuses to start.
 
     With ``out_dir`` the log is written after every epoch (``history.csv``, ``history.png``), with the best
     EMA weights (``model_ema.pth``, a plain state dict) and a checkpoint to ``resume`` from; resuming
