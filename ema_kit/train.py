@@ -215,6 +215,11 @@ def fit(
     if resume is not None and shown.mode != "off":
         done = " (all of them: nothing left to train)" if state.epoch >= epochs else ""
         print(f"Resumed from {resume} after epoch {state.epoch} of {epochs}{done}.")
+    if resume is not None and live_plot and len(state.history):  # a rerun notebook shows the run so far
+        _, best = _best(state.history, monitors, mode)
+        live_plot.update(
+            state.history, best_epoch=None if best is None else int(state.history.at[best, "epoch"])
+        )
     trainer = _Trainer(
         model,
         optimizer,

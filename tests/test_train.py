@@ -697,3 +697,10 @@ def test_output_key_on_a_model_that_returns_a_tensor_is_an_error_not_its_first_r
         ValueError, match=r"output_key='scores' is not in the model's output \(keys \['logits'"
     ):
         evaluate(HuggingFaceLike(), reshaped(val, lambda x, y: ({"pixel_values": x}, y)), output_key="scores")
+
+
+def test_a_rerun_of_a_finished_run_with_resume_auto_draws_its_plot_again(tmp_path):
+    run_into(tmp_path, 1, plot=True)
+    (tmp_path / "history.png").unlink()
+    run_into(tmp_path, 1, resume="auto", plot=True)  # nothing left to train: only the plot is drawn
+    assert (tmp_path / "history.png").read_bytes()[:4] == b"\x89PNG"
