@@ -24,10 +24,12 @@ def split(batch, target_key: str | None) -> tuple:
     """
     if isinstance(batch, Mapping):
         if target_key is None or target_key not in batch:
-            hint = "target_key=" + (repr(target_key) if target_key is not None else "'labels'")
+            example = "labels" if "labels" in batch else list(batch)[-1]
+            given = "" if target_key is None else f"target_key={target_key!r} is not one of them; "
             raise ValueError(
-                f"A batch is a dict with keys {list(batch)}: say which entry is the target with "
-                f"{hint} (fit and evaluate take it; the other entries become the model's keyword inputs)."
+                f"A batch is a dict with keys {list(batch)}: {given}say which entry is the target, e.g. "
+                f"target_key={example!r} (fit and evaluate take it; the other entries become the model's "
+                "keyword inputs)."
             )
         return {k: v for k, v in batch.items() if k != target_key}, batch[target_key]
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
