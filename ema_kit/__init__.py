@@ -5,7 +5,7 @@ from .files import load_weights
 from .multi import MultiEMA
 from .plot import plot_history, plot_scan
 from .posthoc import PostHocEMA, scan
-from .train import FitState, accuracy, evaluate, fit
+from .train import Callback, FitState, accuracy, evaluate, fit
 
 __all__ = [
     "ModelEMA",
@@ -18,6 +18,7 @@ __all__ = [
     "evaluate",
     "accuracy",
     "FitState",
+    "Callback",
     "plot_history",
     "load_weights",
 ]

@@ -72,6 +72,9 @@ def set_rng_state(state: dict, *generators: torch.Generator | None) -> None:
 def save_checkpoint(path: str | os.PathLike, **parts) -> Path:
     """Write a checkpoint atomically: ``parts`` are state dicts and plain values, stored under their names.
 
+    NumPy numbers in them (an optimizer built with ``lr=np.float32(0.01)`` keeps it in its state) are
+    stored as the Python numbers they equal, which ``weights_only`` loading accepts.
+
     Example:
         >>> import tempfile
         >>> model = torch.nn.Linear(2, 1)
@@ -79,7 +82,7 @@ def save_checkpoint(path: str | os.PathLike, **parts) -> Path:
         >>> load_checkpoint(path)["epoch"]
         3
     """
-    return atomic_save({"format": FORMAT, **parts}, path)
+    return atomic_save({"format": FORMAT, **_plain(parts)}, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -91,6 +94,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             "To start from plain weights instead, load them into the model and call fit without resume."
         )
     return checkpoint
+
+
+def _plain(value):
+    """``value`` with every NumPy scalar in its dicts, lists and tuples turned into a Python number."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    return value
 
 
 def _to_lists(value):

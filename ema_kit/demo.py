@@ -2,11 +2,13 @@
 
 python -m ema_kit demo                      # writes runs/demo/: history.csv, history.png, model_ema.pth
 python -m ema_kit demo --epochs 30 --decay 0.995 --out runs/longer
+python -m ema_kit demo --epochs 30 --resume   # continue runs/demo where it stopped (fresh if it is empty)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -55,8 +57,12 @@ def run(
     lr: float = 0.05,
     seed: int = 0,
     progress: str = "auto",
+    resume: bool | str | os.PathLike = False,
 ) -> pd.DataFrame:
     """Train the demo and write ``out_dir``; returns the log.
+
+    ``resume`` as for ``fit`` (``"auto"``: continue the run in ``out_dir`` if there is one). Without it,
+    the demo starts over in ``out_dir``: the folder is the demo's own.
 
     Example:
         >>> import tempfile
@@ -80,6 +86,8 @@ def run(
         ema=ema,
         out_dir=out_dir,
         progress=progress,
+        resume=resume,
+        overwrite=not resume,
     )
 
 
@@ -89,9 +97,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decay", type=float, default=0.99, help="EMA decay per step (default 0.99)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out (without it, the demo starts over)"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    log = run(epochs=args.epochs, decay=args.decay, out_dir=args.out, seed=args.seed)
+    log = run(
+        epochs=args.epochs,
+        decay=args.decay,
+        out_dir=args.out,
+        seed=args.seed,
+        resume="auto" if args.resume else False,
+    )
+    if log.empty:  # the stop button (Ctrl-C) before an epoch finished: fit has said so
+        print("Stopped before the first epoch finished: nothing to report.")
+        return
     last = log.iloc[-1]
     print(
         f"\n{len(log)} epochs in {time.perf_counter() - started:.1f} s. Last epoch: live accuracy "

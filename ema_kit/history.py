@@ -36,15 +36,33 @@ def score_columns(history: pd.DataFrame) -> dict[str, dict[str, str]]:
     return groups
 
 
-def lower_is_better(column: str) -> bool:
-    """Whether smaller values of ``column`` are better: losses and errors are, other scores are not.
+# Whether lower ("min") or higher ("max") is better, for well-known score names only, matched exactly:
+# a name that merely contains "loss" or "err" can mean anything, and a wrong guess silently keeps the
+# worst epoch's weights. fit asks for the direction of any other name (mode=, or (metric, "min")).
+DIRECTIONS = {
+    **dict.fromkeys(
+        ("loss", "nll", "logloss", "log_loss", "cross_entropy", "brier", "mae", "mse", "rmse", "msle",
+         "rmsle", "mape", "smape", "wape", "error", "error_rate", "err", "wer", "cer", "perplexity",
+         "ppl", "hamming_loss"),
+        "min",
+    ),
+    **dict.fromkeys(
+        ("accuracy", "acc", "balanced_accuracy", "top1", "top5", "auc", "roc_auc", "pr_auc", "ap", "map",
+         "f1", "f1_macro", "f1_micro", "precision", "recall", "r2", "mcc", "kappa", "qwk", "dice", "iou",
+         "miou", "bleu", "rouge", "spearman", "pearson"),
+        "max",
+    ),
+}  # fmt: skip
+
+
+def direction(quantity: str) -> str | None:
+    """``"min"`` or ``"max"`` for a well-known score name (``"rmsle"``, ``"accuracy"``), else None.
 
     Example:
-        >>> lower_is_better("ema_loss"), lower_is_better("ema_accuracy"), lower_is_better("live_mae")
-        (True, False, True)
+        >>> direction("rmsle"), direction("accuracy"), direction("my_score")
+        ('min', 'max', None)
     """
-    quantity = column.rsplit("_", 1)[-1].lower()
-    return any(word in quantity for word in ("loss", "err", "mae", "mse", "rmse", "logloss"))
+    return DIRECTIONS.get(quantity.lower())
 
 
 def best_row(history: pd.DataFrame, monitor: str, mode: str) -> int | None:

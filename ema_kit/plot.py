@@ -12,7 +12,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
 from . import _env
 from .files import atomic_write_bytes
-from .history import lower_is_better, score_columns
+from .history import direction, score_columns
 from .posthoc import _steps
 
 LIVE_COLOR = "tab:blue"
@@ -74,7 +74,7 @@ def plot_history(
             ax.axvline(
                 best_epoch, color="0.3", linestyle=":", linewidth=1, label=f"best (epoch {best_epoch})"
             )
-        falling = lower_is_better(quantity)
+        falling = direction(quantity) == "min"
         if falling and (history[list(columns.values())].to_numpy(dtype=float) > 0).all():
             ax.set_yscale("log")  # losses fall by orders of magnitude; late epochs would look flat
             ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))  # fewer ticks: a third faster to draw

@@ -233,11 +233,20 @@ class PostHocEMA:
     # -- as a fit callback ----------------------------------------------------------------------------------
 
     def on_fit_start(self, state) -> None:
-        """Take ``out_dir / "posthoc"`` as the folder when none was given, and check it before training."""
+        """Take ``out_dir / "posthoc"`` as the folder when none was given, and check it before training.
+
+        On a resume (fit has loaded this tracker's state from its checkpoint) the snapshots written after
+        that checkpoint, by the run that stopped, are deleted: the resumed run writes its own.
+        """
         if self.folder is None and getattr(state, "out_dir", None) is not None:
             self.folder = Path(state.out_dir) / "posthoc"
         if self.num_steps == 0:
             self._check_folder_is_free()
+        elif _is_main_process():
+            latest = self.snapshots[-1] if self.snapshots else 0
+            for step in _snapshot_steps(self._require_folder()):
+                if step > latest and step not in self.snapshots:
+                    self._path(step).unlink()
 
     def on_step_end(self, state) -> None:
         self.update(state.model)

@@ -48,7 +48,8 @@ class Progress:
         self._notebook = _env.in_notebook() and stream is None
         self._bar = self._table = None
 
-    def start_epoch(self, epoch: int, *, batches: int) -> None:
+    def start_epoch(self, epoch: int, *, batches: int | None) -> None:
+        """A new epoch of ``batches`` batches (None for a loader without a length: the count goes up)."""
         self.epoch, self.batches = epoch, batches
         self.done = self.images = 0
         self.loss_sum = 0.0
@@ -67,9 +68,8 @@ class Progress:
             if now - self._drawn >= _REFRESH_SECONDS or self.done == self.batches:
                 self._drawn = now
                 self._draw(now)
-        elif self.mode == "text" and self.done >= self._next_quarter * self.batches / 4:
-            self._next_quarter += 1
-            if now - self.started >= _QUIET_SECONDS and self.done < self.batches:
+        elif self.mode == "text" and self._at_milestone():
+            if now - self.started >= _QUIET_SECONDS and self.done != self.batches:
                 print(f"{self._prefix()}  {self._status(now)}", file=self.stream, flush=True)
 
     @property
@@ -107,13 +107,25 @@ class Progress:
             self._progress.bar_style = "success"  # not closed: a closed widget shows as an error
             self._bar = None
 
+    def _at_milestone(self) -> bool:
+        """Whether a long epoch reports now: at its quarters, or at batch 1, 2, 4, 8, ... when the count is
+        unknown (a loader without a length), so the log stays a few lines per epoch either way."""
+        if self.batches is None:
+            reached = self.done == self._next_quarter
+            self._next_quarter *= 2 if reached else 1
+            return reached
+        reached = self.done >= self._next_quarter * self.batches / 4
+        self._next_quarter += reached
+        return reached
+
     def _prefix(self) -> str:
         return f"epoch {self.epoch}/{self.epochs}"
 
     def _status(self, now: float) -> str:
         rate = self.images / max(now - self.started, 1e-9)
+        of = "" if self.batches is None else f"/{self.batches}"  # a loader without a length counts up
         return (
-            f"batch {self.done}/{self.batches}  train_loss {self.train_loss:.4f}  "
+            f"batch {self.done}{of}  train_loss {self.train_loss:.4f}  "
             f"{rate:,.0f} img/s  {now - self.started:.1f} s"
         )
 
@@ -121,16 +133,17 @@ class Progress:
         import ipywidgets
 
         if self._bar is None:
-            self._progress = ipywidgets.IntProgress(min=0, max=max(self.batches, 1))
+            self._progress = ipywidgets.IntProgress(min=0, max=max(self.batches or 1, 1))
             self._label = ipywidgets.HTML()
             self._bar = ipywidgets.HBox([self._progress, self._label])
             _env.display(self._bar)
-        self._progress.max = max(self.batches, 1)
+        self._progress.max = max(self.batches or 1, 1)
         self._progress.value = 0
         self._label.value = self._prefix()
 
     def _draw(self, now: float) -> None:
         if self.mode == "widget":
+            self._progress.max = max(self._progress.max, self.done)  # an unknown length: the bar fills
             self._progress.value = self.done
             self._label.value = f"{self._prefix()}  {self._status(now)}"
         else:

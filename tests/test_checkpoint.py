@@ -27,3 +27,13 @@ def test_a_plain_weights_file_is_not_taken_for_a_checkpoint(tmp_path):
     torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pth")
     with pytest.raises(ValueError, match="is not an ema_kit checkpoint"):
         load_checkpoint(tmp_path / "weights.pth")
+
+
+def test_numpy_numbers_in_a_state_are_stored_as_python_numbers_that_load_safely(tmp_path):
+    optimizer = torch.optim.SGD(
+        torch.nn.Linear(2, 1).parameters(), lr=np.float32(0.05), momentum=np.float64(0.9)
+    )
+    path = save_checkpoint(tmp_path / "checkpoint.pt", optimizer=optimizer.state_dict(), epoch=np.int64(3))
+    loaded = load_checkpoint(path)  # weights_only: a NumPy scalar would be refused
+    assert loaded["epoch"] == 3 and type(loaded["epoch"]) is int
+    assert loaded["optimizer"]["param_groups"][0]["lr"] == np.float32(0.05)

@@ -36,3 +36,23 @@ def test_demo_command_writes_the_run_and_the_ema_is_smoother_and_at_least_as_goo
 def test_unknown_command_prints_usage():
     result = subprocess.run([sys.executable, "-m", "ema_kit", "train"], capture_output=True, text=True)
     assert result.returncode != 0 and "python -m ema_kit {demo}" in result.stderr
+
+
+def test_demo_resume_continues_the_run_in_its_folder(tmp_path, capsys):
+    from ema_kit import demo
+
+    demo.main(["--epochs", "1", "--out", str(tmp_path)])
+    demo.main(["--epochs", "2", "--out", str(tmp_path), "--resume"])
+    assert pd.read_csv(tmp_path / "history.csv")["epoch"].tolist() == [1, 2]
+    assert "2 epochs in" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_the_first_epoch_exits_cleanly(tmp_path, monkeypatch, capsys):
+    from ema_kit import demo, train
+
+    def interrupted(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train._Trainer, "train_epoch", interrupted)
+    demo.main(["--epochs", "2", "--out", str(tmp_path)])
+    assert "Stopped before the first epoch finished" in capsys.readouterr().out

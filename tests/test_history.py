@@ -3,8 +3,9 @@
 import math
 
 import pandas as pd
+import pytest
 
-from ema_kit.history import best_row, lower_is_better, score_columns, write_csv
+from ema_kit.history import best_row, direction, score_columns, write_csv
 
 
 def test_score_columns_group_every_model_by_quantity():
@@ -17,10 +18,22 @@ def test_score_columns_group_every_model_by_quantity():
     }
 
 
-def test_losses_and_errors_are_minimised_other_scores_maximised():
-    assert [lower_is_better(c) for c in ("ema_loss", "live_rmse", "ema_error", "ema_auc", "ema_f1")] == [
-        True, True, True, False, False,
-    ]  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    ["loss", "rmse", "rmsle", "mae", "mape", "smape", "wer", "cer", "nll", "brier", "error_rate", "logloss"],
+)
+def test_well_known_losses_and_errors_are_minimised(name):
+    assert direction(name) == "min"
+
+
+@pytest.mark.parametrize("name", ["accuracy", "auc", "roc_auc", "f1", "map", "r2", "qwk", "dice", "iou"])
+def test_well_known_scores_are_maximised(name):
+    assert direction(name) == "max"
+
+
+@pytest.mark.parametrize("name", ["top2", "lossy_score", "my_error_count", "ema_loss", ""])
+def test_a_name_not_in_the_table_has_no_direction_rather_than_a_guess(name):
+    assert direction(name) is None
 
 
 def test_best_row_skips_nan_and_returns_none_when_nothing_is_finite():

@@ -8,6 +8,8 @@ import IPython.display
 import pandas as pd
 import pytest
 
+from ema_kit import _env
+from ema_kit import progress as progress_module
 from ema_kit.progress import Progress
 
 LOG = pd.DataFrame({"epoch": [1], "train_loss": [0.5], "live_loss": [0.4], "ema_loss": [0.3]})
@@ -72,3 +74,66 @@ def test_the_widget_bar_counts_batches_and_stays_shown_when_training_ends(monkey
     assert bar.value == 0 and shown == [box]  # one bar for the whole run
     progress.close()
     assert bar.bar_style == "success"
+
+
+def test_a_loader_without_length_counts_batches_up(monkeypatch):
+    monkeypatch.setattr(progress_module, "_QUIET_SECONDS", 0.0)  # as if the epoch ran for minutes
+    stream = io.StringIO()
+    progress = Progress("text", epochs=1, stream=stream)
+    progress.start_epoch(1, batches=None)
+    for _ in range(7):
+        progress.batch(images=32, loss=0.5)
+    progress.end_epoch(LOG)
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[2:4] for line in lines[:3]] == [["batch", "1"], ["batch", "2"], ["batch", "4"]]
+    assert len(lines) == 4 and "ema_loss 0.3000" in lines[3]
+
+
+# -- which front end (ema_kit/_env.py) -------------------------------------------------------------------
+
+
+@pytest.fixture
+def shell(monkeypatch):
+    """Make IPython.get_ipython() return the shell a test sets."""
+    import IPython
+
+    current = {}
+    monkeypatch.setattr(IPython, "get_ipython", lambda: current.get("shell"))
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    return current
+
+
+def test_a_kernel_shell_subclass_such_as_colabs_is_a_notebook(shell):
+    from ipykernel.zmqshell import ZMQInteractiveShell
+
+    class Shell(ZMQInteractiveShell):  # google.colab._shell.Shell subclasses the kernel's shell like this
+        pass
+
+    shell["shell"] = object.__new__(Shell)
+    assert _env.in_notebook()
+
+
+def test_a_terminal_ipython_or_plain_python_is_not_a_notebook(shell):
+    from IPython.terminal.interactiveshell import TerminalInteractiveShell
+
+    shell["shell"] = object.__new__(TerminalInteractiveShell)
+    assert not _env.in_notebook()
+    shell["shell"] = None
+    assert not _env.in_notebook()
+
+
+def test_kaggles_save_and_run_all_is_headless_and_its_interactive_session_is_not(monkeypatch):
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    assert _env.headless_notebook()
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    monkeypatch.setattr(_env, "_parent_command", lambda: "/usr/bin/python -m ipykernel_launcher -f k.json")
+    assert not _env.headless_notebook()
+
+
+@pytest.mark.parametrize(
+    "runner", ["jupyter-nbconvert --execute", "papermill in.ipynb out.ipynb", "pytest --nbmake"]
+)
+def test_a_kernel_started_by_a_notebook_runner_is_headless(monkeypatch, runner):
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    monkeypatch.setattr(_env, "_parent_command", lambda: f"/usr/bin/python /usr/bin/{runner}")
+    assert _env.headless_notebook()

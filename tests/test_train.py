@@ -59,7 +59,9 @@ def test_ema_columns_are_scores_of_the_ema_model():
 
 def test_without_ema_only_live_columns_and_custom_metrics():
     model, optimizer, train, val = setup()
-    metrics = {"top2": lambda out, y: (out.topk(2, dim=1).indices == y[:, None]).any(1).float().mean()}
+    metrics = {
+        "top2": (lambda out, y: (out.topk(2, dim=1).indices == y[:, None]).any(1).float().mean(), "max")
+    }
     log = quiet_fit(model, train, val, epochs=1, optimizer=optimizer, ema=None, metrics=metrics)
     assert list(log.columns) == ["epoch", "train_loss", "live_loss", "live_top2", "lr", "seconds"]
 
@@ -175,7 +177,9 @@ def test_an_error_mid_epoch_says_where_the_finished_epochs_are(tmp_path):
         return 0.5
 
     with pytest.raises(RuntimeError, match="unreachable") as caught:
-        quiet_fit(model, train, val, epochs=3, optimizer=optimizer, metrics={"m": flaky}, out_dir=tmp_path)
+        quiet_fit(
+            model, train, val, epochs=3, optimizer=optimizer, metrics={"m": (flaky, "max")}, out_dir=tmp_path
+        )
     assert any("1 finished epochs are kept" in note for note in caught.value.__notes__)
     assert len(pd.read_csv(tmp_path / "history.csv")) == 1
 
@@ -217,12 +221,6 @@ def test_schedulers_step_per_batch_or_per_epoch():
     assert per_batch.last_epoch == 2 * len(train)
 
 
-def test_early_stopping_ends_after_patience_epochs_without_improvement():
-    model, optimizer, train, val = setup(lr=0.0)  # nothing changes, so nothing improves after epoch 1
-    log = quiet_fit(model, train, val, epochs=10, optimizer=optimizer, monitor="live_loss", patience=2)
-    assert log["epoch"].tolist() == [1, 2, 3]
-
-
 def test_gradient_clipping_bounds_the_step():
     model, optimizer, train, val = setup(lr=1.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -256,8 +254,8 @@ def test_text_progress_prints_one_line_per_epoch(capsys):
         ({"train": []}, ValueError, "train_loader is empty"),
         ({"val": []}, ValueError, "val_loader is empty"),
         ({"monitor": "ema_f1"}, ValueError, "monitor='ema_f1' is not a column"),
-        ({"metrics": {"bad": lambda out, y: "high"}}, TypeError, "metric 'bad' returned str"),
-        ({"metrics": {"bad": lambda out, y: out}}, TypeError, "must return one number"),
+        ({"metrics": {"bad": (lambda out, y: "high", "max")}}, TypeError, "metric 'bad' returned str"),
+        ({"metrics": {"bad": (lambda out, y: out, "max")}}, TypeError, "must return one number"),
         ({"ema": 5}, ValueError, "'500 steps'"),
         ({"ema": "2 weeks"}, ValueError, "'<number> epochs'"),
         ({"amp": "int8"}, ValueError, "amp must be"),
@@ -304,3 +302,405 @@ def test_monitor_given_as_a_score_picks_the_best_decay_by_it(tmp_path):
     best = SmallCNN(width=8)
     best.load_state_dict(torch.load(tmp_path / "model_ema.pth", weights_only=True))
     assert evaluate(best, val)["loss"] == pytest.approx(log[best_column].min(), rel=1e-6)
+
+
+# -- issue 15: the right best weights, real batch shapes, NaN-safe BatchNorm, resume left on -------------
+
+
+def falling(values):
+    """A metric that returns ``values`` in turn, one per call (fit calls it once per model per epoch)."""
+    calls = iter(values)
+    return lambda outputs, targets: next(calls)
+
+
+def test_an_unknown_metric_name_to_monitor_is_an_error_that_names_what_to_pass():
+    model, optimizer, train, val = setup()
+    with pytest.raises(ValueError, match=r"mode='min' or mode='max'.*metrics=\{'lb': \(lb, 'min'\)\}"):
+        quiet_fit(model, train, val, epochs=1, optimizer=optimizer, metrics={"lb": lambda out, y: 0.5})
+    assert all(p.grad is None for p in model.parameters())  # refused before any training
+
+
+@pytest.mark.parametrize("given", ["by its well-known name", "with its direction"])
+def test_a_lower_is_better_metric_keeps_improving_and_saves_its_lowest_epoch(tmp_path, given):
+    model, optimizer, train, val = setup()
+    scores = falling([0.8, 0.5, 0.3])
+    metrics = {"rmsle": scores} if given == "by its well-known name" else {"lb": (scores, "min")}
+    log = quiet_fit(model, train, val, epochs=3, optimizer=optimizer, ema=None, patience=1, out_dir=tmp_path,
+                    metrics=metrics)  # fmt: skip
+    assert log["epoch"].tolist() == [1, 2, 3]  # taken as higher-is-better it stopped after epoch 2
+    saved = torch.load(tmp_path / "model.pth", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())  # epoch 3 is the best
+
+
+def test_mode_beside_monitor_gives_the_direction_of_an_unknown_metric():
+    model, optimizer, train, val = setup()
+    log = quiet_fit(model, train, val, epochs=3, optimizer=optimizer, ema=None, patience=1,
+                    metrics={"lb": falling([0.8, 0.5, 0.3])}, monitor="live_lb", mode="min")  # fmt: skip
+    assert len(log) == 3
+
+
+def test_mode_that_contradicts_the_metric_direction_is_an_error():
+    model, optimizer, train, val = setup()
+    with pytest.raises(ValueError, match="mode='max'.*'min'"):
+        quiet_fit(model, train, val, epochs=1, optimizer=optimizer, mode="max",
+                  metrics={"lb": (lambda out, y: 0.5, "min")})  # fmt: skip
+
+
+def test_early_stopping_ends_after_patience_epochs_without_improvement():
+    model, optimizer, train, val = setup()
+    score = falling([0.5, 0.7, 0.6, 0.65, 0.9])  # best at epoch 2; epochs 3 and 4 do not beat it
+    log = quiet_fit(model, train, val, epochs=5, optimizer=optimizer, ema=None, patience=2,
+                    metrics={"accuracy": score})  # fmt: skip
+    assert log["epoch"].tolist() == [1, 2, 3, 4]
+
+
+def test_training_with_lr_zero_changes_no_weight_and_no_statistic():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))  # no BatchNorm: only the optimizer could change it
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    train, val = loaders()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    log = quiet_fit(model, train, val, epochs=2, optimizer=optimizer, ema=0.9)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert log["live_loss"].nunique() == 1 and log["ema_loss"].nunique() == 1
+
+
+def bn_model():
+    from conftest import small_cnn
+
+    torch.manual_seed(0)
+    return small_cnn()  # BatchNorm, no dropout: a skipped batch must leave no trace at all
+
+
+def test_a_skipped_nan_batch_leaves_batchnorm_statistics_and_the_ema_untouched():
+    images, labels = next(iter(loaders()[0]))
+    first, second = (images[:16], labels[:16]), (images[16:], labels[16:])
+    poisoned = (torch.full_like(images[:16], math.nan), labels[:16])
+    _, val = loaders()
+    runs = []
+    for batches in ([first, poisoned, second], [first, second]):
+        model = bn_model()
+        ema = ModelEMA(model, decay=0.9)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+            log = quiet_fit(model, batches, val, epochs=2, optimizer=optimizer, ema=ema)
+        runs.append((model, ema, log))
+    (model, ema, log), (clean_model, clean_ema, clean_log) = runs
+    assert log[["live_loss", "ema_loss"]].map(math.isfinite).all().all()
+    for a, b in [(model, clean_model), (ema.module, clean_ema.module)]:
+        for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), key  # running_mean/var and num_batches_tracked included
+    pd.testing.assert_frame_equal(log.drop(columns="seconds"), clean_log.drop(columns="seconds"))
+
+
+class TwoInputs(nn.Module):
+    """A model called as model(image, scale), returning (logits, features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = SmallCNN(width=8)
+
+    def forward(self, image, scale):
+        logits = self.net(image * scale)
+        return logits, logits.detach()
+
+
+class HuggingFaceLike(nn.Module):
+    """A model called with keyword inputs that returns a dict, as HuggingFace models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = SmallCNN(width=8)
+
+    def forward(self, pixel_values):
+        return {"logits": self.net(pixel_values), "hidden": pixel_values.mean()}
+
+
+def reshaped(loader, shape):
+    return [shape(x, y) for x, y in loader]
+
+
+def test_inputs_as_a_tuple_are_spread_and_a_tuple_output_picked_by_output_key():
+    torch.manual_seed(0)
+    model = TwoInputs()
+    train, val = (reshaped(loader, lambda x, y: ((x, torch.ones(())), y)) for loader in loaders())
+    log = quiet_fit(model, train, val, epochs=2, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                    output_key=0)  # fmt: skip
+    assert log["live_loss"].iloc[-1] < log["live_loss"].iloc[0]
+    scores = evaluate(model, val, output_key=0)
+    assert scores["loss"] == pytest.approx(log["live_loss"].iloc[-1], rel=1e-6)
+
+
+def test_dict_batches_with_a_target_key_and_a_dict_output_train_and_evaluate():
+    torch.manual_seed(0)
+    model = HuggingFaceLike()
+    train, val = (reshaped(loader, lambda x, y: {"pixel_values": x, "labels": y}) for loader in loaders())
+    log = quiet_fit(model, train, val, epochs=2, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                    target_key="labels", output_key="logits")  # fmt: skip
+    assert log["live_loss"].iloc[-1] < log["live_loss"].iloc[0]
+    assert (
+        evaluate(model, val, target_key="labels", output_key="logits")["accuracy"]
+        == log["live_accuracy"].iloc[-1]
+    )
+
+
+def test_inputs_as_a_dict_are_passed_as_keywords():
+    torch.manual_seed(0)
+    model = HuggingFaceLike()
+    train, val = (reshaped(loader, lambda x, y: ({"pixel_values": x}, y)) for loader in loaders())
+    log = quiet_fit(model, train, val, epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                    output_key="logits")  # fmt: skip
+    assert math.isfinite(log["live_loss"].iloc[0])
+
+
+def test_a_dict_output_without_output_key_is_an_error_before_an_epoch_is_spent():
+    torch.manual_seed(0)
+    model = HuggingFaceLike()
+    train, val = (reshaped(loader, lambda x, y: ({"pixel_values": x}, y)) for loader in loaders())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.raises(
+        ValueError, match=r"returned a dict with keys \['logits', 'hidden'\].*output_key='logits'"
+    ):
+        quiet_fit(model, train, val, epochs=1, optimizer=optimizer)
+    with pytest.raises(ValueError, match="output_key="):
+        evaluate(model, val)
+
+
+def test_a_dict_batch_without_target_key_is_an_error_naming_its_keys():
+    model, optimizer, train, val = setup()
+    batches = reshaped(train, lambda x, y: {"pixel_values": x, "labels": y})
+    with pytest.raises(ValueError, match=r"\['pixel_values', 'labels'\].*target_key='labels'"):
+        quiet_fit(model, batches, val, epochs=1, optimizer=optimizer)
+
+
+def test_an_iterable_loader_without_len_trains(capsys):
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            from ema_kit.data import digits
+
+            images, labels = digits()
+            return iter(zip(images[:192], labels[:192]))
+
+    model, optimizer, _, val = setup()
+    ema = ModelEMA(model, decay=0.9)
+    log = fit(model, DataLoader(Stream(), batch_size=32), val, epochs=2, optimizer=optimizer, ema=ema,
+              progress="text", plot=False)  # fmt: skip
+    assert len(log) == 2 and ema.num_updates == 2 * 6
+    assert "epoch 2/2" in capsys.readouterr().out
+
+
+def test_a_regression_target_with_the_default_loss_is_an_error_suggesting_loss_fn():
+    model, optimizer, train, val = setup()
+    batches = reshaped(train, lambda x, y: (x, y.float()))
+    with pytest.raises(ValueError, match=r"loss_fn="):
+        quiet_fit(model, batches, val, epochs=1, optimizer=optimizer)
+
+
+def run_into(tmp_path, epochs, seed=1, make_optimizer=None, scheduler=None, ema=0.9, **options):
+    model, optimizer, train, val = setup(seed=seed)
+    if make_optimizer is not None:
+        optimizer = make_optimizer(model)
+    if scheduler is not None:
+        scheduler = scheduler(optimizer, len(train))
+    log = quiet_fit(model, train, val, epochs=epochs, optimizer=optimizer, ema=ema, scheduler=scheduler,
+                    out_dir=tmp_path, **options)  # fmt: skip
+    return model, log
+
+
+def test_resume_auto_starts_fresh_then_continues_like_one_run(tmp_path):
+    model, log = run_into(tmp_path / "whole", 3)
+    run_into(tmp_path / "split", 2, resume="auto")  # nothing there yet: a fresh run
+    resumed, resumed_log = run_into(tmp_path / "split", 3, resume="auto")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+    pd.testing.assert_frame_equal(log.drop(columns="seconds"), resumed_log.drop(columns="seconds"))
+    rerun, rerun_log = run_into(tmp_path / "split", 3, resume="auto")  # finished: the notebook run again
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rerun.state_dict().values()))
+    pd.testing.assert_frame_equal(rerun_log, resumed_log)
+
+
+def test_a_rerun_into_a_finished_run_folder_is_refused_unless_overwrite(tmp_path):
+    run_into(tmp_path, 1)
+    with pytest.raises(ValueError, match=r"holds a run.*resume='auto'.*overwrite=True"):
+        run_into(tmp_path, 1)
+    _, log = run_into(tmp_path, 1, overwrite=True)
+    assert len(pd.read_csv(tmp_path / "history.csv")) == len(log) == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"make_optimizer": lambda m: torch.optim.Adam(m.parameters(), lr=0.05)}, "SGD.*Adam"),
+        (
+            {"scheduler": lambda o, n: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=9 * n)},
+            "StepLR.*OneCycleLR",
+        ),
+        ({"amp": "bf16"}, "amp"),
+        ({"ema": 0.5}, r"decay.*0\.9.*0\.5"),
+        (
+            {"make_optimizer": lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)},
+            r"lr.*0\.05.*0\.01",
+        ),
+    ],
+)
+def test_a_resume_that_does_not_fit_is_refused_before_anything_changes(tmp_path, change, message):
+    step_lr = lambda o, n: torch.optim.lr_scheduler.StepLR(o, step_size=1)  # noqa: E731
+    run_into(tmp_path, 1, scheduler=step_lr)
+    options = {"scheduler": step_lr} | change
+    model, optimizer, train, val = setup(seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if "make_optimizer" in options:
+        optimizer = options.pop("make_optimizer")(model)
+    scheduler = options.pop("scheduler")(optimizer, len(train))
+    with pytest.raises(ValueError, match=message):
+        quiet_fit(model, train, val, epochs=2, optimizer=optimizer, scheduler=scheduler, out_dir=tmp_path,
+                  resume=True, **({"ema": 0.9} | options))  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_posthoc_ema_as_a_callback_resumes_to_the_snapshots_of_one_run(tmp_path):
+    from ema_kit import PostHocEMA
+
+    def run(folder, epochs, resume=False):
+        model, optimizer, train, val = setup(seed=1)
+        posthoc = PostHocEMA(model, snapshot_every=5)  # 6 steps per epoch: epoch 2 ends off the grid
+        quiet_fit(model, train, val, epochs=epochs, optimizer=optimizer, callbacks=[posthoc],
+                  out_dir=folder, resume=resume)  # fmt: skip
+        return posthoc
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "split", 2)
+    resumed = run(tmp_path / "split", 4, resume=True)
+    assert resumed.step == whole.step and resumed.snapshots == whole.snapshots
+    assert sorted(p.name for p in (tmp_path / "split" / "posthoc").iterdir()) == sorted(
+        p.name for p in (tmp_path / "whole" / "posthoc").iterdir()
+    )
+    for key, value in whole.synthesize(0.07).items():
+        assert torch.equal(value, resumed.synthesize(0.07)[key]), key
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"clip_grad_norm": -1.0}, ValueError, "clip_grad_norm must be a number > 0"),
+        ({"clip_grad_norm": 0}, ValueError, "clip_grad_norm must be a number > 0"),
+        ({"callbacks": [object()]}, TypeError, r"callbacks\[0\].*object.*ema_kit.Callback"),
+        ({"mode": "lower"}, ValueError, "mode must be 'auto', 'min' or 'max'"),
+        ({"resume": 3}, ValueError, "resume must be"),
+        ({"resume": "auto", "overwrite": True}, ValueError, "pass one of them"),
+    ],
+)
+def test_bad_settings_are_refused_before_training(change, error, message):
+    model, optimizer, train, val = setup()
+    with pytest.raises(error, match=message):
+        quiet_fit(model, train, val, epochs=1, optimizer=optimizer, **change)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_plateau_scheduler_watching_the_other_direction_is_refused():
+    model, optimizer, train, val = setup()
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min")  # the monitor is accuracy
+    with pytest.raises(ValueError, match=r"ReduceLROnPlateau\(mode='min'\).*ema_accuracy with mode='max'"):
+        quiet_fit(model, train, val, epochs=1, optimizer=optimizer, scheduler=plateau)
+    log = quiet_fit(model, train, val, epochs=1, optimizer=optimizer, scheduler=plateau, monitor="loss")
+    assert len(log) == 1
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_training(tmp_path):
+    model, optimizer, train, val = setup()
+    (tmp_path / "run").write_text("not a folder")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="out_dir=.*is a file"):
+        quiet_fit(model, train, val, epochs=1, optimizer=optimizer, out_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="out_dir=.*cannot be created"):
+        quiet_fit(model, train, val, epochs=1, optimizer=optimizer, out_dir=tmp_path / "run" / "sub")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the message on a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_a_clear_error():
+    model, optimizer, train, val = setup()
+    with pytest.raises(ValueError, match=r"device='cuda'.*device='auto'"):
+        quiet_fit(model, train, val, epochs=1, optimizer=optimizer, device="cuda")
+
+
+def test_callbacks_none_means_no_callbacks():
+    model, optimizer, train, val = setup()
+    assert len(quiet_fit(model, train, val, epochs=1, optimizer=optimizer, callbacks=None)) == 1
+
+
+def test_numpy_scalars_are_taken_wherever_a_number_is():
+    import numpy as np
+
+    model, optimizer, train, val = setup()
+    log = quiet_fit(model, train, val, epochs=np.int64(1), optimizer=optimizer, ema=np.float32(0.9),
+                    clip_grad_norm=np.float32(1.0), accumulate=np.int64(1), patience=np.int64(2))  # fmt: skip
+    assert len(log) == 1
+    log = quiet_fit(model, train, val, epochs=1, optimizer=optimizer, ema=(np.float32(0.5), np.float64(0.9)))
+    assert "ema0.5_loss" in log and "ema0.9_loss" in log
+
+
+def test_an_optimizer_built_with_numpy_numbers_resumes(tmp_path):
+    import numpy as np
+
+    def numpy_sgd(model):
+        return torch.optim.SGD(model.parameters(), lr=np.float32(0.05), momentum=np.float64(0.9))
+
+    run_into(tmp_path, 1, make_optimizer=numpy_sgd)
+    _, log = run_into(tmp_path, 2, make_optimizer=numpy_sgd, resume=True)
+    assert log["epoch"].tolist() == [1, 2]
+
+
+def test_a_misspelled_hook_is_an_error_not_ignored():
+    from ema_kit import Callback
+
+    class Typo(Callback):
+        def on_epoch_ends(self, state):
+            pass
+
+    class DuckTypo:
+        def on_step_end(self, state):
+            pass
+
+        def on_fit_stat(self, state):
+            pass
+
+    model, optimizer, train, val = setup()
+    with pytest.raises(ValueError, match=r"on_epoch_ends.*did you mean on_epoch_end"):
+        quiet_fit(model, train, val, epochs=1, optimizer=optimizer, callbacks=[Typo()])
+    with pytest.raises(ValueError, match=r"on_fit_stat.*did you mean on_fit_start"):
+        quiet_fit(model, train, val, epochs=1, optimizer=optimizer, callbacks=[DuckTypo()])
+
+
+def test_a_callback_subclass_overrides_only_the_hooks_it_needs():
+    from ema_kit import Callback
+
+    class CountSteps(Callback):
+        steps = 0
+
+        def on_step_end(self, state):
+            self.steps += 1
+
+    model, optimizer, train, val = setup()
+    counter = CountSteps()
+    quiet_fit(model, train, val, epochs=1, optimizer=optimizer, callbacks=[counter])
+    assert counter.steps == len(train)
+
+
+def test_output_key_on_a_model_that_returns_a_tensor_is_an_error_not_its_first_row():
+    model, _, _, val = setup()
+    with pytest.raises(ValueError, match="returned a tensor: drop output_key"):
+        evaluate(model, val, output_key=0)
+    with pytest.raises(
+        ValueError, match=r"output_key='scores' is not in the model's output \(keys \['logits'"
+    ):
+        evaluate(HuggingFaceLike(), reshaped(val, lambda x, y: ({"pixel_values": x}, y)), output_key="scores")
+
+
+def test_a_rerun_of_a_finished_run_with_resume_auto_draws_its_plot_again(tmp_path):
+    run_into(tmp_path, 1, plot=True)
+    (tmp_path / "history.png").unlink()
+    run_into(tmp_path, 1, resume="auto", plot=True)  # nothing left to train: only the plot is drawn
+    assert (tmp_path / "history.png").read_bytes()[:4] == b"\x89PNG"
