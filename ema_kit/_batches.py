@@ -50,13 +50,21 @@ def forward(model: nn.Module, inputs, output_key: int | str | None):
         >>> forward(lambda a, b: (a + b, None), (torch.ones(1), torch.ones(1)), 0)
         tensor([2.])
     """
+    return pick(call(model, inputs), output_key)
+
+
+def call(model: nn.Module, inputs):
+    """The model's whole output for ``inputs``, spread as ``forward`` spreads them (nothing picked).
+
+    Example:
+        >>> call(lambda a, b: (a + b, None), (torch.ones(1), torch.ones(1)))
+        (tensor([2.]), None)
+    """
     if isinstance(inputs, Mapping):
-        output = model(**inputs)
-    elif isinstance(inputs, (tuple, list)):
-        output = model(*inputs)
-    else:
-        output = model(inputs)
-    return pick(output, output_key)
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
 
 
 def pick(output, output_key: int | str | None):

@@ -14,9 +14,17 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _batches
+
 
 @torch.no_grad()
-def recompute_bn(module: nn.Module, loader: Iterable, *, device: str | torch.device | None = None) -> int:
+def recompute_bn(
+    module: nn.Module,
+    loader: Iterable,
+    *,
+    device: str | torch.device | None = None,
+    target_key: str | None = None,
+) -> int:
     """Reset every BatchNorm's running statistics and measure them over one pass of ``loader``.
 
     Each BatchNorm layer gets the plain average over all batches (``momentum=None``), in train mode,
@@ -24,14 +32,16 @@ def recompute_bn(module: nn.Module, loader: Iterable, *, device: str | torch.dev
     A model without BatchNorm (with running statistics) is left alone and the loader is not read.
     If the pass fails or the loader is empty, the old statistics are put back before the error.
 
-    Batches may be ``(inputs, targets)`` pairs (the targets are not used), ``(inputs,)``, or bare
-    inputs; inputs may be a tensor (``module(x)``), a tuple or list (``module(*inputs)``), or a dict
-    (``module(**inputs)``).
+    Batches are read as ``fit`` reads them (``ema_kit._batches``): ``(inputs, targets)`` pairs, or dicts
+    holding the targets under ``target_key``; the targets are not used. Inputs may be a tensor
+    (``module(x)``), a tuple or list (``module(*inputs)``), or a dict (``module(**inputs)``); the
+    module's output is not read, so it may be a tensor, a tuple or a dict.
 
     Args:
         module: the model whose statistics to recompute, e.g. ``ema.module`` (changed in place).
         loader: batches of training data; one pass over it. Its augmentations should be the training ones.
         device: where to move the inputs; by default the device of the module's first tensor.
+        target_key: for dict batches, the entry holding the targets (as for ``fit``); left out of the inputs.
 
     Returns:
         The number of batches seen (0 when there was no BatchNorm to refresh).
@@ -60,7 +70,8 @@ def recompute_bn(module: nn.Module, loader: Iterable, *, device: str | torch.dev
             norm.momentum = None  # a cumulative average over the pass, every batch weighted alike
         module.train()
         for batch in loader:
-            _forward(module, _to(_inputs(batch), device))
+            inputs, _ = _batches.split(batch, target_key)
+            _batches.call(module, _batches.to_device(inputs, device))
             batches += 1
         if batches == 0:
             raise ValueError("recompute_bn got an empty loader; pass the training loader (one pass is read).")
@@ -75,38 +86,6 @@ def recompute_bn(module: nn.Module, loader: Iterable, *, device: str | torch.dev
         for child, training in modes:
             child.training = training
     return batches
-
-
-def _inputs(batch):
-    """The model inputs of a batch: the first of a pair or 1-tuple, else the batch itself."""
-    if isinstance(batch, (tuple, list)):
-        if len(batch) in (1, 2):
-            return batch[0]
-        raise ValueError(
-            f"recompute_bn expects batches as (inputs, targets), (inputs,) or bare inputs, got a "
-            f"{type(batch).__name__} of {len(batch)} items; make the loader yield (inputs, targets) with "
-            "several inputs grouped in a tuple or dict."
-        )
-    return batch
-
-
-def _forward(module: nn.Module, inputs) -> None:
-    if isinstance(inputs, dict):
-        module(**inputs)
-    elif isinstance(inputs, (tuple, list)):
-        module(*inputs)
-    else:
-        module(inputs)
-
-
-def _to(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -49,24 +49,28 @@ def test_statistics_match_update_bn_on_input_target_pairs():
     assert_same_stats(model, reference)
 
 
-def test_bare_tensor_and_one_tuple_batches_give_the_same_statistics_as_pairs():
+def test_dict_batches_with_target_key_give_the_same_statistics_as_pairs():
     reference = trained_cnn()
     update_bn(batches(), reference)
-    for loader in ([x for x, _ in batches()], [(x,) for x, _ in batches()]):
-        model = trained_cnn()
-        recompute_bn(model, loader)
-        assert_same_stats(model, reference)
+    model = trained_cnn()
+    recompute_bn(model, [{"input": x, "labels": y} for x, y in batches()], target_key="labels")
+    assert_same_stats(model, reference)
+
+
+def test_a_bare_tensor_batch_is_refused_as_fit_refuses_it():
+    with pytest.raises(ValueError, match=r"\(inputs, targets\), got a Tensor"):
+        recompute_bn(trained_cnn(), [x for x, _ in batches()])
 
 
 class TwoInputs(nn.Module):
-    """A model called as model(a, b) or model(a=..., b=...)."""
+    """A model called as model(a, b) or model(a=..., b=...), returning a tuple (which is not read)."""
 
     def __init__(self):
         super().__init__()
         self.cnn = small_cnn()
 
     def forward(self, a, b):
-        return self.cnn(a + b)
+        return self.cnn(a + b), None
 
 
 def test_tuple_inputs_are_spread_as_arguments_and_dict_inputs_as_keywords():
@@ -128,5 +132,5 @@ def test_an_empty_loader_is_refused_and_changes_nothing():
 
 
 def test_a_batch_of_three_items_is_refused_with_the_shapes_that_work():
-    with pytest.raises(ValueError, match=r"a tuple of 3 items.*\(inputs, targets\)"):
+    with pytest.raises(ValueError, match=r"\(inputs, targets\), got a tuple of 3 items"):
         recompute_bn(trained_cnn(), [(torch.zeros(2, 1, 8, 8), torch.zeros(2), torch.zeros(2))])
