@@ -266,19 +266,7 @@ class ModelEMA:
         safetensors``); ``ema_kit.files.load_weights(path)`` reads either. Modules' extra state
         (``get_extra_state``) goes into ``.pth`` files only: safetensors holds tensors alone.
         """
-        weights = self.module.state_dict()
-        extra = [key for key, value in weights.items() if not isinstance(value, torch.Tensor)]
-        if not extra:
-            return save_weights(weights, path)
-        if Path(path).suffix == ".safetensors":
-            raise ValueError(
-                f"{Path(path).name}: the model's {extra[:3]} are extra state (get_extra_state), not "
-                "tensors, which safetensors cannot hold; save to a .pth name instead."
-            )
-        return atomic_save(
-            {key: value.detach().cpu() if key not in extra else value for key, value in weights.items()},
-            path,
-        )
+        return save_module(self.module, path)
 
     def state_dict(self) -> dict:
         """Everything needed to resume bit-identically: the shadow, the counters and the settings.
@@ -360,6 +348,23 @@ class ModelEMA:
             f"ModelEMA(decay={self.decay}, half_life={self.half_life:.0f} steps, warmup={self.warmup}, "
             f"num_updates={self.num_updates}, module={type(self.module).__name__})"
         )
+
+
+def save_module(module: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``module``'s state dict atomically on the CPU, extra state included (see ``ModelEMA.save``)."""
+    weights = module.state_dict()
+    extra = [key for key, value in weights.items() if not isinstance(value, torch.Tensor)]
+    if not extra:
+        return save_weights(weights, path)
+    if Path(path).suffix == ".safetensors":
+        raise ValueError(
+            f"{Path(path).name}: the model's {extra[:3]} are extra state (get_extra_state), not "
+            "tensors, which safetensors cannot hold; save to a .pth name instead."
+        )
+    return atomic_save(
+        {key: value.detach().cpu() if key not in extra else value for key, value in weights.items()},
+        path,
+    )
 
 
 def _check_weights_match(given: dict, expected: dict, what: str = "The state") -> None:

@@ -19,11 +19,15 @@ class SwitchEMA:
             columns show where the live model got to in the epoch since the last switch; an int ``n``
             switches after every n-th optimizer step (just after the EMA's update).
 
+    ``fit(..., ema_switch="epoch")`` (or an int) builds this callback for fit's EMA. A switch is
+    ``ema.copy_to(model)``: call that yourself to switch in your own loop.
+
     The optimizer state (momentum, Adam's moments) is kept: the weights are overwritten in place, so the
     optimizer goes on with the same parameter tensors and its statistics, as in the paper. After ``fit``
     the live model holds the EMA's weights of the last switch. Resuming ``fit`` from a checkpoint
     written at an epoch's end applies that epoch's switch again (the checkpoint holds the weights from
-    before it), so a resumed run matches an uninterrupted one.
+    before it), so a resumed run matches an uninterrupted one. ``every`` is kept in the checkpoint, and a
+    resume with another ``every`` is refused.
 
     Example:
         >>> import torch
@@ -68,6 +72,19 @@ class SwitchEMA:
     def on_epoch_end(self, state) -> None:
         if self.every == "epoch":
             self._switch(state)
+
+    def state_dict(self) -> dict:
+        """``every``, so that fit's checkpoint records the switch and a resume can check it."""
+        return {"every": self.every}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Check that the checkpoint's run switched as this one does (nothing else is restored)."""
+        if state.get("every") != self.every:
+            raise ValueError(
+                f"The checkpoint's run switched with every={state.get('every')!r}, this run with "
+                f"every={self.every!r}; pass the same ema_switch= (or SwitchEMA every=) as the run that "
+                "wrote it."
+            )
 
     def _switch(self, state) -> None:
         self.ema.copy_to(state.model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import numbers
@@ -20,12 +21,15 @@ from torch import nn
 from . import _batches
 from . import checkpoint as checkpoints
 from ._tensors import layout_mismatch, unwrap
-from .ema import ModelEMA, decay_from_half_life
+from .advice import effective_half_life_epochs, half_life_warning
+from .bn import recompute_bn
+from .ema import ModelEMA, decay_from_half_life, save_module
 from .files import atomic_save
 from .history import best_row, direction, write_csv
 from .multi import MultiEMA
 from .plot import LivePlot
 from .progress import Progress
+from .switch import SwitchEMA
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 _PER_BATCH_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
@@ -99,6 +103,8 @@ def fit(
     loss_fn: Callable | None = None,  # default: cross entropy
     metrics: Mapping | None = None,  # name -> metric or (metric, "min"|"max"); default: {"accuracy": ...}
     ema: float | str | tuple | ModelEMA | MultiEMA | None = 0.999,  # see below
+    ema_switch: str | int | None = None,  # "epoch" or n: copy the EMA into the model each epoch/n steps
+    recompute_ema_bn: bool = False,  # measure the EMA's BatchNorm statistics afresh before scoring it
     device: str | torch.device = "auto",  # "auto": CUDA, then MPS, then CPU
     amp: str | bool = "auto",  # "bf16", "fp16" (with a grad scaler), False; "auto": bf16/fp16 on CUDA only
     accumulate: int = 1,  # batches per optimizer step
@@ -120,7 +126,8 @@ def fit(
     """Train ``model`` for ``epochs`` epochs, scoring the live model and its EMA on ``val_loader`` each epoch.
 
     Returns the log, one row per finished epoch: ``epoch``, ``train_loss``, ``live_loss``, ``ema_loss``,
-    ``live_<m>`` and ``ema_<m>`` for each metric, ``lr``, ``seconds``.
+    ``live_<m>`` and ``ema_<m>`` for each metric, ``half_life_epochs_ema`` (how far back the EMA reaches
+    now, in epochs, warmup included; not a score), ``lr``, ``seconds``.
 
     Batches are ``(inputs, targets)`` or dicts with ``target_key``; ``inputs`` a tensor, a tuple
     (``model(*inputs)``) or a dict (``model(**inputs)``); a model returning a tuple or dict names its
@@ -132,7 +139,15 @@ def fit(
     over all of them. The best epoch is the one with the best ``monitor`` value: lower is better for
     losses and errors, higher for scores. Only well-known names (``loss``, ``accuracy``, ``rmse``,
     ``auc``, ... see ``ema_kit.history.DIRECTIONS``) are known; say it for any other with ``mode=`` or in
-    ``metrics={"lb": (lb_score, "min")}``, or fit refuses to start.
+    ``metrics={"lb": (lb_score, "min")}``, or fit refuses to start. When the train loader has a length,
+    fit warns at the start if an EMA's half-life is over half the run (``ema_kit.advice``).
+
+    ``ema_switch`` (one EMA only) is Switch EMA (Li et al. 2024): ``"epoch"`` copies the EMA into the
+    live model after each epoch was scored, an int n after every n-th optimizer step, with
+    ``ema.copy_to(model)``; the optimizer state is kept (see ``ema_kit.switch.SwitchEMA``).
+    ``recompute_ema_bn=True`` measures each EMA's BatchNorm statistics afresh with one pass over
+    ``train_loader`` before it is scored (``ema_kit.bn.recompute_bn``); the saved ``model_ema.pth`` holds
+    the statistics that were scored, while the EMA itself keeps averaging its own.
 
     With ``out_dir`` the log is written after every epoch (``history.csv``, ``history.png``), with the best
     EMA weights (``model_ema.pth``, a plain state dict) and a checkpoint to ``resume`` from; resuming
@@ -152,8 +167,9 @@ def fit(
         >>> ema = ModelEMA(model, decay=0.99)
         >>> log = fit(model, train_loader, val_loader, epochs=2, ema=ema, progress="off",
         ...           optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))
-        >>> list(log.columns)
-        ['epoch', 'train_loss', 'live_loss', 'ema_loss', 'live_accuracy', 'ema_accuracy', 'lr', 'seconds']
+        >>> list(log.columns)  # doctest: +NORMALIZE_WHITESPACE
+        ['epoch', 'train_loss', 'live_loss', 'ema_loss', 'live_accuracy', 'ema_accuracy',
+         'half_life_epochs_ema', 'lr', 'seconds']
     """
     # Every setting is checked before anything changes: a mistake costs nothing, not an epoch.
     if not isinstance(model, nn.Module):
@@ -193,6 +209,11 @@ def fit(
     steps_per_epoch = None if batches is None else math.ceil(batches / accumulate)
     averager = _resolve_ema(ema, model, steps_per_epoch=steps_per_epoch)
     emas = _named_emas(averager)
+    callbacks += _switch_callback(ema_switch, averager, callbacks)
+    if not isinstance(recompute_ema_bn, bool):
+        raise TypeError(f"recompute_ema_bn must be True or False, got {recompute_ema_bn!r}.")
+    if recompute_ema_bn:
+        _check_recompute_bn(averager, model)
     columns = _columns(emas, metrics)
     monitors, mode = _monitors(monitor, mode, emas, metrics, directions, columns)
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
@@ -233,18 +254,33 @@ def fit(
         (target_key, output_key),
     )
     saved_parts = {"scheduler": scheduler, "scaler": scaler, "amp": amp_dtype, "callbacks": stateful}
+    if steps_per_epoch is not None and main_process:
+        _warn_long_half_lives(emas, steps_per_epoch * epochs)
     _call(callbacks, "on_fit_start", state)
     try:
         while state.epoch < epochs and not state.stop:
             state.epoch += 1
-            started = time.perf_counter()
+            started, steps_before = time.perf_counter(), state.step
             shown.start_epoch(state.epoch, batches=batches)
             train_loss, lr = trainer.train_epoch(train_loader, state, shown, callbacks)
             row = {"epoch": state.epoch, "train_loss": train_loss}
-            for prefix, evaluated in [("live", model)] + [(name, e.module) for name, e in emas.items()]:
+            scored = {name: e.module for name, e in emas.items()}
+            if recompute_ema_bn:
+                # On a copy: the EMA averages its BatchNorm buffers (buffers="average"), so statistics
+                # measured in place would be averaged into it and change the EMA for the rest of the run.
+                # The copy is what is scored and, if best, saved as model_ema.pth.
+                for name, module in scored.items():
+                    scored[name] = copy.deepcopy(module)
+                    recompute_bn(scored[name], train_loader, target_key=target_key)
+            for prefix, evaluated in [("live", model), *scored.items()]:
                 scores = evaluate(evaluated, val_loader, loss_fn=loss_fn, metrics=metrics, amp=amp,
                                   target_key=target_key, output_key=output_key)  # fmt: skip
                 row |= {f"{prefix}_{name}": value for name, value in scores.items()}
+            per_epoch = steps_per_epoch or max(1, state.step - steps_before)  # no len(): as measured
+            row |= {
+                f"half_life_epochs_{name}": effective_half_life_epochs(e, steps_per_epoch=per_epoch)
+                for name, e in emas.items()
+            }
             row |= {"lr": lr, "seconds": time.perf_counter() - started}
             state.row = row = _rank_zero_row(row)
             state.history = pd.DataFrame([*state.history.to_dict("records"), row], columns=columns)
@@ -253,7 +289,7 @@ def fit(
                 _step_epoch_scheduler(scheduler, row[monitor])
             best_epoch = None if best is None else int(state.history.at[best, "epoch"])
             if main_process:
-                _write_epoch(state, best_epoch, monitor, saved_parts, generators)
+                _write_epoch(state, best_epoch, monitor, saved_parts, generators, scored)
                 if live_plot:
                     live_plot.update(state.history, best_epoch=best_epoch)
             shown.end_epoch(state.history)
@@ -435,15 +471,19 @@ class _Trainer:
             )
 
 
-def _write_epoch(state: FitState, best_epoch, monitor: str, parts: dict, generators) -> None:
-    """Log, best weights and checkpoint of the epoch just finished, each written atomically."""
+def _write_epoch(state: FitState, best_epoch, monitor: str, parts: dict, generators, scored: dict) -> None:
+    """Log, best weights and checkpoint of the epoch just finished, each written atomically.
+
+    ``scored`` maps each EMA's name to the module that was scored (its BatchNorm recomputed, or the EMA's).
+    """
     if state.out_dir is None:
         return
     write_csv(state.history, state.out_dir / "history.csv")
     if best_epoch == state.epoch:
-        best = state.emas.get(monitor.split("_", 1)[0]) or next(iter(state.emas.values()), None)
+        named = monitor.split("_", 1)[0]
+        best = named if named in scored else next(iter(scored), None)
         if best is not None:  # the EMA the monitor names (the best decay's, with several)
-            best.save(state.out_dir / "model_ema.pth")
+            save_module(scored[best], state.out_dir / "model_ema.pth")
         else:
             atomic_save(
                 {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
@@ -550,7 +590,7 @@ def _resume(state: FitState, path: Path, scheduler, scaler, amp_dtype, generator
     if types != now:
         raise ValueError(
             f"{path} holds the state of callbacks {types}, this run has {now} with a state to resume; "
-            "pass the same callbacks as the run that wrote it."
+            "pass the same callbacks (and ema_switch=, which adds a SwitchEMA) as the run that wrote it."
         )
     # Everything fits. Callbacks check their own state before changing it, so they go first.
     for callback, entry in zip(callbacks, saved["callbacks"]):
@@ -618,6 +658,56 @@ def _resolve_ema(ema, model: nn.Module, *, steps_per_epoch: int | None) -> Model
     )
 
 
+def _switch_callback(ema_switch, averager, callbacks: list) -> list:
+    """``[SwitchEMA]`` for ``ema_switch`` (checked against the EMAs fit tracks), or ``[]`` for None."""
+    if ema_switch is None:
+        return []
+    if ema_switch != "epoch" and (
+        isinstance(ema_switch, (bool, np.bool_))
+        or not isinstance(ema_switch, numbers.Integral)
+        or ema_switch < 1
+    ):
+        raise ValueError(
+            f'ema_switch must be None, "epoch" or an int >= 1 (switch every n optimizer steps), '
+            f"got {ema_switch!r}."
+        )
+    if not isinstance(averager, ModelEMA):
+        held = "ema=None" if averager is None else f"{len(averager.emas)} decays"
+        raise ValueError(
+            f"ema_switch={ema_switch!r} copies the EMA into the model, which needs one EMA, but this run has "
+            f"{held}; pass ema= one decay or ModelEMA, or to switch to one EMA of several, pass "
+            "callbacks=[SwitchEMA(multi.emas[decay])] with ema=multi."
+        )
+    if any(isinstance(c, SwitchEMA) for c in callbacks):
+        raise ValueError(
+            "ema_switch= was given and callbacks hold a SwitchEMA too, which would switch twice; drop one."
+        )
+    return [SwitchEMA(averager, every=ema_switch if ema_switch == "epoch" else int(ema_switch))]
+
+
+def _check_recompute_bn(averager, model: nn.Module) -> None:
+    """recompute_ema_bn=True needs an EMA, and BatchNorm with running statistics to recompute."""
+    if averager is None:
+        raise ValueError("recompute_ema_bn=True recomputes the EMA's BatchNorm statistics, but ema=None.")
+    if not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()
+    ):
+        raise ValueError(
+            "recompute_ema_bn=True, but the model has no BatchNorm layer with running statistics to "
+            "recompute; drop recompute_ema_bn."
+        )
+
+
+def _warn_long_half_lives(emas: dict[str, ModelEMA], total_steps: int) -> None:
+    """One warning per EMA whose half-life is over half the run (``advice.half_life_warning``)."""
+    for name, ema in emas.items():
+        if ema.half_life == 0:  # decay 0: the EMA is the model itself
+            continue
+        message = half_life_warning(ema.half_life, total_steps, warmup=ema.warmup)
+        if message is not None:
+            warnings.warn(f"fit: {name}: {message}", UserWarning, stacklevel=3)
+
+
 def _plain(value):
     """A NumPy number as the Python number it prints as (np.float32(0.99) -> 0.99, as a column name)."""
     if isinstance(value, np.floating):
@@ -671,6 +761,8 @@ def _columns(emas: dict, metrics: Mapping) -> list[str]:
         ["epoch", "train_loss"]
         + [f"{p}_loss" for p in prefixes]
         + [f"{p}_{m}" for m in metrics for p in prefixes]
+        # Not "<model>_<quantity>" (history.score_columns): a reach, not a score to plot or pick by.
+        + [f"half_life_epochs_{name}" for name in emas]
         + ["lr", "seconds"]
     )
 
