@@ -39,6 +39,10 @@ def same_weights(model, ema) -> bool:
     )
 
 
+def same_state(model, other) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+
+
 class Watch:
     """Records, after each step and epoch, whether the live model holds the EMA's weights."""
 
@@ -121,3 +125,62 @@ def test_one_ema_of_a_multi_ema_can_be_switched_to():
     watch = Watch(multi.emas[0.9])
     run(model, multi, optimizer, [SwitchEMA(multi.emas[0.9]), watch], epochs=1)
     assert watch.epochs == [True]
+
+
+def test_fit_ema_switch_runs_as_the_switch_ema_callback_does():
+    model, ema, optimizer = setup()
+    by_callback = run(model, ema, optimizer, [SwitchEMA(ema)])
+    other = setup()
+    by_option = run(*other, [], ema_switch="epoch")
+    assert same_state(model, other[0])
+    assert by_callback.drop(columns="seconds").equals(by_option.drop(columns="seconds"))
+    assert same_weights(other[0], other[1])  # the last epoch ended with a switch
+
+
+def test_fit_ema_switch_every_n_steps_runs_as_the_callback_with_every_n():
+    model, ema, optimizer = setup()
+    run(model, ema, optimizer, [SwitchEMA(ema, every=4)])
+    other = setup()
+    run(*other, [], ema_switch=4)
+    assert same_state(model, other[0])
+    unswitched = setup()
+    run(*unswitched, [])
+    assert not torch.equal(unswitched[0].state_dict()["0.weight"], other[0].state_dict()["0.weight"])
+
+
+def test_a_run_with_ema_switch_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    model, ema, optimizer = setup()
+    straight = run(model, ema, optimizer, [], out_dir=tmp_path / "straight", ema_switch="epoch")
+    run(*setup(), [], epochs=1, out_dir=tmp_path / "resumed", ema_switch="epoch")
+    second = setup(seed=1)
+    resumed = run(*second, [], out_dir=tmp_path / "resumed", resume=True, ema_switch="epoch")
+    assert same_state(model, second[0])
+    assert straight.drop(columns="seconds").equals(resumed.drop(columns="seconds"))
+
+
+@pytest.mark.parametrize(("resumed", "message"), [(None, r"ema_switch="), (2, r"every='epoch'.*every=2")])
+def test_resuming_a_switched_run_with_another_ema_switch_is_refused(tmp_path, resumed, message):
+    run(*setup(), [], epochs=1, out_dir=tmp_path, ema_switch="epoch")
+    with pytest.raises(ValueError, match=message):
+        run(*setup(), [], out_dir=tmp_path, resume=True, ema_switch=resumed)
+
+
+@pytest.mark.parametrize(("ema", "message"), [(None, "ema=None"), ((0.9, 0.99), "2 decays")])
+def test_fit_ema_switch_without_exactly_one_ema_is_refused_before_training(ema, message):
+    model, _, optimizer = setup()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"ema_switch='epoch' copies the EMA.*{message}"):
+        run(model, ema, optimizer, [], ema_switch="epoch")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("every", [0, "step", True, 1.5])
+def test_fit_refuses_a_bad_ema_switch_by_name(every):
+    with pytest.raises(ValueError, match=r"ema_switch must be None, \"epoch\" or an int"):
+        run(*setup(), [], ema_switch=every)
+
+
+def test_fit_refuses_ema_switch_beside_a_switch_ema_callback():
+    model, ema, optimizer = setup()
+    with pytest.raises(ValueError, match="would switch twice"):
+        run(model, ema, optimizer, [SwitchEMA(ema)], ema_switch="epoch")
