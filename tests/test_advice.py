@@ -1,6 +1,7 @@
 """EMA advice: the rho ** kappa rule, the long half-life warning and the effective half-life, in numbers."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -80,3 +81,74 @@ def test_effective_half_life_counts_steps_not_updates_with_update_every():
 def test_bad_arguments_are_refused_by_name(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def fit_digits(ema, *, epochs=1, train_loader=None, **options):
+    from ema_kit import fit
+    from ema_kit.data import digits_loaders
+    from ema_kit.demo import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(width=8)
+    loader, val_loader = digits_loaders(batch_size=128)  # 11 steps per epoch
+    if callable(ema):  # built on the model: a ModelEMA the test keeps
+        ema = ema(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    return fit(model, train_loader or loader, val_loader, epochs=epochs, optimizer=optimizer, ema=ema,
+               progress="off", plot=False, **options)  # fmt: skip
+
+
+def test_fit_warns_once_for_each_ema_whose_half_life_is_over_half_the_run():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_digits((0.5, 0.999), epochs=2)  # half-lives of 1 and 693 steps, in a run of 22
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and messages[0].startswith("fit: ema0.999: The EMA's half-life (693 steps)")
+    assert "over half the run (22 steps)" in messages[0]
+
+
+def test_a_train_loader_without_len_gets_no_half_life_warning():
+    from ema_kit.data import digits_loaders
+
+    class NoLength:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            return iter(self.loader)
+
+    loader, _ = digits_loaders(batch_size=128)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log = fit_digits(0.999, train_loader=NoLength(loader))
+    assert not [w for w in caught if "half-life" in str(w.message)]
+    # After 11 updates the warmup decay is (1 - 1/12) ** 8, over the 11 steps the epoch was measured to have.
+    expected = math.log(0.5) / math.log((11 / 12) ** 8) / 11
+    assert log["half_life_epochs_ema"].iloc[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_log_holds_the_effective_half_life_in_epochs_of_each_ema_and_no_score_reads_it():
+    from ema_kit.history import score_columns
+    from ema_kit.plot import plot_history
+
+    emas = []
+
+    def built(model):
+        emas.append(ModelEMA(model, decay=0.9))
+        return emas[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        log = fit_digits(built, epochs=2, monitor="loss")
+    assert log["half_life_epochs_ema"].iloc[-1] == effective_half_life_epochs(emas[0], steps_per_epoch=11)
+    assert log["half_life_epochs_ema"].iloc[0] < log["half_life_epochs_ema"].iloc[1]  # warmup: it grows
+    assert not any("half_life" in c for group in score_columns(log).values() for c in group.values())
+    assert len(plot_history(log).axes) == 2  # loss and accuracy only
+
+
+def test_the_advice_is_exported_from_the_package():
+    import ema_kit
+
+    assert ema_kit.scale_decay is scale_decay and ema_kit.scale_half_life is scale_half_life
+    assert ema_kit.half_life_warning is half_life_warning
+    assert ema_kit.effective_half_life_epochs is effective_half_life_epochs
