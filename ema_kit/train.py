@@ -147,7 +147,8 @@ def fit(
     ``ema.copy_to(model)``; the optimizer state is kept (see ``ema_kit.switch.SwitchEMA``).
     ``recompute_ema_bn=True`` measures each EMA's BatchNorm statistics afresh with one pass over
     ``train_loader`` before it is scored (``ema_kit.bn.recompute_bn``); the saved ``model_ema.pth`` holds
-    the statistics that were scored, while the EMA itself keeps averaging its own.
+    the statistics that were scored, while the EMA itself keeps averaging its own, and training (the
+    shuffle, dropout) is the same as without the option.
 
     With ``out_dir`` the log is written after every epoch (``history.csv``, ``history.png``), with the best
     EMA weights (``model_ema.pth``, a plain state dict) and a checkpoint to ``resume`` from; resuming
@@ -268,10 +269,13 @@ def fit(
             if recompute_ema_bn:
                 # On a copy: the EMA averages its BatchNorm buffers (buffers="average"), so statistics
                 # measured in place would be averaged into it and change the EMA for the rest of the run.
-                # The copy is what is scored and, if best, saved as model_ema.pth.
+                # The copy is what is scored and, if best, saved as model_ema.pth. The extra pass draws
+                # a shuffle (and dropout masks): the random states are put back so training is the same.
+                drawn = checkpoints.rng_state(*generators)
                 for name, module in scored.items():
                     scored[name] = copy.deepcopy(module)
                     recompute_bn(scored[name], train_loader, target_key=target_key)
+                checkpoints.set_rng_state(drawn, *generators)
             for prefix, evaluated in [("live", model), *scored.items()]:
                 scores = evaluate(evaluated, val_loader, loss_fn=loss_fn, metrics=metrics, amp=amp,
                                   target_key=target_key, output_key=output_key)  # fmt: skip
