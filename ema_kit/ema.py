@@ -92,6 +92,14 @@ class ModelEMA:
             default it follows the model's device, also when the model is moved later.
         skip_non_finite: check the live weights before each update (one GPU sync); if they hold NaN or
             Inf, skip the update with a warning and keep the last good EMA.
+        rounding: ``"nearest"`` (torch's casts) or ``"stochastic"``: with ``dtype=torch.bfloat16`` each
+            update is blended in float32 and rounded up or down at random (``ema_kit._lowp``), so that
+            steps far below bfloat16's resolution still move the shadow on average. A plain bfloat16
+            shadow at decay 0.999 stalls; this one stays close to the float64 EMA at half the memory
+            of a float32 shadow, at about 10x a float32 update's time (``benchmarks/RESULTS_lowp.md``).
+        seed: seeds the stochastic rounding's own ``torch.Generator`` (the global one is not touched).
+            Its state is in ``state_dict()``, so a resume on the same device type is bit-exact; when the
+            shadow moves to another device, the stream restarts there from ``seed`` and ``num_steps``.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
@@ -120,6 +128,8 @@ class ModelEMA:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         skip_non_finite: bool = False,
+        rounding: str = "nearest",
+        seed: int = 0,
     ):
         settings = _check_settings(
             dict(
@@ -130,6 +140,8 @@ class ModelEMA:
                 buffers=buffers,
                 dtype=dtype,
                 skip_non_finite=skip_non_finite,
+                rounding=rounding,
+                seed=seed,
             )
         )
         shadows = Shadows(
@@ -140,6 +152,7 @@ class ModelEMA:
             device=_checks.check_device("device", device),
         )
         self._attach(shadows, 0, settings)
+        self._set_generator(None)
 
     @classmethod
     def _member(cls, shadows: Shadows, index: int, settings: dict) -> ModelEMA:
@@ -155,11 +168,13 @@ class ModelEMA:
         self.num_updates = 0  # averaging updates applied (after update_after_step, every update_every)
         self.num_skipped = 0  # updates skipped for NaN/Inf weights
         self.module = shadows.modules[index]
+        self._generator: torch.Generator | None = None  # stochastic rounding's noise (ModelEMA's own only)
 
     def _set_schedule(self, settings: dict) -> None:
         self.decay, self.warmup = settings["decay"], settings["warmup"]
         self.update_after_step, self.update_every = settings["update_after_step"], settings["update_every"]
         self.skip_non_finite = settings["skip_non_finite"]
+        self.rounding, self.seed = settings["rounding"], settings["seed"]
 
     @property
     def buffers(self) -> str:
@@ -200,6 +215,8 @@ class ModelEMA:
         one of the same shape; a model whose layout no longer matches is a ValueError, before any change.
         """
         self._shadows.follow(model)
+        if self._generator is not None and self._generator.device != self._shadow_device():
+            self._set_generator(None)  # the shadow moved: a generator on its new device
         weights: list[float | None] = [None] * len(self._shadows.modules)
         weights[self._index] = self._advance(self._shadows.all_finite)
         self._shadows.blend(weights)
@@ -229,8 +246,25 @@ class ModelEMA:
         self.num_updates += 1
         return weight
 
+    def _shadow_device(self) -> torch.device:
+        tensor = next(self.module.parameters(), None)
+        return next(self.module.buffers()).device if tensor is None else tensor.device
+
+    def _set_generator(self, state: dict | None) -> None:
+        """Stochastic rounding's generator, on the shadow's device: ``state`` restored, or seeded anew."""
+        if self.rounding != "stochastic":
+            self._generator = self._shadows.generator = None
+            return
+        device = self._shadow_device()
+        generator = torch.Generator(device=device)
+        if state is not None and state["device"] == str(device):
+            generator.set_state(state["state"])
+        else:  # a fresh EMA, or one whose shadow now lives elsewhere: deterministic all the same
+            generator.manual_seed(self.seed + self.num_steps)
+        self._generator = self._shadows.generator = generator
+
     def copy_to(self, model: nn.Module) -> None:
-        """Write the EMA weights (and buffers) into ``model`` for good."""
+        """Write the EMA weights (and buffers) into ``model`` for good (``fit(ema_switch=...)`` calls it)."""
         lives, shadows = self._shadows.pair(model, self._index)
         with torch.no_grad():
             torch._foreach_copy_(lives, shadows)
@@ -281,11 +315,16 @@ class ModelEMA:
             "num_skipped": self.num_skipped,
             "settings": {name: getattr(self, name) for name in _SETTINGS}
             | {"dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch.")},
+            "generator": None
+            if self._generator is None
+            else {"device": str(self._generator.device), "state": self._generator.get_state()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned. Checks everything before changing anything."""
-        self._restore(*self._check_state(state))
+        settings, counters, weights = self._check_state(state)
+        self._restore(settings, counters, weights)
+        self._set_generator(state.get("generator"))
 
     def _check_state(self, state) -> tuple[dict, dict, dict]:
         """The settings, counters and weights of a ``state_dict``, checked against this EMA."""
@@ -295,7 +334,8 @@ class ModelEMA:
                 "(e.g. a file from ModelEMA.save), use ema.module.load_state_dict(weights)."
             )
         try:
-            settings = _check_settings(state["settings"])
+            # States from before rounding= existed were rounded to nearest (and drew no noise).
+            settings = _check_settings({"rounding": "nearest", "seed": 0} | state["settings"])
             counters = {
                 name: _checks.check_int(name, state[name], minimum=0)
                 for name in ("num_steps", "num_updates", "num_skipped")
@@ -322,6 +362,12 @@ class ModelEMA:
                 "with ModelEMA.state_dict()?"
             )
         _check_weights_match(weights, expected)
+        _check_generator_state(state.get("generator"), settings["rounding"])
+        if len(self._shadows.modules) > 1 and settings["rounding"] != "nearest":
+            raise ValueError(
+                "The state holds rounding='stochastic', which a MultiEMA's EMAs do not do; load it into a "
+                "ModelEMA(model, dtype=torch.bfloat16, rounding='stochastic')."
+            )
         shared = {"buffers": self.buffers, "dtype": self.dtype}
         if len(self._shadows.modules) > 1 and {name: settings[name] for name in shared} != shared:
             raise ValueError(
@@ -367,6 +413,22 @@ def save_module(module: nn.Module, path: str | os.PathLike) -> Path:
     )
 
 
+def _check_generator_state(generator, rounding: str) -> None:
+    """A stochastic EMA's state holds its generator's: ``{"device": str, "state": uint8 tensor}``."""
+    if rounding != "stochastic":
+        return
+    if (
+        not isinstance(generator, dict)
+        or not isinstance(generator.get("device"), str)
+        or not isinstance(generator.get("state"), torch.Tensor)
+        or generator["state"].dtype != torch.uint8
+    ):
+        raise ValueError(
+            "The ModelEMA state has rounding='stochastic' but no generator state to resume its rounding "
+            "noise from; was it saved with ModelEMA.state_dict()?"
+        )
+
+
 def _check_weights_match(given: dict, expected: dict, what: str = "The state") -> None:
     problems = layout_mismatch(given, expected)
     if problems:
@@ -384,6 +446,8 @@ _SETTINGS = {
     "buffers": lambda value: _checks.check_choice("buffers", value, ("average", "copy")),
     "dtype": lambda value: _checks.check_dtype("dtype", value),
     "skip_non_finite": lambda value: _checks.check_bool("skip_non_finite", value),
+    "rounding": lambda value: _checks.check_choice("rounding", value, ("nearest", "stochastic")),
+    "seed": lambda value: _checks.check_int("seed", value, minimum=0),
 }
 
 
@@ -391,4 +455,10 @@ def _check_settings(settings: dict) -> dict:
     """Every ModelEMA setting, checked; raises on the first bad one, before anything is changed."""
     if not isinstance(settings, dict):  # a state read from a file
         raise ValueError(f"The ModelEMA settings must be a dict, got {type(settings).__name__}.")
-    return {name: check(settings[name]) for name, check in _SETTINGS.items()}
+    checked = {name: check(settings[name]) for name, check in _SETTINGS.items()}
+    if checked["rounding"] == "stochastic" and checked["dtype"] != torch.bfloat16:
+        raise ValueError(
+            f"rounding='stochastic' is for bfloat16 shadows, got dtype={checked['dtype']}; pass "
+            "dtype=torch.bfloat16 with it (float32 and wider shadows need no stochastic rounding)."
+        )
+    return checked

@@ -54,6 +54,12 @@ class MultiEMA:
             raise TypeError(f"MultiEMA got unknown options {unknown}; it takes ModelEMA's: {list(_OPTIONS)}.")
         options = _OPTIONS | options
         settings = _check_settings({"decay": decays[0]} | {k: v for k, v in options.items() if k != "device"})
+        if settings["rounding"] != "nearest":
+            raise ValueError(
+                f"MultiEMA rounds to nearest only, got rounding={settings['rounding']!r}; for a bfloat16 "
+                "shadow with stochastic rounding use "
+                "ModelEMA(model, dtype=torch.bfloat16, rounding='stochastic')."
+            )
         shadows = Shadows(
             model,
             len(decays),
