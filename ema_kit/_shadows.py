@@ -7,7 +7,7 @@ The update is the plain multi-tensor idiom: tensor lists built once per ``(devic
 ``torch._foreach_lerp_`` (``_foreach_copy_`` for integer buffers) per list, for all K sets at once (each
 live tensor is paired with its K shadows in turn, with a list of K weights). The one step beyond it:
 small dense tensors are gathered, one ``cat`` and one ``lerp_`` per set over a flat tensor that their
-shadows are views into (see ``_Gather``).
+shadows are views into (integer counters: one ``cat``, then a ``copy_`` per further set; see ``_Gather``).
 
 Before each update, ``follow(model)`` checks that the lists still point at the model's tensors. The check
 is cheap: a global counter of module, parameter and buffer registrations anywhere in the process (torch's
@@ -247,19 +247,22 @@ class Shadows:
             # a weight list costs more per tensor than one weight: one op per set (benchmarks/ema_update.py,
             # several-decays table: 3 sets of the tiny CNN cost 2.45x one set per set, 2.8x interleaved;
             # ResNet-50 2.9x per set, 2.5x interleaved). Dense ones are gathered into one (see _Gather).
-            if kind == "lerp" and source.numel() < SMALL:
-                kind = "gather" if source.is_contiguous() else "small lerp" if k > 1 else "lerp"
+            small, dense = source.numel() < SMALL, source.is_contiguous()
+            if kind == "lerp" and small:
+                kind = "gather" if dense else "small lerp" if k > 1 else "lerp"
+            elif kind == "copy" and small and dense and source.dtype == shadow.dtype:
+                kind = "gather copy"  # integer counters: one cat rather than a 2x dearer _foreach_copy_
             groups.setdefault((kind, shadow.device, shadow.dtype, source.dtype), []).append(i)
         self._gathers = []
         for (kind, *_), members in groups.items():
-            if kind == "gather":
+            if kind.startswith("gather"):
                 regions = []
                 for j, shadow_slots in enumerate(sets):
                     slots_j = [shadow_slots[slots[i].key] for i in members]
                     regions.append(_packed(slots_j))
                     for i, slot in zip(members, slots_j):
                         shadows[i][j] = slot.tensor.detach()
-                self._gathers.append(_Gather([sources[i] for i in members], regions))
+                self._gathers.append(_Gather([sources[i] for i in members], regions, kind == "gather"))
 
         def of(kind: str, sets: range) -> list[tuple[list[Tensor], list[Tensor]]]:
             # Each live tensor is read once per op, paired with the shadows of ``sets`` in turn.
@@ -384,13 +387,23 @@ class _Gather:
     of benchmarks/ema_update.py: 1.33x the bare ``_foreach_lerp_`` without it, 1.14x with it).
     """
 
-    def __init__(self, lives: list[Tensor], regions: list[Tensor]):
+    def __init__(self, lives: list[Tensor], regions: list[Tensor], averaged: bool):
         self._lives = [live.view(-1) for live in lives]
         self._regions = regions
-        self._buffer = torch.empty_like(regions[0])
+        self._buffer = torch.empty_like(regions[0]) if averaged else None
 
     def blend(self, weights: list[float | None]) -> None:
-        """``Shadows.blend`` for these tensors: set k takes ``weights[k]`` (1.0 copies, None leaves it)."""
+        """``Shadows.blend`` for these tensors: set k takes ``weights[k]`` (1.0 copies, None leaves it).
+
+        Tensors that are not averaged are copied into every set that is not left alone.
+        """
+        if self._buffer is None:  # read once into the first set's region, copied on from there
+            regions = [region for region, weight in zip(self._regions, weights) if weight is not None]
+            if regions:
+                torch.cat(self._lives, out=regions[0])
+            for region in regions[1:]:
+                region.copy_(regions[0])
+            return
         read = False
         for region, weight in zip(self._regions, weights):
             if weight == 1.0:
