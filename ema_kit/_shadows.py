@@ -5,7 +5,9 @@
 
 The update is the plain multi-tensor idiom: tensor lists built once per ``(device, dtype)``, then one
 ``torch._foreach_lerp_`` (``_foreach_copy_`` for integer buffers) per list, for all K sets at once (each
-live tensor is paired with its K shadows in turn, with a list of K weights).
+live tensor is paired with its K shadows in turn, with a list of K weights). The one step beyond it:
+small dense tensors are gathered, one ``cat`` and one ``lerp_`` per set over a flat tensor that their
+shadows are views into (integer counters: one ``cat``, then a ``copy_`` per further set; see ``_Gather``).
 
 Before each update, ``follow(model)`` checks that the lists still point at the model's tensors. The check
 is cheap: a global counter of module, parameter and buffer registrations anywhere in the process (torch's
@@ -33,7 +35,7 @@ from torch.nn.modules.module import (
 from ._checks import check_module
 from ._tensors import Slot, layout_mismatch, saved_slots
 
-INTERLEAVE_FROM = 16_384  # elements: with several sets, smaller tensors take one op per set (see _plan)
+SMALL = 16_384  # elements: smaller tensors are blended one set at a time, dense ones gathered (see _plan)
 _registrations = 0  # module/parameter/buffer assignments in this process, on any module
 
 
@@ -130,6 +132,8 @@ class Shadows:
                 ]
             # The small copies first, while follow() has just brought their tensors' metadata into cache:
             # after the lerp has streamed the weights through it they cost 3% of a ResNet-50 step, not 0.3%.
+            for gather in self._gathers:
+                gather.blend(weights)
             for shadows, lives in self._copies:
                 torch._foreach_copy_(shadows, lives)
             for (shadows, lives), per_tensor in zip(self._lerps, self._weight_lists):
@@ -154,6 +158,8 @@ class Shadows:
     def copy(self) -> None:
         """Make every set an exact copy of the live weights (also mends a shadow holding NaN)."""
         self._stage()
+        for gather in self._gathers:
+            gather.blend([1.0] * len(self.modules))
         per_set = [pair for pairs in self._small_lerps + self._casts for pair in pairs]
         for shadows, lives in self._copies + self._lerps + per_set:
             torch._foreach_copy_(shadows, lives)
@@ -240,10 +246,23 @@ class Shadows:
             # shadows in turn (a list of K weights). Small ones cost their launch more than their bytes, and
             # a weight list costs more per tensor than one weight: one op per set (benchmarks/ema_update.py,
             # several-decays table: 3 sets of the tiny CNN cost 2.45x one set per set, 2.8x interleaved;
-            # ResNet-50 2.9x per set, 2.5x interleaved).
-            if kind == "lerp" and k > 1 and source.numel() < INTERLEAVE_FROM:
-                kind = "small lerp"
+            # ResNet-50 2.9x per set, 2.5x interleaved). Dense ones are gathered into one (see _Gather).
+            small, dense = source.numel() < SMALL, source.is_contiguous()
+            if kind == "lerp" and small:
+                kind = "gather" if dense else "small lerp" if k > 1 else "lerp"
+            elif kind == "copy" and small and dense and source.dtype == shadow.dtype:
+                kind = "gather copy"  # integer counters: one cat rather than a 2x dearer _foreach_copy_
             groups.setdefault((kind, shadow.device, shadow.dtype, source.dtype), []).append(i)
+        self._gathers = []
+        for (kind, *_), members in groups.items():
+            if kind.startswith("gather"):
+                regions = []
+                for j, shadow_slots in enumerate(sets):
+                    slots_j = [shadow_slots[slots[i].key] for i in members]
+                    regions.append(_packed(slots_j))
+                    for i, slot in zip(members, slots_j):
+                        shadows[i][j] = slot.tensor.detach()
+                self._gathers.append(_Gather([sources[i] for i in members], regions, kind == "gather"))
 
         def of(kind: str, sets: range) -> list[tuple[list[Tensor], list[Tensor]]]:
             # Each live tensor is read once per op, paired with the shadows of ``sets`` in turn.
@@ -278,6 +297,8 @@ class Shadows:
 
     def _blend_set(self, j: int, weight: float) -> None:
         lists = self._per_set[j]
+        for gather in self._gathers:
+            gather.blend([weight if k == j else None for k in range(len(self.modules))])
         for shadows, lives in sum(lists.values(), []) if weight == 1.0 else lists["copy"]:
             torch._foreach_copy_(shadows, lives)
         if weight != 1.0:
@@ -355,6 +376,71 @@ class _Stage:
         torch._foreach_copy_(self.views, self._lives, non_blocking=self._pinned)
         if self._pinned:  # the CPU reads the buffer next: wait for the copies queued on the GPU
             torch.cuda.current_stream(self._source).synchronize()
+
+
+class _Gather:
+    """Small dense live tensors of one device and dtype, blended into each set as one flat tensor.
+
+    Their shadows are views into one flat region per set. A step reads the live tensors with one ``cat``
+    into a buffer and blends each set with one ``lerp_`` over its region, rather than one op per tensor:
+    the one path here beyond the plain idiom, because it pays where small tensors are many (tiny CNN row
+    of benchmarks/ema_update.py: 1.33x the bare ``_foreach_lerp_`` without it, 1.14x with it).
+    """
+
+    def __init__(self, lives: list[Tensor], regions: list[Tensor], averaged: bool):
+        self._lives = [live.view(-1) for live in lives]
+        self._regions = regions
+        self._buffer = torch.empty_like(regions[0]) if averaged else None
+
+    def blend(self, weights: list[float | None]) -> None:
+        """``Shadows.blend`` for these tensors: set k takes ``weights[k]`` (1.0 copies, None leaves it).
+
+        Tensors that are not averaged are copied into every set that is not left alone.
+        """
+        if self._buffer is None:  # read once into the first set's region, copied on from there
+            regions = [region for region, weight in zip(self._regions, weights) if weight is not None]
+            if regions:
+                torch.cat(self._lives, out=regions[0])
+            for region in regions[1:]:
+                region.copy_(regions[0])
+            return
+        read = False
+        for region, weight in zip(self._regions, weights):
+            if weight == 1.0:
+                torch.cat(self._lives, out=region)
+            elif weight is not None:
+                if not read:
+                    torch.cat(self._lives, out=self._buffer)
+                    read = True
+                region.lerp_(self._buffer, weight)
+
+
+def _packed(slots: list[Slot]) -> Tensor:
+    """One flat tensor whose consecutive pieces are the (contiguous, same-dtype) tensors of ``slots``.
+
+    When they are not such pieces already, the slots are given views into a new flat tensor, values kept.
+    """
+    tensors = [slot.tensor.detach() for slot in slots]
+    first, size = tensors[0], sum(t.numel() for t in tensors)
+    storage, start = first.untyped_storage(), first.storage_offset()
+    for tensor in tensors:
+        if (
+            tensor.untyped_storage().data_ptr() != storage.data_ptr()
+            or tensor.storage_offset() != start
+            or not tensor.is_contiguous()
+        ):
+            break
+        start += tensor.numel()
+    else:
+        return first.new_empty(0).set_(storage, first.storage_offset(), (size,))
+    flat = first.new_empty(size)
+    start = 0
+    with torch.no_grad():
+        for slot, tensor in zip(slots, tensors):
+            view = flat[start : start + tensor.numel()].view(tensor.shape)
+            _replace(slot, view.copy_(tensor))
+            start += tensor.numel()
+    return flat
 
 
 def _addresses(holders: list[dict], names: list[str]) -> list[int]:

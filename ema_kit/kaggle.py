@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from . import _batches
 from .files import atomic_write_text
 from .train import _model_device, _resolve_amp
 
@@ -437,14 +438,22 @@ class RandomAffine:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: Iterable, *, tta: bool = False, amp: str | bool = "auto"
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    tta: bool = False,
+    amp: str | bool = "auto",
+    target_key: str | None = None,
+    output_key: int | str | None = None,
 ) -> torch.Tensor:
     """Class probabilities (softmax) of ``model`` for every item of ``loader``, in order, on the CPU.
 
-    Batches are images or ``(images, ...)``; they go to the model's device, under autocast on CUDA with
-    ``amp="auto"``. ``tta=True`` averages the probabilities of each image and its mirror image (flipped left
-    to right): it helps where a mirrored picture shows the same class (photos), not for digits or text.
-    The model's train/eval mode is restored afterwards.
+    Batches are what ``fit`` takes, with or without targets: images, ``(inputs, ...)`` (the first item is
+    the input, a tensor, tuple or dict as in ``fit``), or a dict whose entries other than ``target_key``
+    are the model's keyword inputs; ``output_key`` picks the prediction from a tuple or dict output. They go
+    to the model's device, under autocast on CUDA with ``amp="auto"``. ``tta=True`` averages the
+    probabilities of each image and its mirror image (flipped left to right): it helps where a mirrored
+    picture shows the same class (photos), not for digits or text. The model's train/eval mode is restored.
 
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
@@ -459,12 +468,20 @@ def predict(
     outputs = []
     try:
         for batch in loader:
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            images = images.to(device, non_blocking=True)
+            if isinstance(batch, Mapping):
+                inputs = {key: value for key, value in batch.items() if key != target_key}
+            else:
+                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if tta and not isinstance(inputs, torch.Tensor):
+                raise ValueError(
+                    f"tta=True mirrors image tensors, but this loader's inputs are a {type(inputs).__name__}:"
+                    " predict without tta, or yield images."
+                )
+            inputs = _batches.to_device(inputs, device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                probabilities = model(images).float().softmax(dim=1)
+                probabilities = _batches.forward(model, inputs, output_key).float().softmax(dim=1)
                 if tta:
-                    mirrored = model(images.flip(-1)).float().softmax(dim=1)
+                    mirrored = _batches.forward(model, inputs.flip(-1), output_key).float().softmax(dim=1)
                     probabilities = (probabilities + mirrored) / 2
             outputs.append(probabilities.cpu())
     finally:

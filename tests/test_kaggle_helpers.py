@@ -324,6 +324,32 @@ def test_predict_flip_tta_averages_the_mirror_image():
     )
 
 
+class TwoHeads(nn.Module):
+    """A model with keyword inputs that returns a dict, as HuggingFace-style models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, pixels, scale):
+        return {"logits": self.linear(pixels) * scale, "features": pixels}
+
+
+def test_predict_takes_the_batches_and_outputs_fit_takes():
+    torch.manual_seed(0)
+    model = TwoHeads()
+    pixels = torch.randn(5, 4)
+    expected = model(pixels, 2.0)["logits"].softmax(1).detach()
+    dict_batches = [{"pixels": pixels, "scale": 2.0, "labels": torch.zeros(5)}]
+    torch.testing.assert_close(predict(model, dict_batches, target_key="labels", output_key="logits"), expected)
+    tuple_inputs = [((pixels, 2.0), torch.zeros(5))]
+    torch.testing.assert_close(predict(model, tuple_inputs, output_key="logits"), expected)
+    with pytest.raises(ValueError, match="output_key"):
+        predict(model, tuple_inputs)
+    with pytest.raises(ValueError, match="tta=True mirrors image tensors"):
+        predict(model, tuple_inputs, output_key="logits", tta=True)
+
+
 def test_predict_empty_loader_is_an_error():
     with pytest.raises(ValueError, match="no batches"):
         predict(nn.Linear(2, 2), [])

@@ -116,3 +116,20 @@ def test_a_stage_copies_its_live_tensors_into_one_buffer_each_fill():
             live.add_(1.0)
         stage.fill()
         assert all(torch.equal(view, live) for view, live in zip(stage.views, lives))
+
+
+def test_small_shadows_replaced_by_hand_are_gathered_again_and_still_averaged():
+    model = mixed_model()
+    shadows = Shadows(model, 1, average_buffers=True, dtype=None, device=None)
+    module = shadows.modules[0]
+    small = {"small", "scalar", "stat"}  # float32, dense, under SMALL elements: views into one flat tensor
+    assert len({getattr(module, name).untyped_storage().data_ptr() for name in small}) == 1
+    module.load_state_dict({k: v.clone() for k, v in module.state_dict().items()}, assign=True)
+    expected = {name: getattr(module, name).double() for name in small}
+    perturb(model, 0)
+    shadows.follow(model)
+    shadows.blend([0.25])
+    for name in small:
+        want = expected[name] + 0.25 * (getattr(model, name).double() - expected[name])
+        assert torch.allclose(getattr(module, name).double(), want, atol=1e-6), name
+    assert len({getattr(module, name).untyped_storage().data_ptr() for name in small}) == 1
