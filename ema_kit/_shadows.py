@@ -33,6 +33,7 @@ from torch.nn.modules.module import (
 )
 
 from ._checks import check_module
+from ._lowp import lerp_stochastic_
 from ._tensors import Slot, layout_mismatch, saved_slots
 
 SMALL = 16_384  # elements: smaller tensors are blended one set at a time, dense ones gathered (see _plan)
@@ -80,6 +81,7 @@ class Shadows:
 
     def __init__(self, model: nn.Module, count: int, *, average_buffers: bool, dtype, device):
         self.average_buffers, self.dtype, self.device = average_buffers, dtype, device
+        self.generator: torch.Generator | None = None  # set_generator: stochastic rounding's noise
         live = check_module("model", model)
         slots = _checked_slots(live, "The model")
         if not any(_averageable(slot.tensor) for slot in slots):
@@ -145,6 +147,9 @@ class Shadows:
                 for shadows, lives in pairs:
                     torch._foreach_mul_(shadows, 1.0 - weight)
                     torch._foreach_add_(shadows, lives, alpha=weight)
+            for pairs, weight in zip(self._stochastic, weights):
+                for shadows, lives in pairs:
+                    lerp_stochastic_(shadows, lives, weight, self.generator)
             if self._extra:
                 self._copy_extra_state(range(len(weights)))
         elif all(w == 1.0 for w in weights):
@@ -160,7 +165,7 @@ class Shadows:
         self._stage()
         for gather in self._gathers:
             gather.blend([1.0] * len(self.modules))
-        per_set = [pair for pairs in self._small_lerps + self._casts for pair in pairs]
+        per_set = [pair for pairs in self._small_lerps + self._casts + self._stochastic for pair in pairs]
         for shadows, lives in self._copies + self._lerps + per_set:
             torch._foreach_copy_(shadows, lives)
         self._copy_extra_state(range(len(self.modules)))
@@ -183,6 +188,16 @@ class Shadows:
         shadows = {slot.key: slot.tensor for slot in saved_slots(self.modules[k])}
         _check_layout(lives, shadows)
         return [lives[key] for key in shadows], list(shadows.values())
+
+    def set_generator(self, generator: torch.Generator | None) -> None:
+        """Blend bfloat16 shadows with stochastic rounding (``_lowp``) from ``generator``; None: nearest.
+
+        The generator must be on the shadows' device (``ModelEMA`` keeps it there).
+        """
+        replan = (generator is None) != (self.generator is None)
+        self.generator = generator
+        if replan:
+            self._bind(self._model)
 
     def relayout(self, *, average_buffers: bool, dtype) -> None:
         """Apply restored settings: the averaged buffers and the shadow dtype (values kept, then cast)."""
@@ -248,7 +263,9 @@ class Shadows:
             # several-decays table: 3 sets of the tiny CNN cost 2.45x one set per set, 2.8x interleaved;
             # ResNet-50 2.9x per set, 2.5x interleaved). Dense ones are gathered into one (see _Gather).
             small, dense = source.numel() < SMALL, source.is_contiguous()
-            if kind == "lerp" and small:
+            if kind != "copy" and self.generator is not None and shadow.dtype == torch.bfloat16:
+                kind = "stochastic"  # rounded at random (_lowp), one op list per set
+            elif kind == "lerp" and small:
                 kind = "gather" if dense else "small lerp" if k > 1 else "lerp"
             elif kind == "copy" and small and dense and source.dtype == shadow.dtype:
                 kind = "gather copy"  # integer counters: one cat rather than a 2x dearer _foreach_copy_
@@ -277,8 +294,9 @@ class Shadows:
         self._small_lerps = [of("small lerp", range(j, j + 1)) for j in every]
         # lerp_ needs equal dtypes, and add_'s alpha is one number per op: casts take one op pair per set.
         self._casts = [of("cast", range(j, j + 1)) for j in every]
+        self._stochastic = [of("stochastic", range(j, j + 1)) for j in every]
         self._per_set = [
-            {kind: of(kind, range(j, j + 1)) for kind in ("copy", "lerp", "small lerp", "cast")}
+            {kind: of(kind, range(j, j + 1)) for kind in ("copy", "lerp", "small lerp", "cast", "stochastic")}
             for j in every
         ]
         self._weights: list = []
@@ -307,6 +325,8 @@ class Shadows:
             for shadows, lives in lists["cast"]:
                 torch._foreach_mul_(shadows, 1.0 - weight)
                 torch._foreach_add_(shadows, lives, alpha=weight)
+            for shadows, lives in lists["stochastic"]:
+                lerp_stochastic_(shadows, lives, weight, self.generator)
         self._copy_extra_state([j])
 
     def _stage(self) -> None:

@@ -253,7 +253,8 @@ class ModelEMA:
     def _set_generator(self, state: dict | None) -> None:
         """Stochastic rounding's generator, on the shadow's device: ``state`` restored, or seeded anew."""
         if self.rounding != "stochastic":
-            self._generator = self._shadows.generator = None
+            self._generator = None
+            self._shadows.set_generator(None)
             return
         device = self._shadow_device()
         generator = torch.Generator(device=device)
@@ -261,7 +262,8 @@ class ModelEMA:
             generator.set_state(state["state"])
         else:  # a fresh EMA, or one whose shadow now lives elsewhere: deterministic all the same
             generator.manual_seed(self.seed + self.num_steps)
-        self._generator = self._shadows.generator = generator
+        self._generator = generator
+        self._shadows.set_generator(generator)
 
     def copy_to(self, model: nn.Module) -> None:
         """Write the EMA weights (and buffers) into ``model`` for good (``fit(ema_switch=...)`` calls it)."""

@@ -686,3 +686,103 @@ def test_buffer_cast_without_its_module_s_parameters_is_followed(model):
     train_steps(model, 3, lambda: (ema.update(model), reference.update(model, 0.9)))
     assert ema.module[1].running_mean.dtype == torch.float32
     assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+
+
+class Drifting(nn.Module):
+    """One weight vector that drifts 0.1% per step, each element its own way (bfloat16-exact at the start)."""
+
+    def __init__(self, size: int = 4096):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.start = torch.randn(size, dtype=torch.float64, generator=generator).bfloat16().double()
+        self.drift = torch.randn(size, dtype=torch.float64, generator=generator) * 1e-3
+        self.weight = nn.Parameter(self.start.float())
+
+    def step(self, n: int) -> None:
+        with torch.no_grad():
+            self.weight.copy_(self.start + self.drift * n)
+
+
+def test_stochastic_bf16_rounding_tracks_the_float64_ema_where_nearest_bf16_stalls():
+    model = Drifting()
+    options = {"decay": 0.999, "warmup": False, "dtype": torch.bfloat16}
+    nearest, stochastic = ModelEMA(model, **options), ModelEMA(model, **options, rounding="stochastic")
+    exact = model.start.clone()
+    for n in range(1, 1001):  # 1000 updates: the exact EMA has moved far enough for the jitter to be small
+        model.step(n)
+        exact.lerp_(model.weight.double(), 0.001)
+        nearest.update(model)
+        stochastic.update(model)
+    travel = (exact - model.start).norm()
+    assert stochastic.module.weight.dtype == torch.bfloat16
+    assert (stochastic.module.weight.double() - exact).norm() < 0.1 * travel
+    assert (nearest.module.weight.double() - exact).norm() > 0.5 * travel
+
+
+def stochastic_run(ema: ModelEMA, model: Drifting, steps: range) -> None:
+    for n in steps:
+        model.step(n)
+        ema.update(model)
+
+
+def test_a_stochastic_ema_resumes_bit_exact_from_its_saved_state(tmp_path):
+    model = Drifting(512)
+    options = {"decay": 0.99, "dtype": torch.bfloat16, "rounding": "stochastic"}
+    straight = ModelEMA(model, **options)
+    stochastic_run(straight, model, range(1, 11))
+    torch.save(straight.state_dict(), tmp_path / "ema.pt")
+    stochastic_run(straight, model, range(11, 21))
+    resumed = ModelEMA(Drifting(512), **options)
+    resumed.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))
+    stochastic_run(resumed, model, range(11, 21))
+    assert torch.equal(resumed.module.weight, straight.module.weight)
+
+
+def test_the_seed_decides_the_rounding_noise_and_the_global_generator_is_not_drawn_from():
+    finals = []
+    for seed in (0, 0, 1):
+        model = Drifting(512)
+        ema = ModelEMA(model, decay=0.99, dtype=torch.bfloat16, rounding="stochastic", seed=seed)
+        torch.manual_seed(123)
+        stochastic_run(ema, model, range(1, 11))
+        drawn = torch.rand(1)
+        torch.manual_seed(123)
+        assert torch.equal(drawn, torch.rand(1))
+        finals.append(ema.module.weight.clone())
+    assert torch.equal(finals[0], finals[1]) and not torch.equal(finals[0], finals[2])
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        (
+            {"rounding": "stochastic"},
+            ValueError,
+            r"rounding='stochastic' is for bfloat16.*dtype=torch.bfloat16",
+        ),
+        ({"rounding": "up"}, ValueError, r"rounding must be one of \('nearest', 'stochastic'\), got 'up'"),
+        ({"rounding": None}, TypeError, "rounding must be one of"),
+        ({"seed": -1}, ValueError, "seed must be an int >= 0, got -1"),
+        ({"seed": "0"}, TypeError, "seed must be an int >= 0"),
+    ],
+)
+def test_rounding_and_seed_are_checked_by_name(options, error, message):
+    with pytest.raises(error, match=message):
+        ModelEMA(nn.Linear(2, 2), **options)
+
+
+def test_a_stochastic_state_without_its_generator_state_is_refused_before_any_change():
+    model = Drifting(64)
+    ema = ModelEMA(model, dtype=torch.bfloat16, rounding="stochastic")
+    state = ema.state_dict() | {"generator": None}
+    before = ema.module.weight.clone()
+    with pytest.raises(ValueError, match="no generator state"):
+        ModelEMA(model, dtype=torch.bfloat16, rounding="stochastic").load_state_dict(state)
+    assert torch.equal(ema.module.weight, before)
+
+
+def test_multi_ema_refuses_stochastic_rounding():
+    from ema_kit import MultiEMA
+
+    with pytest.raises(ValueError, match="MultiEMA rounds to nearest only"):
+        MultiEMA(nn.Linear(2, 2), decays=(0.9, 0.99), dtype=torch.bfloat16, rounding="stochastic")
