@@ -272,9 +272,10 @@ def fit(
                 # The copy is what is scored and, if best, saved as model_ema.pth. The extra pass draws
                 # a shuffle (and dropout masks): the random states are put back so training is the same.
                 drawn = checkpoints.rng_state(*generators)
-                for name, module in scored.items():
-                    scored[name] = copy.deepcopy(module)
-                    recompute_bn(scored[name], train_loader, target_key=target_key)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
+                    for name, module in scored.items():
+                        scored[name] = copy.deepcopy(module)
+                        recompute_bn(scored[name], train_loader, target_key=target_key)
                 checkpoints.set_rng_state(drawn, *generators)
             for prefix, evaluated in [("live", model), *scored.items()]:
                 scores = evaluate(evaluated, val_loader, loss_fn=loss_fn, metrics=metrics, amp=amp,
