@@ -15,6 +15,7 @@ from torch import nn
 from . import _checks
 from ._shadows import Shadows
 from ._tensors import layout_mismatch
+from .bn import recompute_bn
 from .files import atomic_save, save_weights
 
 # Warmup caps the decay at (1 - 1/n) ** 8 for the n-th update: a power-function EMA (Karras et al.
@@ -270,6 +271,14 @@ class ModelEMA:
         lives, shadows = self._shadows.pair(model, self._index)
         with torch.no_grad():
             torch._foreach_copy_(lives, shadows)
+
+    def recompute_bn(self, loader, **options) -> int:
+        """The EMA's BatchNorm statistics measured afresh: ``ema_kit.recompute_bn(ema.module, loader, ...)``.
+
+        In place: call it after training (later updates average on from these statistics), or use
+        ``fit(recompute_ema_bn=True)``, which measures them on a copy each epoch.
+        """
+        return recompute_bn(self.module, loader, **options)
 
     @contextlib.contextmanager
     def applied_to(self, model: nn.Module) -> Iterator[nn.Module]:

@@ -187,3 +187,13 @@ def test_fit_recompute_ema_bn_is_refused_without_an_ema_or_without_batchnorm():
         fit_digits(model, 0.9, recompute_ema_bn=True)
     with pytest.raises(TypeError, match="recompute_ema_bn must be True or False"):
         fit_digits(model, 0.9, recompute_ema_bn="yes")
+
+
+def test_model_ema_recompute_bn_recomputes_its_module_in_place():
+    from ema_kit import ModelEMA
+
+    model = trained_cnn()
+    ema, reference = ModelEMA(model), trained_cnn()
+    update_bn(batches(), reference)
+    assert ema.recompute_bn(batches()) == 6
+    assert_same_stats(ema.module, reference)
