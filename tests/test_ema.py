@@ -799,8 +799,19 @@ def test_fit_resumes_a_stochastic_bf16_ema_bit_exact(tmp_path):
         ema = ModelEMA(model, decay=0.9, dtype=torch.bfloat16, rounding="stochastic")
         train_loader, val_loader = digits_loaders(batch_size=128)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        fit(model, train_loader, val_loader, epochs=epochs, optimizer=optimizer, ema=ema, out_dir=out_dir,
-            amp="bf16", progress="off", plot=False, **options)  # fmt: skip; bf16: the EMA model's inputs
+        fit(
+            model,
+            train_loader,
+            val_loader,
+            epochs=epochs,
+            optimizer=optimizer,
+            ema=ema,
+            out_dir=out_dir,
+            amp="bf16",
+            progress="off",
+            plot=False,
+            **options,
+        )  # fmt: skip; bf16: the EMA model's inputs
         return ema
 
     straight = run(2, tmp_path / "straight")
@@ -809,3 +820,23 @@ def test_fit_resumes_a_stochastic_bf16_ema_bit_exact(tmp_path):
     for a, b in zip(straight.module.state_dict().values(), resumed.module.state_dict().values()):
         assert torch.equal(a, b)
     assert straight.module[0].weight.dtype == torch.bfloat16
+
+
+def test_fit_refuses_to_resume_a_nearest_bf16_run_with_stochastic_rounding(tmp_path):
+    from ema_kit import fit
+    from ema_kit.data import digits_loaders
+    from ema_kit.demo import SmallCNN
+
+    for rounding, resume in (("nearest", False), ("stochastic", True)):
+        model = SmallCNN(width=8)
+        ema = ModelEMA(model, decay=0.9, dtype=torch.bfloat16, rounding=rounding)
+        train_loader, val_loader = digits_loaders(batch_size=128)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        options = {"epochs": 1, "optimizer": optimizer, "ema": ema, "out_dir": tmp_path, "resume": resume}
+        options |= {"amp": "bf16", "progress": "off", "plot": False}
+        if resume:
+            changed = "rounding='nearest' in the checkpoint, rounding='stochastic' now"
+            with pytest.raises(ValueError, match=changed):
+                fit(model, train_loader, val_loader, **options)
+        else:
+            fit(model, train_loader, val_loader, **options)
