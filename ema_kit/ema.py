@@ -97,7 +97,7 @@ class ModelEMA:
             update is blended in float32 and rounded up or down at random (``ema_kit._lowp``), so that
             steps far below bfloat16's resolution still move the shadow on average. A plain bfloat16
             shadow at decay 0.999 stalls; this one stays close to the float64 EMA at half the memory
-            of a float32 shadow, at about 10x a float32 update's time (``benchmarks/RESULTS_lowp.md``).
+            of a float32 shadow, at 10x to 20x a float32 update's time on CPU (README, "EMA extras").
         seed: seeds the stochastic rounding's own ``torch.Generator`` (the global one is not touched).
             Its state is in ``state_dict()``, so a resume on the same device type is bit-exact; when the
             shadow moves to another device, the stream restarts there from ``seed`` and ``num_steps``.
