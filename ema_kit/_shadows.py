@@ -265,6 +265,12 @@ class Shadows:
             small, dense = source.numel() < SMALL, source.is_contiguous()
             if kind != "copy" and self.generator is not None and shadow.dtype == torch.bfloat16:
                 kind = "stochastic"  # rounded at random (_lowp), one op list per set
+                if not shadow.is_contiguous():  # _lowp blends through flat views
+                    raise ValueError(
+                        f"rounding='stochastic' blends contiguous shadows only, but {slot.key} has strides "
+                        f"{shadow.stride()} (channels_last?); build the EMA from a contiguous model "
+                        "(model.to(memory_format=torch.contiguous_format)) or use rounding='nearest'."
+                    )
             elif kind == "lerp" and small:
                 kind = "gather" if dense else "small lerp" if k > 1 else "lerp"
             elif kind == "copy" and small and dense and source.dtype == shadow.dtype:

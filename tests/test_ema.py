@@ -840,3 +840,9 @@ def test_fit_refuses_to_resume_a_nearest_bf16_run_with_stochastic_rounding(tmp_p
                 fit(model, train_loader, val_loader, **options)
         else:
             fit(model, train_loader, val_loader, **options)
+
+
+def test_stochastic_rounding_refuses_a_channels_last_model_by_name():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3)).to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"contiguous shadows only, but 0.weight has strides"):
+        ModelEMA(model, dtype=torch.bfloat16, rounding="stochastic")
