@@ -341,7 +341,8 @@ def test_predict_takes_the_batches_and_outputs_fit_takes():
     pixels = torch.randn(5, 4)
     expected = model(pixels, 2.0)["logits"].softmax(1).detach()
     dict_batches = [{"pixels": pixels, "scale": 2.0, "labels": torch.zeros(5)}]
-    torch.testing.assert_close(predict(model, dict_batches, target_key="labels", output_key="logits"), expected)
+    predicted = predict(model, dict_batches, target_key="labels", output_key="logits")
+    torch.testing.assert_close(predicted, expected)
     tuple_inputs = [((pixels, 2.0), torch.zeros(5))]
     torch.testing.assert_close(predict(model, tuple_inputs, output_key="logits"), expected)
     with pytest.raises(ValueError, match="output_key"):
