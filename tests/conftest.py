@@ -1,7 +1,9 @@
 """Fixtures for every test: a sandbox for what the environment selects (home, Kaggle root, working folder)."""
 
 import os
+import shutil
 import site
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +11,7 @@ import pytest
 import torch
 from helpers import small_cnn  # before any test module imports ema_kit: it picks the ema_kit under test
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 from torch import nn
 
 if os.environ.get("EMA_KIT_SINGLE"):
@@ -48,13 +51,6 @@ class Sandbox:
     """The environment of every test, and of every example in ema_kit's docstrings: registered as a plugin
     (below), its fixtures apply to all that pytest collects, not only to what lies under tests/."""
 
-    @pytest.fixture(autouse=True, scope="session")
-    def hypothesis_storage(self, tmp_path_factory):
-        """Hypothesis's own files (it caches what it learns) in a temporary folder, not in the checkout."""
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("HYPOTHESIS_STORAGE_DIRECTORY", str(tmp_path_factory.mktemp("hypothesis")))
-            yield
-
     @pytest.fixture(autouse=True)
     def sandbox(self, tmp_path_factory, monkeypatch) -> Path:
         """Each test gets its own home, working folder and (absent) Kaggle root, so nothing it or a process
@@ -77,6 +73,13 @@ class Sandbox:
 
 def pytest_configure(config) -> None:
     config.pluginmanager.register(Sandbox(), "ema_kit_sandbox")
+    # Hypothesis's own files (what it learns, the constants it finds while collecting) in a temporary
+    # folder, not .hypothesis/ in the working folder: set before collection, which already writes there,
+    # and for the processes tests start.
+    storage = tempfile.mkdtemp(prefix="ema_kit-hypothesis-")
+    set_hypothesis_home_dir(storage)
+    os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = storage
+    config.add_cleanup(lambda: shutil.rmtree(storage, ignore_errors=True))
 
 
 @pytest.fixture
