@@ -24,14 +24,13 @@ import argparse
 import copy
 import datetime
 import importlib.util
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 from models import MODELS
+from timing import interleaved, machine
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import ema_kit
@@ -117,34 +116,7 @@ def measure(update_fns: dict, rounds: int, min_seconds: float, device: torch.dev
     update_fns[names[0]]()
     sync()
     inner = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-7)))
-    samples = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            fn = update_fns[name]
-            sync()
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            sync()
-            samples[name].append((time.perf_counter() - start) / inner)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    text = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    text += f", Python {platform.python_version()}"
-    if torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name()}"
-    return text
+    return interleaved(update_fns, rounds, inner, sync)
 
 
 def main() -> None:

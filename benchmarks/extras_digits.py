@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from timing import machine
 
 from ema_kit import ModelEMA, evaluate, fit
 from ema_kit.bn import recompute_bn
@@ -141,18 +141,6 @@ def by_epoch(results: pd.DataFrame) -> list[str]:
 def wins(results: pd.DataFrame, ours: str, theirs: str) -> str:
     better = (results[f"{ours}_loss"] < results[f"{theirs}_loss"]).sum()
     return f"{better} of {len(results)} (seed, epoch) pairs"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
-        ]
-        cpu = names[0] if names else cpu
-    threads = torch.get_num_threads()
-    return f"{cpu}, {threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}"
 
 
 def main() -> None:

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 from models import resnet50
+from timing import interleaved, machine
 
 from ema_kit import _lowp
 from ema_kit._lowp import lerp_stochastic_
@@ -95,30 +94,9 @@ def update_times(weights: list[torch.Tensor], rounds: int, inner: int) -> dict[s
         "naive bf16": lambda: torch._foreach_lerp_(naive, lives16, 1 - DECAY),
         "stochastic bf16": lambda: lerp_stochastic_(stochastic, lives32, 1 - DECAY, noise),
     }
-    samples = {name: [] for name in updates}
     for update in updates.values():  # warm up every path once
         update()
-    for index in range(rounds):
-        names = list(updates)
-        names = names[index % len(names) :] + names[: index % len(names)]  # a different one goes first
-        for name in names:
-            started = time.perf_counter()
-            for _ in range(inner):
-                updates[name]()
-            samples[name].append((time.perf_counter() - started) / inner)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
-        ]
-        cpu = names[0] if names else cpu
-    threads = torch.get_num_threads()
-    return f"{cpu}, {threads} threads, torch {torch.__version__}, Python {platform.python_version()}"
+    return interleaved(updates, rounds, inner)
 
 
 def main() -> None:
