@@ -9,8 +9,8 @@ training dynamics when the decay ``rho`` becomes ``rho ** kappa``: the half-life
 from __future__ import annotations
 
 import math
-import numbers
 
+from ._checks import check_bool, check_decay, check_finite_positive, check_int
 from .ema import WARMUP_POWER
 
 # Warn when the half-life is over half the run: the weights from before mid-run then hold over half of
@@ -28,7 +28,7 @@ def scale_decay(decay: float, *, from_batch_size: int, to_batch_size: int) -> fl
         >>> round(scale_decay(0.9999, from_batch_size=4096, to_batch_size=256), 6)
         0.999994
     """
-    decay = _check_decay(decay)
+    decay = check_decay("decay", decay)
     return decay ** _kappa(from_batch_size, to_batch_size)
 
 
@@ -39,7 +39,7 @@ def scale_half_life(steps: float, *, from_batch_size: int, to_batch_size: int) -
         >>> scale_half_life(693, from_batch_size=256, to_batch_size=512)
         346.5
     """
-    return _check_positive("steps", steps) / _kappa(from_batch_size, to_batch_size)
+    return check_finite_positive("steps", steps) / _kappa(from_batch_size, to_batch_size)
 
 
 def half_life_warning(half_life_steps: float, total_steps: int, *, warmup: bool = True) -> str | None:
@@ -56,15 +56,9 @@ def half_life_warning(half_life_steps: float, total_steps: int, *, warmup: bool 
         >>> "hold 61% of the EMA" in message and "ema='1000 steps'" in message
         True
     """
-    half_life_steps = _check_positive("half_life_steps", half_life_steps)
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(
-            f"total_steps must be an int >= 1 (optimizer steps in the run), got {total_steps!r}."
-        )
-    if not isinstance(warmup, bool):
-        raise TypeError(
-            f"warmup must be True or False (does the EMA use ModelEMA's warmup?), got {warmup!r}."
-        )
+    half_life_steps = check_finite_positive("half_life_steps", half_life_steps)
+    total_steps = check_int("total_steps", total_steps, minimum=1)
+    warmup = check_bool("warmup", warmup)
     if half_life_steps <= LONG_HALF_LIFE * total_steps:
         return None
     if warmup:
@@ -103,10 +97,7 @@ def effective_half_life_epochs(ema, *, steps_per_epoch: int) -> float:
     """
     if not callable(getattr(ema, "current_decay", None)):
         raise TypeError(f"ema must be a ModelEMA (with current_decay()), got {type(ema).__name__}.")
-    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-        raise ValueError(
-            f"steps_per_epoch must be an int >= 1 (optimizer steps per epoch), got {steps_per_epoch!r}."
-        )
+    steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, minimum=1)
     decay = ema.current_decay()  # per averaging update, which comes every update_every steps
     if decay == 0.0:
         return 0.0
@@ -114,19 +105,6 @@ def effective_half_life_epochs(ema, *, steps_per_epoch: int) -> float:
 
 
 def _kappa(from_batch_size, to_batch_size) -> float:
-    for name, value in (("from_batch_size", from_batch_size), ("to_batch_size", to_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1 (samples per optimizer step), got {value!r}.")
-    return to_batch_size / from_batch_size
-
-
-def _check_decay(decay) -> float:
-    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay < 1.0:
-        raise ValueError(f"decay must be a number in [0, 1), got {decay!r}.")
-    return float(decay)
-
-
-def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive, finite number of steps, got {value!r}.")
-    return float(value)
+    """How many times larger the new batch is (samples per optimizer step)."""
+    from_size = check_int("from_batch_size", from_batch_size, minimum=1)
+    return check_int("to_batch_size", to_batch_size, minimum=1) / from_size
