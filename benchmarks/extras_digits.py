@@ -33,9 +33,9 @@ from timing import machine
 
 from ema_kit import ModelEMA, evaluate, fit
 from ema_kit.bn import recompute_bn
-from ema_kit.data import digits_loaders
-from ema_kit.demo import SmallCNN
-from ema_kit.switch import SwitchEMA
+from ema_kit.examples.demo import SmallCNN
+from ema_kit.examples.digits import digits_loaders
+from ema_kit.training.switch import SwitchEMA
 
 HERE = Path(__file__).resolve().parent
 DECAY = 0.99

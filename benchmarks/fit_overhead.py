@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ema_kit import ModelEMA, evaluate, fit
-from ema_kit.data import digits_loaders
-from ema_kit.demo import SmallCNN
+from ema_kit.examples.demo import SmallCNN
+from ema_kit.examples.digits import digits_loaders
 
 HERE = Path(__file__).resolve().parent
 

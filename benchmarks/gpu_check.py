@@ -46,7 +46,7 @@ from models import MODELS, ViT, tiny_cnn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ema_kit import ModelEMA
-from ema_kit.kaggle import ROOT_VARIABLE, SMOKE_VARIABLE, kaggle_root
+from ema_kit.kaggle.inputs import ROOT_VARIABLE, SMOKE_VARIABLE, kaggle_root
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

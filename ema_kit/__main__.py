@@ -1,8 +1,8 @@
-"""Command line: ``python -m ema_kit demo`` trains the demo (see ``ema_kit.demo``)."""
+"""Command line: ``python -m ema_kit demo`` trains the demo (see ``ema_kit.examples.demo``)."""
 
 import sys
 
-from . import demo
+from .examples import demo
 
 COMMANDS = {"demo": demo.main}
 

@@ -24,6 +24,19 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model without tensors.
+
+    Example:
+        >>> model_device(nn.Linear(2, 1))
+        device(type='cpu')
+    """
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
 def _is_compiled(model: nn.Module) -> bool:
     # No compiled module can exist before dynamo is imported, so don't import it here (it is slow).
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")

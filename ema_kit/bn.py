@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _batches
+from ._tensors import model_device
 
 
 @torch.no_grad()
@@ -59,7 +60,7 @@ def recompute_bn(
     norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
-    device = torch.device(device) if device is not None else _device_of(module)
+    device = torch.device(device) if device is not None else model_device(module)
     saved_stats = [{name: buffer.clone() for name, buffer in m.named_buffers(recurse=False)} for m in norms]
     momenta = [m.momentum for m in norms]
     modes = [(m, m.training) for m in module.modules()]
@@ -86,10 +87,3 @@ def recompute_bn(
         for child, training in modes:
             child.training = training
     return batches
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    tensor = next(iter(module.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(module.buffers()), None)
-    return torch.device("cpu") if tensor is None else tensor.device

@@ -132,7 +132,7 @@ class ModelEMA:
         rounding: str = "nearest",
         seed: int = 0,
     ):
-        settings = _check_settings(
+        settings = check_settings(
             dict(
                 decay=decay,
                 warmup=warmup,
@@ -346,7 +346,7 @@ class ModelEMA:
             )
         try:
             # States from before rounding= existed were rounded to nearest (and drew no noise).
-            settings = _check_settings({"rounding": "nearest", "seed": 0} | state["settings"])
+            settings = check_settings({"rounding": "nearest", "seed": 0} | state["settings"])
             counters = {
                 name: _checks.check_int(name, state[name], minimum=0)
                 for name in ("num_steps", "num_updates", "num_skipped")
@@ -462,7 +462,7 @@ _SETTINGS = {
 }
 
 
-def _check_settings(settings: dict) -> dict:
+def check_settings(settings: dict) -> dict:
     """Every ModelEMA setting, checked; raises on the first bad one, before anything is changed."""
     if not isinstance(settings, dict):  # a state read from a file
         raise ValueError(f"The ModelEMA settings must be a dict, got {type(settings).__name__}.")

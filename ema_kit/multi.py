@@ -10,7 +10,7 @@ from torch import nn
 
 from . import _checks
 from ._shadows import Shadows
-from .ema import ModelEMA, _check_settings
+from .ema import ModelEMA, check_settings
 
 _FORMAT = "ema_kit.MultiEMA/1"
 
@@ -53,7 +53,7 @@ class MultiEMA:
         if unknown:
             raise TypeError(f"MultiEMA got unknown options {unknown}; it takes ModelEMA's: {list(_OPTIONS)}.")
         options = _OPTIONS | options
-        settings = _check_settings({"decay": decays[0]} | {k: v for k, v in options.items() if k != "device"})
+        settings = check_settings({"decay": decays[0]} | {k: v for k, v in options.items() if k != "device"})
         if settings["rounding"] != "nearest":
             raise ValueError(
                 f"MultiEMA rounds to nearest only, got rounding={settings['rounding']!r}; for a bfloat16 "

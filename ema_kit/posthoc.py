@@ -22,10 +22,9 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -33,6 +32,9 @@ from . import _checks
 from ._shadows import Shadows
 from ._tensors import layout_mismatch
 from .files import atomic_save, load_weights
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SIGMA_REL_MAX = math.sqrt(1 / 12)  # gamma -> 0: a plain average of every step so far, the longest profile
 # A length is synthesized only when the best combination of the snapshots' profiles matches its profile
@@ -605,6 +607,8 @@ def scan(
     finally:
         live.load_state_dict(original)
         live.train(training)
+    import pandas as pd  # here: the EMA core itself loads torch only
+
     return pd.DataFrame(rows)
 
 

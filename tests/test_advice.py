@@ -85,8 +85,8 @@ def test_bad_arguments_are_refused_by_name(call, message):
 
 def fit_digits(ema, *, epochs=1, train_loader=None, **options):
     from ema_kit import fit
-    from ema_kit.data import digits_loaders
-    from ema_kit.demo import SmallCNN
+    from ema_kit.examples.demo import SmallCNN
+    from ema_kit.examples.digits import digits_loaders
 
     torch.manual_seed(0)
     model = SmallCNN(width=8)
@@ -108,7 +108,7 @@ def test_fit_warns_once_for_each_ema_whose_half_life_is_over_half_the_run():
 
 
 def test_a_train_loader_without_len_gets_no_half_life_warning():
-    from ema_kit.data import digits_loaders
+    from ema_kit.examples.digits import digits_loaders
 
     class NoLength:
         def __init__(self, loader):
@@ -128,8 +128,8 @@ def test_a_train_loader_without_len_gets_no_half_life_warning():
 
 
 def test_the_log_holds_the_effective_half_life_in_epochs_of_each_ema_and_no_score_reads_it():
-    from ema_kit.history import score_columns
-    from ema_kit.plot import plot_history
+    from ema_kit.training.history import score_columns
+    from ema_kit.training.plot import plot_history
 
     emas = []
 

@@ -138,7 +138,7 @@ def test_a_batch_of_three_items_is_refused_with_the_shapes_that_work():
 
 def fit_digits(model, ema, out_dir=None, epochs=1, **options):
     from ema_kit import fit
-    from ema_kit.data import digits_loaders
+    from ema_kit.examples.digits import digits_loaders
 
     train_loader, val_loader = digits_loaders(batch_size=128)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -149,8 +149,8 @@ def fit_digits(model, ema, out_dir=None, epochs=1, **options):
 
 def test_fit_recompute_ema_bn_scores_and_saves_recomputed_statistics_and_leaves_the_ema_alone(tmp_path):
     from ema_kit import ModelEMA, evaluate
-    from ema_kit.data import digits_loaders
-    from ema_kit.demo import SmallCNN
+    from ema_kit.examples.demo import SmallCNN
+    from ema_kit.examples.digits import digits_loaders
 
     runs = []
     for recompute in (False, True):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ema_kit.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ema_kit.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 def draws(generator: torch.Generator) -> tuple:

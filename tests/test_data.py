@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ema_kit.data import digits, digits_loaders, write_digit_recognizer, write_image_folder
+from ema_kit.examples.digits import digits, digits_loaders, write_digit_recognizer, write_image_folder
 
 
 def test_digits_are_real_images_in_unit_range_and_resize():

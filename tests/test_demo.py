@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ema_kit.demo import SmallCNN
+from ema_kit.examples.demo import SmallCNN
 
 
 @pytest.mark.slow
@@ -39,7 +39,7 @@ def test_unknown_command_prints_usage():
 
 
 def test_demo_resume_continues_the_run_in_its_folder(tmp_path, capsys):
-    from ema_kit import demo
+    from ema_kit.examples import demo
 
     demo.main(["--epochs", "1", "--out", str(tmp_path)])
     demo.main(["--epochs", "2", "--out", str(tmp_path), "--resume"])
@@ -48,7 +48,8 @@ def test_demo_resume_continues_the_run_in_its_folder(tmp_path, capsys):
 
 
 def test_ctrl_c_during_the_first_epoch_exits_cleanly(tmp_path, monkeypatch, capsys):
-    from ema_kit import demo, train
+    from ema_kit.examples import demo
+    from ema_kit.training import loop as train
 
     def interrupted(self, *args):
         raise KeyboardInterrupt

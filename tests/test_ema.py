@@ -790,8 +790,8 @@ def test_multi_ema_refuses_stochastic_rounding():
 
 def test_fit_resumes_a_stochastic_bf16_ema_bit_exact(tmp_path):
     from ema_kit import fit
-    from ema_kit.data import digits_loaders
-    from ema_kit.demo import SmallCNN
+    from ema_kit.examples.demo import SmallCNN
+    from ema_kit.examples.digits import digits_loaders
 
     def run(epochs, out_dir, seed=0, **options):
         torch.manual_seed(seed)
@@ -824,8 +824,8 @@ def test_fit_resumes_a_stochastic_bf16_ema_bit_exact(tmp_path):
 
 def test_fit_refuses_to_resume_a_nearest_bf16_run_with_stochastic_rounding(tmp_path):
     from ema_kit import fit
-    from ema_kit.data import digits_loaders
-    from ema_kit.demo import SmallCNN
+    from ema_kit.examples.demo import SmallCNN
+    from ema_kit.examples.digits import digits_loaders
 
     for rounding, resume in (("nearest", False), ("stochastic", True)):
         model = SmallCNN(width=8)

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from ema_kit.history import best_row, direction, score_columns, write_csv
+from ema_kit.training.history import best_row, direction, score_columns, write_csv
 
 
 def test_score_columns_group_every_model_by_quantity():

@@ -1,4 +1,4 @@
-"""ema_kit.kaggle (paths, datasets, augmentation, prediction, submissions) and ema_kit.models."""
+"""ema_kit.kaggle (paths, datasets, augmentation, prediction, submissions) and ema_kit.examples.models."""
 
 import numpy as np
 import pandas as pd
@@ -8,25 +8,26 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ema_kit import kaggle
-from ema_kit.data import write_digit_recognizer, write_image_folder
+from ema_kit.examples.digits import write_digit_recognizer, write_image_folder
+from ema_kit.examples.models import ResNet
 from ema_kit.kaggle import (
     ImageFolderDataset,
     PixelCSVDataset,
     RandomAffine,
     find_file,
     input_dir,
+    inputs,
     predict,
     smoke,
     working_dir,
     write_submission,
 )
-from ema_kit.models import ResNet
 
 
 @pytest.fixture
 def no_kaggle(tmp_path, monkeypatch):
-    monkeypatch.setenv(kaggle.ROOT_VARIABLE, str(tmp_path / "absent"))
-    monkeypatch.delenv(kaggle.RUN_TYPE_VARIABLE, raising=False)
+    monkeypatch.setenv(inputs.ROOT_VARIABLE, str(tmp_path / "absent"))
+    monkeypatch.delenv(inputs.RUN_TYPE_VARIABLE, raising=False)
 
 
 @pytest.fixture
@@ -35,8 +36,8 @@ def fake_kaggle(tmp_path, monkeypatch):
     root = tmp_path / "kaggle"
     (root / "input").mkdir(parents=True)
     (root / "working").mkdir()
-    monkeypatch.setenv(kaggle.ROOT_VARIABLE, str(root))
-    monkeypatch.setenv(kaggle.RUN_TYPE_VARIABLE, "Batch")
+    monkeypatch.setenv(inputs.ROOT_VARIABLE, str(root))
+    monkeypatch.setenv(inputs.RUN_TYPE_VARIABLE, "Batch")
     return root
 
 
@@ -50,24 +51,24 @@ def attach(root, mount, files=("train.csv", "sample_submission.csv")):
 
 @pytest.mark.parametrize(("value", "expected"), [(None, False), ("", False), ("0", False), ("1", True)])
 def test_smoke_reads_the_environment_switch(monkeypatch, value, expected):
-    monkeypatch.delenv(kaggle.SMOKE_VARIABLE, raising=False)
+    monkeypatch.delenv(inputs.SMOKE_VARIABLE, raising=False)
     if value is not None:
-        monkeypatch.setenv(kaggle.SMOKE_VARIABLE, value)
+        monkeypatch.setenv(inputs.SMOKE_VARIABLE, value)
     assert smoke() is expected
 
 
 def test_on_kaggle_when_its_input_folder_exists_or_kaggle_sets_the_run_type(tmp_path, monkeypatch):
-    monkeypatch.delenv(kaggle.RUN_TYPE_VARIABLE, raising=False)
+    monkeypatch.delenv(inputs.RUN_TYPE_VARIABLE, raising=False)
     assert not kaggle.on_kaggle(root=tmp_path)
-    monkeypatch.setenv(kaggle.RUN_TYPE_VARIABLE, "Interactive")
+    monkeypatch.setenv(inputs.RUN_TYPE_VARIABLE, "Interactive")
     assert kaggle.on_kaggle(root=tmp_path)
-    monkeypatch.delenv(kaggle.RUN_TYPE_VARIABLE)
+    monkeypatch.delenv(inputs.RUN_TYPE_VARIABLE)
     (tmp_path / "input").mkdir()
     assert kaggle.on_kaggle(root=tmp_path)
 
 
 def test_kaggle_root_argument_beats_the_environment_variable(tmp_path, monkeypatch):
-    monkeypatch.setenv(kaggle.ROOT_VARIABLE, str(tmp_path / "from-env"))
+    monkeypatch.setenv(inputs.ROOT_VARIABLE, str(tmp_path / "from-env"))
     assert kaggle.kaggle_root() == tmp_path / "from-env"
     assert kaggle.kaggle_root(tmp_path / "given") == tmp_path / "given"
 
@@ -124,7 +125,7 @@ def test_input_dir_on_kaggle_never_falls_back_and_names_what_to_attach(fake_kagg
 
 
 def test_input_dir_on_kaggle_without_an_input_folder_says_nothing_is_attached(tmp_path, monkeypatch):
-    monkeypatch.setenv(kaggle.RUN_TYPE_VARIABLE, "Batch")
+    monkeypatch.setenv(inputs.RUN_TYPE_VARIABLE, "Batch")
     with pytest.raises(FileNotFoundError, match="input does not exist: nothing is attached"):
         input_dir("digit-recognizer", make=write_digit_recognizer, local=tmp_path, root=tmp_path / "kaggle")
     assert not (tmp_path / "digit-recognizer").exists()
@@ -144,7 +145,7 @@ def test_input_dir_makes_local_files_once_and_says_they_are_stand_ins(no_kaggle,
     printed = capsys.readouterr().out.splitlines()
     assert "stand-in data, not the real files" in printed[0]
     assert printed[1].endswith("(not on Kaggle; stand-in data written by make=)")
-    (first / kaggle._STAND_IN_MARKER).unlink()  # as if the user had put the competition's files there
+    (first / inputs._STAND_IN_MARKER).unlink()  # as if the user had put the competition's files there
     input_dir("digit-recognizer", make=make, local=tmp_path)
     assert capsys.readouterr().out.endswith("(not on Kaggle)\n") and len(calls) == 1
 
@@ -175,7 +176,7 @@ def test_input_dir_refuses_a_single_string_for_files(fake_kaggle):
 def test_working_dir_is_kaggle_working_there_and_a_run_folder_elsewhere(tmp_path, no_kaggle, monkeypatch):
     assert working_dir("02", local=tmp_path / "runs") == tmp_path / "runs" / "02"
     assert (tmp_path / "runs" / "02").is_dir()
-    monkeypatch.setenv(kaggle.RUN_TYPE_VARIABLE, "Batch")
+    monkeypatch.setenv(inputs.RUN_TYPE_VARIABLE, "Batch")
     assert (
         working_dir("02", local=tmp_path / "runs", root=tmp_path / "kaggle")
         == tmp_path / "kaggle" / "working"
@@ -387,7 +388,7 @@ def test_write_submission_refuses_a_mismatch_and_keeps_the_old_file(tmp_path, fr
 
 
 def test_resnet_trains_on_digits_in_a_few_steps():
-    from ema_kit.data import digits
+    from ema_kit.examples.digits import digits
 
     torch.manual_seed(0)
     images, labels = digits(16)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from ema_kit.plot import EMA_COLORS, LIVE_COLOR, LivePlot, plot_history
+from ema_kit.training.plot import EMA_COLORS, LIVE_COLOR, LivePlot, plot_history
 
 LOG = pd.DataFrame({
     "epoch": [1, 2, 3], "train_loss": [1.0, 0.5, 0.3], "live_loss": [0.9, 0.6, 0.5],
@@ -51,8 +51,8 @@ def test_in_a_notebook_fit_leaves_one_plot_and_one_table_updated_in_place(tmp_pa
     code = """
 import torch
 from ema_kit import fit
-from ema_kit.data import digits_loaders
-from ema_kit.demo import SmallCNN
+from ema_kit.examples.digits import digits_loaders
+from ema_kit.examples.demo import SmallCNN
 torch.manual_seed(0)
 train_loader, val_loader = digits_loaders(batch_size=128)
 model = SmallCNN(width=8)

@@ -8,9 +8,9 @@ import IPython.display
 import pandas as pd
 import pytest
 
-from ema_kit import _env
-from ema_kit import progress as progress_module
-from ema_kit.progress import Progress
+from ema_kit.training import _env
+from ema_kit.training import progress as progress_module
+from ema_kit.training.progress import Progress
 
 LOG = pd.DataFrame({"epoch": [1], "train_loss": [0.5], "live_loss": [0.4], "ema_loss": [0.3]})
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from ema_kit import ModelEMA, MultiEMA, fit
-from ema_kit.data import digits_loaders
-from ema_kit.demo import SmallCNN
-from ema_kit.switch import SwitchEMA
+from ema_kit.examples.demo import SmallCNN
+from ema_kit.examples.digits import digits_loaders
+from ema_kit.training.switch import SwitchEMA
 
 
 def setup(seed: int = 0):

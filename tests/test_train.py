@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ema_kit import ModelEMA, evaluate, fit
-from ema_kit.demo import SmallCNN
+from ema_kit.examples.demo import SmallCNN
 
 COLUMNS = [
     "epoch", "train_loss", "live_loss", "ema_loss", "live_accuracy", "ema_accuracy", "half_life_epochs_ema",
@@ -20,7 +20,7 @@ COLUMNS = [
 
 def loaders(n_train=192, n_val=96, batch_size=32, seed=0):
     """Real digits, a small slice, with a seeded shuffle."""
-    from ema_kit.data import digits
+    from ema_kit.examples.digits import digits
 
     images, labels = digits()
     train = TensorDataset(images[:n_train], labels[:n_train])
@@ -483,7 +483,7 @@ def test_an_iterable_loader_without_len_trains(capsys):
 
     class Stream(IterableDataset):
         def __iter__(self):
-            from ema_kit.data import digits
+            from ema_kit.examples.digits import digits
 
             images, labels = digits()
             return iter(zip(images[:192], labels[:192]))

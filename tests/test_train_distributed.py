@@ -17,8 +17,8 @@ multiprocessing.get_context("forkserver").set_forkserver_preload(["helpers", "to
 
 def train_on_rank(rank: int, folder) -> None:
     from ema_kit import ModelEMA, fit
-    from ema_kit.data import digits
-    from ema_kit.demo import SmallCNN
+    from ema_kit.examples.demo import SmallCNN
+    from ema_kit.examples.digits import digits
 
     torch.set_num_threads(1)
     # A rendezvous in a file, not on a TCP port picked beforehand that another process could take first.

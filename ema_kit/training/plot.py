@@ -10,10 +10,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
+from ..files import atomic_write_bytes
 from . import _env
-from .files import atomic_write_bytes
 from .history import direction, score_columns
-from .posthoc import _steps
 
 LIVE_COLOR = "tab:blue"
 EMA_COLORS = ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
@@ -155,7 +154,7 @@ def plot_scan(table: pd.DataFrame, metric: str, mode: str = "min") -> Figure:
         color="C1",
         markersize=14,
         label=(
-            f"chosen: sigma_rel {best['sigma_rel']:.3g} (half-life {_steps(best['half_life'])} steps), "
+            f"chosen: sigma_rel {best['sigma_rel']:.3g} (half-life {best['half_life']:,.3g} steps), "
             f"{metric} {best[metric]:.4g}"
         ),
     )

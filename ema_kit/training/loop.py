@@ -18,33 +18,23 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import _batches
+from .. import _batches
+from .._tensors import layout_mismatch, unwrap
+from ..advice import effective_half_life_epochs, half_life_warning
+from ..bn import recompute_bn
+from ..ema import ModelEMA, decay_from_half_life, save_module
+from ..files import atomic_save
+from ..multi import MultiEMA
 from . import checkpoint as checkpoints
-from ._tensors import layout_mismatch, unwrap
-from .advice import effective_half_life_epochs, half_life_warning
-from .bn import recompute_bn
-from .ema import ModelEMA, decay_from_half_life, save_module
-from .files import atomic_save
+from .evaluate import accuracy, check_metrics, cross_entropy, evaluate, resolve_amp, resolve_device
 from .history import best_row, direction, write_csv
-from .multi import MultiEMA
 from .plot import LivePlot
 from .progress import Progress
 from .switch import SwitchEMA
 
-Metric = Callable[[torch.Tensor, torch.Tensor], float]
 _PER_BATCH_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
 HOOKS = ("on_fit_start", "on_step_end", "on_epoch_end", "on_fit_end")
 _RUN_FILES = ("checkpoint.pt", "history.csv", "history.png", "model_ema.pth", "model.pth")
-
-
-def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Share of rows whose highest score is the target class.
-
-    Example:
-        >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
-        0.5
-    """
-    return (outputs.argmax(dim=1) == targets).float().mean().item()
 
 
 class Callback:
@@ -138,13 +128,13 @@ def fit(
     ``ema0.999_loss`` and so on, its own colour in the plot, and the best epoch and decay are picked
     over all of them. The best epoch is the one with the best ``monitor`` value: lower is better for
     losses and errors, higher for scores. Only well-known names (``loss``, ``accuracy``, ``rmse``,
-    ``auc``, ... see ``ema_kit.history.DIRECTIONS``) are known; say it for any other with ``mode=`` or in
-    ``metrics={"lb": (lb_score, "min")}``, or fit refuses to start. When the train loader has a length,
-    fit warns at the start if an EMA's half-life is over half the run (``ema_kit.advice``).
+    ``auc``, ... see ``ema_kit.training.history.DIRECTIONS``) are known; say it for any other with
+    ``mode=`` or in ``metrics={"lb": (lb_score, "min")}``, or fit refuses to start. When the train loader
+    has a length, fit warns at the start if an EMA's half-life is over half the run (``ema_kit.advice``).
 
     ``ema_switch`` (one EMA only) is Switch EMA (Li et al. 2024): ``"epoch"`` copies the EMA into the
     live model after each epoch was scored, an int n after every n-th optimizer step, with
-    ``ema.copy_to(model)``; the optimizer state is kept (see ``ema_kit.switch.SwitchEMA``).
+    ``ema.copy_to(model)``; the optimizer state is kept (see ``ema_kit.training.switch.SwitchEMA``).
     ``recompute_ema_bn=True`` measures each EMA's BatchNorm statistics afresh with one pass over
     ``train_loader`` before it is scored (``ema_kit.bn.recompute_bn``); the saved ``model_ema.pth`` holds
     the statistics that were scored, while the EMA itself keeps averaging its own, and training (the
@@ -161,8 +151,8 @@ def fit(
     the EMA. Pass your own ``ModelEMA`` to keep a handle on the EMA model afterwards.
 
     Example:
-        >>> from ema_kit.data import digits_loaders
-        >>> from ema_kit.demo import SmallCNN
+        >>> from ema_kit.examples.digits import digits_loaders
+        >>> from ema_kit.examples.demo import SmallCNN
         >>> train_loader, val_loader = digits_loaders()
         >>> model = SmallCNN()
         >>> ema = ModelEMA(model, decay=0.99)
@@ -196,10 +186,10 @@ def fit(
     _length(val_loader, "val_loader")
     if metrics is None:
         metrics = {"accuracy": accuracy} if loss_fn is None else {}
-    metrics, directions = _check_metrics(metrics)
-    loss_fn = loss_fn or _cross_entropy
-    device = _resolve_device(device)
-    amp_dtype = _resolve_amp(amp, device)
+    metrics, directions = check_metrics(metrics)
+    loss_fn = loss_fn or cross_entropy
+    device = resolve_device(device)
+    amp_dtype = resolve_amp(amp, device)
     scheduler_step = _resolve_scheduler_step(scheduler, scheduler_step)
     main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     out_dir = None if out_dir is None else Path(out_dir)
@@ -324,62 +314,6 @@ def fit(
         shown.close()
     _call(callbacks, "on_fit_end", state)
     return state.history.reset_index(drop=True)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable,
-    *,
-    loss_fn: Callable | None = None,
-    metrics: Mapping | None = None,
-    amp: str | bool = "auto",
-    target_key: str | None = None,
-    output_key: int | str | None = None,
-) -> dict[str, float]:
-    """Score ``model`` in eval mode on every batch of ``loader``: the mean loss and each metric.
-
-    Metrics see all outputs and targets of the set at once (so AUC-style scores are exact), on the CPU.
-    With the default loss (cross entropy) the default metrics are ``{"accuracy": accuracy}``. Batches
-    and outputs are read as ``fit`` reads them (``target_key``, ``output_key``). The model's
-    train/eval mode is restored afterwards.
-
-    Example:
-        >>> from ema_kit.data import digits_loaders
-        >>> from ema_kit.demo import SmallCNN
-        >>> _, val_loader = digits_loaders()
-        >>> sorted(evaluate(SmallCNN(), val_loader))
-        ['accuracy', 'loss']
-    """
-    if metrics is None:
-        metrics = {"accuracy": accuracy} if loss_fn is None else {}
-    metrics, _ = _check_metrics(metrics)
-    loss_fn = loss_fn or _cross_entropy
-    device = _model_device(model)
-    amp_dtype = _resolve_amp(amp, device)
-    was_training = model.training
-    model.eval()
-    loss_sum, count, outputs, targets = 0.0, 0, [], []
-    try:
-        for batch in loader:
-            inputs, target = _batches.split(batch, target_key)
-            inputs, target = _batches.to_device(inputs, device), _batches.to_device(target, device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                output = _batches.forward(model, inputs, output_key)
-                loss = loss_fn(output, target)
-            size = _batches.size(target)
-            loss_sum += loss.float().item() * size
-            count += size
-            outputs.append(output.detach().float().cpu())
-            targets.append(target.detach().cpu())
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("The validation loader yielded no batches; fit and evaluate need at least one.")
-    all_outputs, all_targets = torch.cat(outputs), torch.cat(targets)
-    return {"loss": loss_sum / count} | {
-        name: _number(name, metric(all_outputs, all_targets)) for name, metric in metrics.items()
-    }
 
 
 class _Trainer:
@@ -772,25 +706,6 @@ def _columns(emas: dict, metrics: Mapping) -> list[str]:
     )
 
 
-def _check_metrics(metrics) -> tuple[dict[str, Metric], dict[str, str]]:
-    """The metric functions, and the directions given beside them (``{"rmsle": (rmsle, "min")}``)."""
-    if not isinstance(metrics, Mapping):
-        raise TypeError(
-            f"metrics must be a dict of name -> function(outputs, targets), got {type(metrics).__name__}."
-        )
-    functions, directions = {}, {}
-    for name, metric in metrics.items():
-        if isinstance(metric, tuple) and len(metric) == 2 and metric[1] in ("min", "max"):
-            metric, directions[name] = metric
-        if not isinstance(name, str) or not name or not callable(metric):
-            raise TypeError(
-                f"metrics[{name!r}] must map a non-empty name to a function(outputs, targets), or to "
-                "(function, 'min') / (function, 'max') saying whether lower or higher is better."
-            )
-        functions[name] = metric
-    return functions, directions
-
-
 def _monitors(monitor, mode: str, emas: dict, metrics: dict, directions: dict, columns: list[str]):
     """The log columns the best epoch is picked over (one per EMA for a score), and "min" or "max"."""
     first_score = next(iter(metrics), "loss")  # by default the EMAs' first metric, or their loss
@@ -856,16 +771,6 @@ def _check_callbacks(callbacks) -> list:
     return callbacks
 
 
-def _number(name: str, value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(
-            f"metric {name!r} returned {type(value).__name__} {value!r:.80}; a metric must return one number "
-            "(a float, or a tensor with one element)."
-        ) from None
-
-
 def _length(loader, name: str) -> int | None:
     """Batches per epoch; None for a loader without a length (an IterableDataset's)."""
     try:
@@ -880,54 +785,6 @@ def _length(loader, name: str) -> int | None:
             "with fewer samples than batch_size?)."
         )
     return length
-
-
-def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The default loss, with a clear word for a regression target, which cross entropy cannot take."""
-    if targets.is_floating_point() and targets.shape != outputs.shape:
-        raise ValueError(
-            f"The targets are {targets.dtype} of shape {tuple(targets.shape)}, a regression target, but the "
-            "default loss is cross entropy over class indices. Pass loss_fn=torch.nn.functional.mse_loss "
-            "(or another regression loss) and metrics= that fit the task; or give integer class labels."
-        )
-    return nn.functional.cross_entropy(outputs, targets)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    return torch.device("cpu") if tensor is None else tensor.device
-
-
-def _resolve_device(device) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-        torch.empty(0, device=resolved)  # torch's own words if this machine lacks it (no CUDA, no GPU 3)
-    except (RuntimeError, AssertionError, TypeError) as error:
-        raise ValueError(
-            f"device={device!r} is not available on this machine ({error}); pass device='auto' (CUDA, "
-            "then MPS, then the CPU) or device='cpu'."
-        ) from None
-    return resolved
-
-
-def _resolve_amp(amp, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp in (False, None, "off"):
-        return None
-    if amp in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if amp in ("fp16", "float16"):
-        return torch.float16
-    raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or False, got {amp!r}.")
 
 
 def _resolve_scheduler_step(scheduler, scheduler_step: str) -> str:

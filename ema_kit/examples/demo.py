@@ -16,9 +16,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import digits_loaders
-from .ema import ModelEMA
-from .train import fit
+from ..ema import ModelEMA
+from ..training import fit
+from .digits import digits_loaders
 
 
 class SmallCNN(nn.Sequential):

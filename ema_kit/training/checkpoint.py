@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_save, load_weights
+from ..files import atomic_save, load_weights
 
-FORMAT = "ema_kit.checkpoint/1"
+FORMAT = "ema_kit.training.checkpoint/1"
 
 
 def rng_state(*generators: torch.Generator | None) -> dict:

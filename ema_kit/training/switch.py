@@ -7,7 +7,7 @@ with its optimizer (the paper keeps the optimizer state across a switch, and so 
 
 from __future__ import annotations
 
-from .ema import ModelEMA
+from ..ema import ModelEMA
 
 
 class SwitchEMA:
@@ -32,8 +32,8 @@ class SwitchEMA:
     Example:
         >>> import torch
         >>> from ema_kit import fit
-        >>> from ema_kit.data import digits_loaders
-        >>> from ema_kit.demo import SmallCNN
+        >>> from ema_kit.examples.digits import digits_loaders
+        >>> from ema_kit.examples.demo import SmallCNN
         >>> train_loader, val_loader = digits_loaders(batch_size=256)
         >>> model = SmallCNN(width=8)
         >>> ema = ModelEMA(model, decay=0.99)

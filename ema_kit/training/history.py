@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .files import atomic_write_text
+from ..files import atomic_write_text
 
 # "<model>_<quantity>", where model is "live", "ema" or "ema<decay>" (a decay has no underscore).
 _SCORE = re.compile(r"^(live|ema[^_]*)_(.+)$")
