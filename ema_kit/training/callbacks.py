@@ -229,8 +229,9 @@ class CallbackList:
 
 
 def _overrides(callback, hook: str) -> bool:
+    """Whether the callback has the hook as its own (not ``Callback``'s no-op)."""
     method = getattr(callback, hook, None)
-    return callable(method) and getattr(type(callback), hook, None) is not getattr(Callback, hook)
+    return callable(method) and getattr(method, "__func__", None) is not getattr(Callback, hook)
 
 
 def is_main_process() -> bool:

@@ -47,8 +47,9 @@ class Progress:
         stream=None,
         train_loss: Callable[[], float] | None = None,
     ):
-        if mode not in ("auto", "widget", "text", "off"):
-            raise ValueError(f"progress must be 'auto', 'widget', 'text' or 'off', got {mode!r}.")
+        if not isinstance(mode, str) or mode not in ("auto", "widget", "text", "off"):
+            error = ValueError if isinstance(mode, str) else TypeError
+            raise error(f"progress must be 'auto', 'widget', 'text' or 'off', got {mode!r}.")
         if mode == "auto":
             mode = "widget" if _env.widgets_available() else "text"
         self.mode, self.epochs = mode, epochs
