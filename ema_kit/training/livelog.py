@@ -52,7 +52,7 @@ class LiveLog(Callback):
         >>> ema = ModelEMA(model, decay=0.9)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         >>> live_log = LiveLog(progress="off")
-        >>> for epoch in range(2):  # (a new model trains in train mode; evaluate leaves it so)
+        >>> for epoch in (1, 2):  # (a new model trains in train mode; evaluate leaves it so)
         ...     for images, labels in live_log.track(train_loader):
         ...         loss = torch.nn.functional.cross_entropy(model(images), labels)
         ...         optimizer.zero_grad()
@@ -60,7 +60,8 @@ class LiveLog(Callback):
         ...         optimizer.step()
         ...         ema.update(model)
         ...         live_log.add_loss(loss)
-        ...     live_log.add(live=evaluate(model, val_loader), ema=evaluate(ema.module, val_loader))
+        ...     scores = {"live": evaluate(model, val_loader), "ema": evaluate(ema.module, val_loader)}
+        ...     live_log.add(epoch=epoch, **scores)
         >>> live_log.history.columns.tolist()  # doctest: +NORMALIZE_WHITESPACE
         ['epoch', 'train_loss', 'live_loss', 'ema_loss', 'live_accuracy', 'ema_accuracy', 'seconds']
     """
@@ -76,6 +77,7 @@ class LiveLog(Callback):
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.plot = _checks.check_bool("plot", plot)
         self.epochs = None if epochs is None else _checks.check_int("epochs", epochs, minimum=1)
+        self._progress_mode = progress
         self.progress = Progress(progress, epochs=self.epochs, train_loss=lambda: self.train_loss)
         self.history = pd.DataFrame()
         self.best_epoch: int | None = None  # marked in the plot (fit sets it)
@@ -137,10 +139,15 @@ class LiveLog(Callback):
     # -- as fit's callback ----------------------------------------------------------------------------------
 
     def on_fit_start(self, state: FitState) -> None:
-        self._state, self.epochs, self.progress.epochs = state, state.epochs, state.epochs
+        self._state, self.epochs = state, state.epochs
         self.out_dir = self.out_dir or state.out_dir
-        if not is_main_process():  # one process shows and writes
-            self.progress, self.plot, self.out_dir = Progress("off", epochs=state.epochs), False, None
+        shows = is_main_process()  # one process shows and writes
+        mode = self._progress_mode if shows else "off"
+        # A new bar, table and plot for this run (a notebook shows them under the cell that runs it).
+        self.progress = Progress(mode, epochs=state.epochs, train_loss=lambda: self.train_loss)
+        self._live_plot = None
+        if not shows:
+            self.plot, self.out_dir = False, None
         self.history, self.best_epoch = state.history, state.best_epoch
         if state.resumed_from is not None:
             if self.progress.mode != "off":

@@ -259,7 +259,7 @@ class _Trainer:
     def __init__(self, model: nn.Module, loss_fn: Callable, scheduler, hooks: CallbackList):
         self.model, self.loss_fn, self.hooks = model, loss_fn, hooks
         self.scheduler = scheduler  # stepped per optimizer step; None when stepped per epoch
-        self.batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        self.batchnorm = _batchnorm_trains(model)
         self.warned: set[str] = set()
 
     def train_epoch(self, state: FitState) -> tuple[float, float]:
@@ -312,9 +312,10 @@ class _Trainer:
     def _step(self, state: FitState, group_loss: torch.Tensor, rows: int, batches: int) -> float:
         """The optimizer step of a group of ``batches`` batches, or its skip; returns the lr it used."""
         lr = state.optimizer.param_groups[0]["lr"]
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if batches < state.accumulate and grads:  # a shorter last group: the mean of its own batches
-            torch._foreach_mul_(grads, state.accumulate / batches)
+        if batches < state.accumulate:  # a shorter last group: the mean of its own batches
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, state.accumulate / batches)
         scaler = state.scaler
         if scaler.is_enabled():
             scaler.unscale_(state.optimizer)  # records whether a gradient is Inf/NaN; no sync
@@ -409,9 +410,20 @@ def _check_optimizer_trains(optimizer: torch.optim.Optimizer, model: nn.Module) 
         )
 
 
+def _batchnorm_trains(model: nn.Module) -> bool:
+    """Whether a BatchNorm layer of the model normalises by batch statistics in train mode (a model may
+    keep its BatchNorm frozen in eval mode through its own ``train``); every module's mode is put back."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.train()
+    found = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+    for module, mode in modes:
+        module.training = mode
+    return found
+
+
 def _check_last_batch(loader, model: nn.Module) -> None:
     """Refuse a training loader whose batches (or last batch) hold one row when the model has BatchNorm."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not _batchnorm_trains(model):
         return
     sampler = getattr(loader, "batch_sampler", None)
     if not isinstance(sampler, torch.utils.data.BatchSampler) or sampler.drop_last:
