@@ -59,6 +59,15 @@ def test_only_the_hooks_a_callback_overrides_are_called():
     assert [hook for hook in HOOKS if hooks.has(hook)] == ["on_epoch_end"]
 
 
+def test_a_callback_of_another_framework_alone_is_accepted_with_a_warning_that_nothing_runs():
+    class LightningStyle:
+        def on_train_epoch_end(self, trainer, module):
+            raise AssertionError("called")
+
+    with pytest.warns(UserWarning, match=r"callbacks\[1\] \(LightningStyle\) has none of fit's hooks"):
+        assert len(small_fit([LightningStyle()])) == 1
+
+
 def test_a_class_instead_of_an_object_is_refused_naming_the_call():
     with pytest.raises(TypeError, match=r"callbacks\[0\] is the class EarlyStopping.*EarlyStopping\(\)"):
         check_callbacks([EarlyStopping])

@@ -147,3 +147,18 @@ def test_a_row_without_a_loss_given_has_no_train_loss_column():
     live_log.add(live={"loss": 0.5, "accuracy": 0.9})
     assert live_log.history.columns.tolist() == ["epoch", "live_loss", "live_accuracy", "seconds"]
     assert math.isnan(live_log.train_loss)
+
+
+def test_the_progress_shown_with_a_row_has_that_rows_train_loss():
+    seen = []
+
+    class Recorded(Progress):
+        def end_epoch(self, history):
+            seen.append(self.train_loss())
+
+    live_log = LiveLog(plot=False)
+    live_log.progress = Recorded("off", epochs=None, train_loss=lambda: live_log.train_loss)
+    for _ in live_log.track([(torch.zeros(2, 1), torch.zeros(2))] * 2):
+        live_log.add_loss(torch.tensor(0.25))
+    live_log.add(live={"loss": 0.5})
+    assert seen == [0.25] == live_log.history["train_loss"].tolist()

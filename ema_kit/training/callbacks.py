@@ -171,10 +171,18 @@ def check_callbacks(callbacks) -> list:
                 f"callbacks[{index}] is the class {callback.__name__}, not an object: pass "
                 f"{callback.__name__}() (with its arguments)."
             )
+        others = [n for n in dir(callback) if n.startswith("on_") and callable(getattr(callback, n, None))]
         if not any(callable(getattr(callback, hook, None)) for hook in HOOKS):
-            raise TypeError(
-                f"callbacks[{index}] is a {type(callback).__name__} with none of the hooks "
-                f"{', '.join(HOOKS)}: subclass ema_kit.Callback and override the ones you need."
+            if not others:
+                raise TypeError(
+                    f"callbacks[{index}] is a {type(callback).__name__} with none of the hooks "
+                    f"{', '.join(HOOKS)}: subclass ema_kit.Callback and override the ones you need."
+                )
+            warnings.warn(  # a callback of another framework: not refused, but nothing of it will run
+                f"callbacks[{index}] ({type(callback).__name__}) has none of fit's hooks "
+                f"({', '.join(HOOKS)}); fit calls nothing on it.",
+                UserWarning,
+                stacklevel=3,
             )
         for name in dir(callback):
             if name.startswith("on_") and name not in HOOKS and callable(getattr(callback, name, None)):

@@ -133,8 +133,8 @@ class LiveLog(Callback):
         new |= score_row(scores) | others
         new.setdefault("seconds", time.perf_counter() - self._started)
         self.history = append_row(self.history, new)
+        self._show()  # the bar's last line still shows the loss of the row
         self._loss_sum, self._loss_rows, self._started = 0.0, 0, time.perf_counter()
-        self._show()
 
     # -- as fit's callback ----------------------------------------------------------------------------------
 

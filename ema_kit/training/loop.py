@@ -164,7 +164,9 @@ def fit(
     live_log = _live_log(callbacks, out_dir)
     callbacks = ([] if live_log in callbacks else [live_log]) + callbacks + ([files] if files else [])
     hooks = CallbackList(callbacks)  # the live log first, the files last: they see every change of the epoch
-    _sanity_pass(model, val_loader, loss_fn, metrics, amp, target_key, output_key)
+    # evaluate's options, for the sanity pass and then every validation
+    scoring = dict(loss_fn=loss_fn, metrics=metrics, amp=amp, target_key=target_key, output_key=output_key)
+    _sanity_pass(model, val_loader, scoring)
 
     state = FitState(
         model=unwrap(model),
@@ -199,15 +201,7 @@ def fit(
             state.scored = {name: e.module for name, e in emas.items()}
             hooks.call("on_validation_start", state)
             scores = {
-                prefix: evaluate(
-                    scored,
-                    val_loader,
-                    loss_fn=loss_fn,
-                    metrics=metrics,
-                    amp=amp,
-                    target_key=target_key,
-                    output_key=output_key,
-                )  # fmt: skip
+                prefix: evaluate(scored, val_loader, **scoring)
                 for prefix, scored in [("live", model), *state.scored.items()]
             }
             per_epoch = steps_per_epoch or max(1, state.step - steps_before)  # no len(): as measured
@@ -367,7 +361,7 @@ class _Trainer:
             warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
 
 
-def _sanity_pass(model, val_loader, loss_fn, metrics, amp, target_key, output_key) -> None:
+def _sanity_pass(model: nn.Module, val_loader: Iterable, scoring: dict) -> None:
     """One validation batch through the model, the loss and every metric, before any weight changes.
 
     A metric may need more than one batch (AUC with a single class in the batch): if the one batch
@@ -383,12 +377,10 @@ def _sanity_pass(model, val_loader, loss_fn, metrics, amp, target_key, output_ke
                 "val_loader yielded no batches; fit scores the live and EMA model on it after every epoch, "
                 "so it needs at least one (is its dataset empty, or its iterator exhausted?)."
             )
-        options = {"loss_fn": loss_fn, "metrics": metrics, "amp": amp, "target_key": target_key,
-                   "output_key": output_key}  # fmt: skip
         try:
-            evaluate(model, [first], **options)
+            evaluate(model, [first], **scoring)
         except Exception:
-            evaluate(model, val_loader, **options)
+            evaluate(model, val_loader, **scoring)
     except Exception as error:
         error.add_note(
             "ema_kit.fit: raised in the sanity pass before training (a validation batch through the model, "
