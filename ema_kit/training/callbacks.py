@@ -18,6 +18,9 @@ One epoch, hook by hook::
       on_validation_end             state.row: the scores; add columns here (a leaderboard score)
       on_epoch_end                  the row is in state.history, state.best_epoch is chosen
     on_fit_end                      after the last epoch, or the stop button
+
+With ``accumulate=n`` the two step hooks run once per n batches; the last, shorter group of an epoch
+steps after its last ``on_batch_end``.
 """
 
 from __future__ import annotations
