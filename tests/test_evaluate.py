@@ -112,6 +112,13 @@ def test_a_metric_returning_a_one_element_numpy_array_counts_as_its_number():
         metric_value("m", np.array([0.25, 0.5]))
 
 
+def test_an_empty_batch_adds_nothing_to_the_scores():
+    batches = uneven_batches()
+    empty = (torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
+    model = small_cnn()
+    assert evaluate(model, [empty, *batches]) == evaluate(model, batches)
+
+
 def test_the_models_modes_come_back_submodule_by_submodule():
     model = small_cnn().train()
     model[1].eval()  # a frozen BatchNorm in a model that trains
@@ -141,6 +148,8 @@ def test_float_multi_label_targets_with_the_default_loss_are_refused_with_bce_an
 
 
 def test_soft_targets_whose_rows_sum_to_one_are_class_probabilities():
+    probabilities = torch.tensor([0.2, 0.3, 0.5])  # one unbatched row too
+    assert cross_entropy(torch.randn(3), probabilities).isfinite()
     outputs = torch.randn(4, 3)
     one_hot = nn.functional.one_hot(torch.tensor([0, 1, 2, 1]), 3).float()
     mixed = 0.7 * one_hot + 0.3 * one_hot.flip(0)  # mixup

@@ -108,9 +108,11 @@ def evaluate(
     rows, kept_outputs, kept_targets = [0], [], []
 
     def score(inputs, targets) -> None:
+        size = _batches.size(targets)
+        if size == 0:  # adds nothing to a mean; its loss and metrics would be NaN or 0/0
+            return
         output = _batches.forward(model, inputs, output_key)
         loss = loss_fn(output, targets)
-        size = _batches.size(targets)
         with torch.autocast(device.type, enabled=False):  # metrics in float32, as after the loop
             output = output.detach().float()
             sums["loss"] += loss.float().item() * size
@@ -213,8 +215,9 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             "(or another regression loss) and metrics= that fit the task; or give integer class labels."
         )
     if targets.is_floating_point():
-        sums = targets.float().sum(dim=1)
-        wrong = ((sums - 1).abs() > 1e-3) | (targets < 0).any(dim=1)
+        classes = 1 if targets.ndim > 1 else 0  # torch's rule: a 1-d input is one row of class scores
+        sums = targets.float().sum(dim=classes)
+        wrong = ((sums - 1).abs() > 1e-3) | (targets < 0).any(dim=classes)
         if wrong.any():
             raise ValueError(
                 f"The targets are float, of the outputs' shape {tuple(targets.shape)}, but not class "
