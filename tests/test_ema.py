@@ -814,6 +814,27 @@ def test_a_multi_ema_of_stochastic_bf16_shadows_tracks_each_float64_ema_and_resu
         assert torch.equal(resumed.emas[decay].module.weight, multi.emas[decay].module.weight)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_stochastic_ema_takes_its_noise_along_to_the_gpu_and_resumes_there_bit_exact(tmp_path):
+    finals = []
+    for _ in range(2):  # the same stream each time, though it changed device
+        model = Drifting(512)
+        ema = ModelEMA(model, decay=0.99, dtype="bfloat16-stochastic")
+        stochastic_run(ema, model, range(1, 6))
+        model.cuda()
+        stochastic_run(ema, model, range(6, 11))
+        assert ema.module.weight.device.type == "cuda"
+        finals.append(ema.module.weight.cpu())
+    assert torch.equal(finals[0], finals[1])
+    torch.save(ema.state_dict(), tmp_path / "ema.pt")
+    resumed = ModelEMA(Drifting(512).cuda(), decay=0.99, dtype="bfloat16-stochastic")
+    resumed.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))
+    stochastic_run(ema, model, range(11, 21))
+    stochastic_run(resumed, model, range(11, 21))
+    assert torch.equal(resumed.module.weight, ema.module.weight)
+
+
 def test_fit_resumes_a_stochastic_bf16_ema_bit_exact(tmp_path):
     from ema_kit import fit
     from ema_kit.examples.demo import SmallCNN

@@ -138,6 +138,18 @@ def test_bf16_autocast_scores_metrics_on_float32_outputs():
     assert set(seen) == {torch.float32} and np.isfinite(scores["loss"])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_the_gpu_batch_metrics_run_there_and_whole_set_metrics_on_the_cpu():
+    seen = set()
+
+    def where(name):
+        return lambda outputs, targets: seen.add((name, outputs.device.type, targets.device.type)) or 0.0
+
+    evaluate(small_cnn().cuda(), uneven_batches(), metrics={"b": where("b"), "w": whole_set(where("w"))})
+    assert seen == {("b", "cuda", "cuda"), ("w", "cpu", "cpu")}
+
+
 # -- the default loss ------------------------------------------------------------------------------------
 
 
