@@ -169,7 +169,7 @@ def follow_noise(shadows) -> None:
     """
     generator = shadows.generator
     if generator is not None and generator.device != (device := model_device(shadows.modules[0])):
-        shadows.set_generator(_reseeded(device, generator.get_state()))
+        shadows.set_generator(reseeded(device, generator.get_state()))
 
 
 def noise_state(shadows) -> dict | None:
@@ -204,14 +204,15 @@ def load_noise_state(shadows, state: dict | None) -> None:
         return
     device = model_device(shadows.modules[0])
     if state["device"] != str(device):
-        shadows.set_generator(_reseeded(device, state["state"]))
+        shadows.set_generator(reseeded(device, state["state"]))
         return
     generator = torch.Generator(device)
     generator.set_state(state["state"])
     shadows.set_generator(generator)
 
 
-def _reseeded(device: torch.device, state: torch.Tensor) -> torch.Generator:
-    # A CPU generator's state cannot seed a CUDA one (nor the reverse): a digest of it can.
+def reseeded(device: torch.device, state: torch.Tensor) -> torch.Generator:
+    """A generator on ``device`` seeded from another's ``state``, which may be of another device type: a CPU
+    generator's state cannot seed a CUDA one (nor the reverse), a digest of it can."""
     seed = int.from_bytes(hashlib.sha256(state.cpu().numpy().tobytes()).digest()[:7], "little")
     return torch.Generator(device).manual_seed(seed)
