@@ -98,6 +98,17 @@ def test_a_well_known_whole_set_score_given_per_batch_warns_and_names_whole_set(
         evaluate(small_cnn(), uneven_batches(), metrics={"auc": whole_set(lambda outputs, targets: 0.5)})
 
 
+def test_fit_warns_about_such_a_score_once_not_every_epoch():
+    torch.manual_seed(0)
+    model = small_cnn()
+    loader = uneven_batches()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, loader, loader, epochs=3, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), ema=None,
+            metrics={"auc": (lambda outputs, targets: 0.5)}, progress="off", plot=False)  # fmt: skip
+    assert sum("is averaged over batches" in str(w.message) for w in caught) == 1
+
+
 def test_whole_set_refuses_what_is_not_a_function():
     with pytest.raises(TypeError, match="whole_set takes a function"):
         whole_set("auc")

@@ -100,7 +100,8 @@ def evaluate(
     """
     if metrics is None:
         metrics = {"accuracy": accuracy} if loss_fn is None else {}
-    metrics, _ = check_metrics(metrics)
+    if not isinstance(metrics, Metrics):  # fit checks them once, not every epoch
+        metrics, _ = check_metrics(metrics)
     loss_fn = loss_fn or cross_entropy
     device = model_device(model)
     per_batch = {name: metric for name, metric in metrics.items() if not isinstance(metric, WholeSet)}
@@ -144,7 +145,11 @@ def evaluate(
     return {name: scores[name] for name in ("loss", *metrics)}
 
 
-def check_metrics(metrics) -> tuple[dict[str, Metric], dict[str, str]]:
+class Metrics(dict):
+    """Metric functions by name, as ``check_metrics`` returns them: checked, and warned about."""
+
+
+def check_metrics(metrics) -> tuple[Metrics, dict[str, str]]:
     """The metric functions, and the directions given beside them (``{"rmsle": (rmsle, "min")}``).
 
     Warns about a well-known score that is not a mean over rows (``"auc"``, ``"rmse"``, ...) given
@@ -154,7 +159,7 @@ def check_metrics(metrics) -> tuple[dict[str, Metric], dict[str, str]]:
         raise TypeError(
             f"metrics must be a dict of name -> function(outputs, targets), got {type(metrics).__name__}."
         )
-    functions, directions = {}, {}
+    functions, directions = Metrics(), {}
     for name, metric in metrics.items():
         if isinstance(metric, tuple) and len(metric) == 2 and metric[1] in ("min", "max"):
             metric, directions[name] = metric
