@@ -38,8 +38,10 @@ class _LogTicks(Locator):
     one label, or with crowded 1.25x10^-1 style labels). Label them with ``_plain_number``.
 
     Example:
-        >>> _LogTicks().tick_values(0.12, 0.33).tolist()
-        [0.12, 0.15, 0.2, 0.25, 0.3]
+        >>> _LogTicks().tick_values(0.12, 0.33).tolist()  # a loss within one decade
+        [0.15, 0.2, 0.3]
+        >>> _LogTicks().tick_values(0.04, 1.6).tolist()  # two decades
+        [0.05, 0.1, 0.2, 0.5, 1.0]
     """
 
     MANTISSAS = ((1,), (1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9))
