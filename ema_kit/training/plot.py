@@ -39,14 +39,14 @@ class _LogTicks(Locator):
 
     Example:
         >>> _LogTicks().tick_values(0.12, 0.33).tolist()  # a loss within one decade
-        [0.15, 0.2, 0.3]
+        [0.12, 0.15, 0.2, 0.25, 0.3]
         >>> _LogTicks().tick_values(0.04, 1.6).tolist()  # two decades
         [0.05, 0.1, 0.2, 0.5, 1.0]
     """
 
     MANTISSAS = ((1,), (1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9))
 
-    def __init__(self, fewest: int = 3, most: int = 8):
+    def __init__(self, fewest: int = 4, most: int = 8):
         self.fewest, self.most = fewest, most
 
     def __call__(self):
@@ -64,7 +64,7 @@ class _LogTicks(Locator):
             if len(ticks) >= self.fewest:
                 return ticks[:: math.ceil(len(ticks) / self.most)]  # many decades: every n-th power
         # a sliver of a decade: evenly spaced round values, as on a linear axis
-        return MaxNLocator(4, min_n_ticks=self.fewest, steps=[1, 2, 5, 10]).tick_values(vmin, vmax)
+        return MaxNLocator(4, min_n_ticks=3, steps=[1, 2, 5, 10]).tick_values(vmin, vmax)
 
 
 def _plain_number(value: float, _position=None) -> str:
