@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
 import pytest
 
@@ -162,6 +163,8 @@ class Jupyter:
             "JUPYTER_TOKEN": self.token,
             "EMA_KIT_KAGGLE_ROOT": str(folder / "kaggle"),  # absent: not on Kaggle
             "OMP_NUM_THREADS": "1",  # the kernel's torch: one thread trains these tiny models as fast as two
+            # matplotlib's font list, built once per machine (seconds), as tests/conftest.py keeps it
+            "MPLCONFIGDIR": os.environ.get("MPLCONFIGDIR") or matplotlib.get_cachedir(),
         }
         # The root folder is the working directory, not an argument: the kernel tells a headless run from
         # the command line of the process that started it (ema_kit.training._env), and a temporary
