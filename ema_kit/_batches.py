@@ -1,5 +1,6 @@
-"""The batch and output contract shared by ``fit``, ``evaluate`` and prediction: what to call the model
-with, which part of a batch is the target, and which part of the model's output is the prediction.
+"""The batch and output contract shared by ``fit``, ``evaluate``, prediction and ``recompute_bn``: what to
+call the model with, which part of a batch is the target, and which part of the model's output is the
+prediction; and ``each_batch``, the one loop that runs a model over a loader without training it.
 
 A batch is ``(inputs, targets)``, or a dict holding the targets under ``target_key`` (HuggingFace
 style: every other entry is an input). ``inputs`` is a tensor (``model(x)``), a tuple or list
@@ -9,14 +10,81 @@ from which ``output_key`` (an index or a key) picks the prediction that the loss
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from ._tensors import model_device
 
-def split(batch, target_key: str | None) -> tuple:
-    """``(inputs, targets)`` of one batch.
+
+def each_batch(
+    model: nn.Module,
+    loader: Iterable,
+    step: Callable,
+    *,
+    train: bool = False,
+    autocast: torch.dtype | bool | None = None,
+    device: torch.device | None = None,
+    target_key: str | None = None,
+    targets: bool = True,
+    caller: str = "evaluate",
+) -> int:
+    """Call ``step(inputs, targets)`` for each batch of ``loader``, moved to the model's device, with the
+    model in eval mode and without gradients; return the number of batches.
+
+    The one loop of ``evaluate``, ``kaggle.predict`` and ``recompute_bn``: ``step`` calls the model
+    (``forward`` or ``call``) and keeps what it needs. Every submodule's train/eval mode is put back
+    afterwards, also when ``step`` or the loader raises.
+
+    Args:
+        train: run in train mode instead (``recompute_bn``: BatchNorm layers measure their statistics).
+        autocast: the dtype to run ``step`` under autocast in, on the device's type; False: autocast off;
+            None: as the caller has it.
+        device: where the batches go; by default the device of the model's first tensor.
+        target_key: for dict batches, the entry holding the targets (see ``split``).
+        targets: False for batches that may hold inputs only (prediction): ``step`` gets ``inputs_of``
+            the batch and None.
+        caller: the function named by the error for a batch of the wrong shape.
+
+    Example:
+        >>> model = nn.Linear(3, 2)
+        >>> sizes = []
+        >>> each_batch(model, [(torch.ones(4, 3), torch.zeros(4))], lambda x, y: sizes.append(len(model(x))))
+        1
+        >>> sizes, model.training
+        ([4], True)
+    """
+    device = device or model_device(model)
+    modes = [(module, module.training) for module in model.modules()]
+    batches = 0
+    try:
+        model.train(train)
+        with torch.no_grad():
+            for batch in loader:
+                if targets:
+                    inputs, target = split(batch, target_key, caller)
+                else:
+                    inputs, target = inputs_of(batch, target_key), None
+                inputs, target = to_device(inputs, device), to_device(target, device)
+                with _autocast(device, autocast):
+                    step(inputs, target)
+                batches += 1
+    finally:
+        for module, training in modes:
+            module.training = training
+    return batches
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | bool | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not False)
+
+
+def split(batch, target_key: str | None, caller: str = "fit") -> tuple:
+    """``(inputs, targets)`` of one batch; ``caller`` is the function a wrong batch's error names.
 
     Example:
         >>> split({"pixels": 1, "labels": 2}, "labels")
@@ -28,7 +96,7 @@ def split(batch, target_key: str | None) -> tuple:
             given = "" if target_key is None else f"target_key={target_key!r} is not one of them; "
             raise ValueError(
                 f"A batch is a dict with keys {list(batch)}: {given}say which entry is the target, e.g. "
-                f"target_key={example!r} (fit and evaluate take it; the other entries become the model's "
+                f"target_key={example!r} ({caller} takes it; the other entries become the model's "
                 "keyword inputs)."
             )
         return {k: v for k, v in batch.items() if k != target_key}, batch[target_key]
@@ -38,9 +106,22 @@ def split(batch, target_key: str | None) -> tuple:
         f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""
     )
     raise ValueError(
-        f"fit expects each batch as (inputs, targets), got {described}. Make the dataset's __getitem__ "
+        f"{caller} expects each batch as (inputs, targets), got {described}. Make the dataset's __getitem__ "
         "return (image, label), a dict with a target_key, or wrap the loader to yield such pairs."
     )
+
+
+def inputs_of(batch, target_key: str | None):
+    """The inputs of a batch that may hold no targets: a dict's entries other than ``target_key``, a tuple's
+    or list's first item, or the batch itself.
+
+    Example:
+        >>> inputs_of({"pixels": 1, "labels": 2}, "labels"), inputs_of((1, 2, 3), None), inputs_of(1, None)
+        ({'pixels': 1}, 1, 1)
+    """
+    if isinstance(batch, Mapping):
+        return {key: value for key, value in batch.items() if key != target_key}
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def forward(model: nn.Module, inputs, output_key: int | str | None):

@@ -2,7 +2,8 @@
 
 ``TypeError`` when the value has the wrong type, ``ValueError`` when it has the right type but a wrong
 value; the message names the argument, the value, and what would work. numpy scalars are numbers
-(``np.float32(0.999)``, ``np.int64(2)``); ``True``/``False`` are not.
+(``np.float32(0.999)``, ``np.int64(2)``), read as the decimal they print as (``np.float32(0.99)`` is
+0.99, not 0.9900000095...); a 1-d numpy array is a sequence; ``True``/``False`` are not numbers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,9 +24,16 @@ DECAY_HINT = (
 
 
 def check_real(name: str, value, *, hint: str = "") -> float:
-    """``value`` as a float, or a TypeError when it is not a real number (bools are not)."""
+    """``value`` as a float, or a TypeError when it is not a real number (bools are not).
+
+    Example:
+        >>> check_real("decay", np.float32(0.99))
+        0.99
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}). {hint}".rstrip())
+    if isinstance(value, np.floating):  # the number the user wrote: float32's 0.99 is 0.99, as it prints
+        return float(str(value))
     return float(value)
 
 
@@ -65,13 +74,18 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_dtype(name: str, value) -> torch.dtype | None:
-    """A floating-point torch.dtype, or None; a dtype's name (``"float32"``, as ``state_dict`` stores it)."""
+def check_dtype(name: str, value, *, also: tuple[str, ...] = ()) -> torch.dtype | str | None:
+    """A floating-point torch.dtype, or None; a dtype's name (``"float32"``, as ``state_dict`` stores it);
+    or one of the names in ``also`` (e.g. ``"bfloat16-stochastic"``), returned as it is."""
+    if value in also:
+        return value
     if isinstance(value, str):
         value = getattr(torch, value, value)
     if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        others = "".join(f", {option!r}" for option in also)
         raise TypeError(
-            f"{name} must be a floating-point torch.dtype such as torch.float32, or None, got {value!r}."
+            f"{name} must be a floating-point torch.dtype such as torch.float32{others}, or None, got "
+            f"{value!r}."
         )
     return value
 
@@ -102,13 +116,20 @@ def check_module(name: str, value) -> nn.Module:
     return unwrap(value)
 
 
-def check_sequence(name: str, value, example: str) -> Sequence:
-    """A non-empty sequence (a list or tuple; not a string or a single number)."""
+def check_sequence(name: str, value, example: str) -> list:
+    """A non-empty sequence as a list: a list, a tuple or a 1-d numpy array (not a string or one number).
+
+    Example:
+        >>> check_sequence("decays", np.array([0.9, 0.99]), "(0.9, 0.99)")
+        [np.float64(0.9), np.float64(0.99)]
+    """
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = list(value)
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a sequence such as {example}, got {value!r}.")
-    if not value:
+    if not len(value):
         raise ValueError(f"{name} is empty: give at least one value, e.g. {name}={example}.")
-    return value
+    return list(value)
 
 
 def check_distinct(name: str, values: tuple[float, ...]) -> tuple[float, ...]:

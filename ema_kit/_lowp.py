@@ -10,13 +10,23 @@ limited numerical precision").
 The rounding works on bit patterns: a bfloat16 is the top 16 bits of a float32. Adding 16 uniform random
 bits to the float32 pattern and then dropping the low 16 bits carries into the kept part with exactly that
 probability, for either sign (the sign bit sits apart from the magnitude bits).
+
+An EMA asks for such shadows with one option, ``dtype=STOCHASTIC_BF16`` (``"bfloat16-stochastic"``). The
+noise comes from a generator of the shadows' own, on their device, whose state is saved with the EMA; the
+functions at the end of this module keep it there (see their section).
 """
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 
 import torch
+
+from ._tensors import model_device
+
+STOCHASTIC_BF16 = "bfloat16-stochastic"  # the dtype= of ModelEMA and MultiEMA that selects these shadows
+SEED = 0  # every stochastic shadow's noise starts from this seed; its state_dict() keeps where it is
 
 _DROPPED_BITS = 16  # float32 keeps 23 mantissa bits, bfloat16 keeps 7: the low 16 bits go
 _KEEP_MASK = -(1 << _DROPPED_BITS)  # 0xFFFF0000 as an int32
@@ -132,3 +142,77 @@ def _check(shadows, lives, weight, generator) -> None:
             f"generator is on {generator.device}, the shadows on {next(iter(devices))}: make the generator "
             "on the shadows' device, e.g. torch.Generator(device='cuda')."
         )
+
+
+# -- The noise of a set of stochastic shadows, kept with the shadows. ------------------------------------
+# These act on an ``ema_kit._shadows.Shadows`` through its public ``generator`` and ``set_generator``: what
+# ModelEMA and MultiEMA (the two owners of Shadows that offer dtype=STOCHASTIC_BF16) both need, in one place.
+# They belong in Shadows itself (start in __init__ for this dtype, follow in _bind, the state beside the
+# shadows), after which the owners call none of them.
+
+
+def shadow_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The torch dtype the shadows are kept in: bfloat16 for ``STOCHASTIC_BF16``, else ``dtype``."""
+    return torch.bfloat16 if dtype == STOCHASTIC_BF16 else dtype
+
+
+def start_noise(shadows, stochastic: bool) -> None:
+    """Blend ``shadows`` with stochastic rounding, from a generator seeded with ``SEED``; or to nearest."""
+    device = model_device(shadows.modules[0])
+    shadows.set_generator(torch.Generator(device).manual_seed(SEED) if stochastic else None)
+
+
+def follow_noise(shadows) -> None:
+    """After ``shadows.follow(model)``: when the shadows moved to another device, their noise moves too.
+
+    The generator there is seeded from the old one's state: deterministic, though not the same stream.
+    """
+    generator = shadows.generator
+    if generator is not None and generator.device != (device := model_device(shadows.modules[0])):
+        shadows.set_generator(reseeded(device, generator.get_state()))
+
+
+def noise_state(shadows) -> dict | None:
+    """The noise's place, for a state dict (plain values and a tensor); None when rounding to nearest."""
+    generator = shadows.generator
+    return None if generator is None else {"device": str(generator.device), "state": generator.get_state()}
+
+
+def check_noise_state(state, stochastic: bool, what: str = "The ModelEMA state") -> None:
+    """Refuse, before any change, a stochastic EMA's state without its noise's ``{"device", "state"}``."""
+    if not stochastic:
+        return
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("device"), str)
+        or not isinstance(state.get("state"), torch.Tensor)
+        or state["state"].dtype != torch.uint8
+    ):
+        raise ValueError(
+            f"{what} has dtype={STOCHASTIC_BF16!r} but no generator state to resume its rounding noise "
+            "from; was it saved with state_dict()?"
+        )
+
+
+def load_noise_state(shadows, state: dict | None) -> None:
+    """Put back what ``noise_state`` returned (checked by ``check_noise_state``); None: round to nearest.
+
+    On the device it was saved on the stream goes on bit-exact; elsewhere it is reseeded from that state.
+    """
+    if state is None:
+        shadows.set_generator(None)
+        return
+    device = model_device(shadows.modules[0])
+    if state["device"] != str(device):
+        shadows.set_generator(reseeded(device, state["state"]))
+        return
+    generator = torch.Generator(device)
+    generator.set_state(state["state"])
+    shadows.set_generator(generator)
+
+
+def reseeded(device: torch.device, state: torch.Tensor) -> torch.Generator:
+    """A generator on ``device`` seeded from another's ``state``, which may be of another device type: a CPU
+    generator's state cannot seed a CUDA one (nor the reverse), a digest of it can."""
+    seed = int.from_bytes(hashlib.sha256(state.cpu().numpy().tobytes()).digest()[:7], "little")
+    return torch.Generator(device).manual_seed(seed)

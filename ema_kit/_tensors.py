@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -100,6 +101,39 @@ def layout_mismatch(given: dict, expected: dict) -> str | None:
         if items
     ]
     return "; ".join(problems) or None
+
+
+def check_layout(given, expected: Mapping, mismatch: str, fix: str = "") -> None:
+    """Raise ValueError ``"{mismatch} ({problems}). {fix}"`` when state dict ``given`` cannot load into a
+    model whose state dict is ``expected`` (``given`` not being a dict at all is such a problem).
+
+    The one wording of "this state is for another model": ``mismatch`` names what differs from what,
+    ``fix`` what to do about it.
+
+    Example:
+        >>> check_layout({"w": torch.zeros(2)}, {"w": torch.zeros(3)}, "The file is for another model")
+        Traceback (most recent call last):
+        ...
+        ValueError: The file is for another model (shape mismatch ['w: (2,) vs (3,)']).
+    """
+    if isinstance(given, Mapping):
+        problems = layout_mismatch(given, expected)
+    else:
+        problems = f"it holds a {type(given).__name__}, not a state dict"
+    if problems:
+        raise ValueError(f"{mismatch} ({problems}). {fix}".rstrip())
+
+
+def cpu_state(weights: Mapping) -> dict:
+    """A state dict with every tensor detached and on the CPU, for writing to a file or keeping aside.
+
+    Modules' extra state (``get_extra_state``, any object) is kept as it is. A CPU tensor is not copied.
+
+    Example:
+        >>> cpu_state(nn.Linear(2, 1).state_dict())["weight"].device
+        device(type='cpu')
+    """
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
 
 
 def _shape(value) -> tuple | str:

@@ -15,7 +15,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _batches
-from ._tensors import model_device
 
 
 @torch.no_grad()
@@ -60,20 +59,21 @@ def recompute_bn(
     norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
-    device = torch.device(device) if device is not None else model_device(module)
     saved_stats = [{name: buffer.clone() for name, buffer in m.named_buffers(recurse=False)} for m in norms]
     momenta = [m.momentum for m in norms]
-    modes = [(m, m.training) for m in module.modules()]
-    batches = 0
     try:
         for norm in norms:
             norm.reset_running_stats()
             norm.momentum = None  # a cumulative average over the pass, every batch weighted alike
-        module.train()
-        for batch in loader:
-            inputs, _ = _batches.split(batch, target_key)
-            _batches.call(module, _batches.to_device(inputs, device))
-            batches += 1
+        batches = _batches.each_batch(
+            module,
+            loader,
+            lambda inputs, _: _batches.call(module, inputs),
+            train=True,
+            device=None if device is None else torch.device(device),
+            target_key=target_key,
+            caller="recompute_bn",
+        )
         if batches == 0:
             raise ValueError("recompute_bn got an empty loader; pass the training loader (one pass is read).")
     except BaseException:
@@ -84,6 +84,4 @@ def recompute_bn(
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
-        for child, training in modes:
-            child.training = training
     return batches

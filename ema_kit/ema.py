@@ -13,8 +13,17 @@ import torch
 from torch import nn
 
 from . import _checks
+from ._lowp import (
+    STOCHASTIC_BF16,
+    check_noise_state,
+    follow_noise,
+    load_noise_state,
+    noise_state,
+    shadow_dtype,
+    start_noise,
+)
 from ._shadows import Shadows
-from ._tensors import layout_mismatch
+from ._tensors import check_layout, cpu_state
 from .bn import recompute_bn
 from .files import atomic_save, save_weights
 
@@ -65,11 +74,77 @@ def decay_from_half_life(
     return decay
 
 
+class Schedule:
+    """When one EMA blends and by how much: its decay, warmup and the rest, and its updates counted so far.
+
+    Kept apart from the tensors: ``ModelEMA`` runs one over its shadow, ``MultiEMA`` one per decay over its
+    shared shadows, which it then blends in one pass. ``settings`` are those ``check_settings`` returns.
+
+    Example:
+        >>> settings = check_settings(ModelEMA.__init__.__kwdefaults__ | {"decay": 0.5, "warmup": False})
+        >>> schedule = Schedule(settings)
+        >>> schedule.advance(lambda: True), schedule.num_updates   # the blend weight 1 - decay, and the count
+        (0.5, 1)
+    """
+
+    def __init__(self, settings: dict):
+        self.load(settings, {"num_steps": 0, "num_updates": 0, "num_skipped": 0})
+
+    def load(self, settings: dict, counters: dict) -> None:
+        self.decay, self.warmup = settings["decay"], settings["warmup"]
+        self.update_after_step, self.update_every = settings["update_after_step"], settings["update_every"]
+        self.skip_non_finite = settings["skip_non_finite"]
+        self.num_steps = counters["num_steps"]  # update() calls so far
+        self.num_updates = counters["num_updates"]  # averaging updates (after update_after_step, every k-th)
+        self.num_skipped = counters["num_skipped"]  # updates skipped for NaN/Inf weights
+
+    def counters(self) -> dict:
+        return {"num_steps": self.num_steps, "num_updates": self.num_updates, "num_skipped": self.num_skipped}
+
+    @property
+    def half_life(self) -> float:
+        return 0.0 if self.decay == 0 else math.log(0.5) / math.log(self.decay)
+
+    def current_decay(self) -> float:
+        decay = self.decay**self.update_every
+        if self.warmup:
+            decay = min(decay, (1.0 - 1.0 / (self.num_updates + 1)) ** WARMUP_POWER)
+        return decay
+
+    def advance(self, all_finite: Callable[[], bool]) -> float | None:
+        """Count one ``update`` call; return the blend weight it calls for (1.0: copy), or None (no change).
+
+        ``all_finite()`` says whether the live weights are free of NaN and Inf; asked only when needed.
+        """
+        self.num_steps += 1
+        averaging = self.num_steps > self.update_after_step
+        if averaging and (self.num_steps - self.update_after_step) % self.update_every:
+            return None
+        if self.skip_non_finite and not all_finite():
+            self.num_skipped += 1
+            warnings.warn(
+                "ModelEMA skipped an update: the model's weights hold NaN or Inf; the EMA keeps its "
+                "last finite weights (ema.num_skipped counts the skips).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        if not averaging:
+            return 1.0
+        weight = 1.0 - self.current_decay()
+        self.num_updates += 1
+        return weight
+
+
+def _from_schedule(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self._schedule, name), doc=doc)
+
+
 class ModelEMA:
     """An exponential moving average of a model's weights: ``ema_w = decay * ema_w + (1 - decay) * w``.
 
-    Holds ``module`` (also reachable as ``ema``), a copy of the model in eval mode that never needs
-    gradients. Call ``update(model)`` after each optimizer step, then evaluate or save ``ema.module``.
+    Holds ``module``, a copy of the model in eval mode that never needs gradients. Call ``update(model)``
+    after each optimizer step, then evaluate or save ``ema.module``.
 
     Args:
         model: the model to average; DDP, DataParallel and ``torch.compile`` wrappers are looked through.
@@ -87,20 +162,16 @@ class ModelEMA:
             are always copied.
         dtype: the shadow's floating-point dtype. By default float32 for bf16/fp16 weights, because
             ``(1 - decay) * (w - ema_w)`` is below their resolution and rounds away; otherwise the
-            weight's own dtype.
+            weight's own dtype. ``"bfloat16-stochastic"``: a bfloat16 shadow (half a float32 one's memory)
+            that still moves: each update is blended in float32 and rounded up or down at random
+            (``ema_kit._lowp``), so steps far below bfloat16's resolution move it on average, where a plain
+            ``torch.bfloat16`` shadow at decay 0.999 stalls. Slower per update (benchmarks/lowp_shadow.py);
+            its noise has a generator of its own, whose state ``state_dict()`` keeps for a bit-exact resume.
         device: where the shadow lives, e.g. ``"cpu"`` to keep it off the GPU (each update then copies
             the weights into one pinned buffer with non-blocking copies, and averages on the CPU). By
             default it follows the model's device, also when the model is moved later.
         skip_non_finite: check the live weights before each update (one GPU sync); if they hold NaN or
             Inf, skip the update with a warning and keep the last good EMA.
-        rounding: ``"nearest"`` (torch's casts) or ``"stochastic"``: with ``dtype=torch.bfloat16`` each
-            update is blended in float32 and rounded up or down at random (``ema_kit._lowp``), so that
-            steps far below bfloat16's resolution still move the shadow on average. A plain bfloat16
-            shadow at decay 0.999 stalls; this one stays close to the float64 EMA at half the memory
-            of a float32 shadow, at 10x to 20x a float32 update's time on CPU (README, "EMA extras").
-        seed: seeds the stochastic rounding's own ``torch.Generator`` (the global one is not touched).
-            Its state is in ``state_dict()``, so a resume on the same device type is bit-exact; when the
-            shadow moves to another device, the stream restarts there from ``seed`` and ``num_steps``.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
@@ -126,11 +197,9 @@ class ModelEMA:
         update_after_step: int = 0,
         update_every: int = 1,
         buffers: str = "average",
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         skip_non_finite: bool = False,
-        rounding: str = "nearest",
-        seed: int = 0,
     ):
         settings = check_settings(
             dict(
@@ -141,41 +210,24 @@ class ModelEMA:
                 buffers=buffers,
                 dtype=dtype,
                 skip_non_finite=skip_non_finite,
-                rounding=rounding,
-                seed=seed,
             )
         )
-        shadows = Shadows(
-            model,
-            1,
-            average_buffers=settings["buffers"] == "average",
-            dtype=settings["dtype"],
-            device=_checks.check_device("device", device),
-        )
-        self._attach(shadows, 0, settings)
-        self._set_generator(None)
+        self._attach(new_shadows(model, 1, settings, device), 0, Schedule(settings))
 
-    @classmethod
-    def _member(cls, shadows: Shadows, index: int, settings: dict) -> ModelEMA:
-        """The EMA held in set ``index`` of ``shadows``, which others update (``MultiEMA``)."""
-        ema = cls.__new__(cls)
-        ema._attach(shadows, index, settings)
-        return ema
-
-    def _attach(self, shadows: Shadows, index: int, settings: dict) -> None:
-        self._shadows, self._index = shadows, index
-        self._set_schedule(settings)
-        self.num_steps = 0  # update() calls so far
-        self.num_updates = 0  # averaging updates applied (after update_after_step, every update_every)
-        self.num_skipped = 0  # updates skipped for NaN/Inf weights
+    def _attach(self, shadows: Shadows, index: int, schedule: Schedule) -> None:
+        self._shadows, self._index, self._schedule = shadows, index, schedule
         self.module = shadows.modules[index]
-        self._generator: torch.Generator | None = None  # stochastic rounding's noise (ModelEMA's own only)
 
-    def _set_schedule(self, settings: dict) -> None:
-        self.decay, self.warmup = settings["decay"], settings["warmup"]
-        self.update_after_step, self.update_every = settings["update_after_step"], settings["update_every"]
-        self.skip_non_finite = settings["skip_non_finite"]
-        self.rounding, self.seed = settings["rounding"], settings["seed"]
+    # The schedule's settings and counters (a MultiEMA's EMA shares its schedule with the MultiEMA).
+    decay = _from_schedule("decay", "Weight kept by the EMA per update (see the class docstring).")
+    warmup = _from_schedule("warmup", "Whether the decay is capped early on (see the class docstring).")
+    update_after_step = _from_schedule("update_after_step", "First update calls that copy the weights.")
+    update_every = _from_schedule("update_every", "Average on every k-th update call only.")
+    skip_non_finite = _from_schedule("skip_non_finite", "Whether updates from NaN/Inf weights are skipped.")
+    num_steps = _from_schedule("num_steps", "update() calls so far.")
+    num_updates = _from_schedule("num_updates", "Averaging updates applied (after update_after_step).")
+    num_skipped = _from_schedule("num_skipped", "Updates skipped for NaN/Inf weights.")
+    half_life = _from_schedule("half_life", "Steps after which an update's weight in the EMA has halved.")
 
     @property
     def buffers(self) -> str:
@@ -183,31 +235,18 @@ class ModelEMA:
         return "average" if self._shadows.average_buffers else "copy"
 
     @property
-    def dtype(self) -> torch.dtype | None:
-        """The shadow's floating-point dtype, or None for the default rule (see the class docstring)."""
-        return self._shadows.dtype
+    def dtype(self) -> torch.dtype | str | None:
+        """The shadow's dtype as given: a torch dtype, ``"bfloat16-stochastic"``, or None (the default)."""
+        return STOCHASTIC_BF16 if self._shadows.generator is not None else self._shadows.dtype
 
     @property
     def device(self) -> torch.device | None:
         """Where the shadow lives, or None when it follows the model."""
         return self._shadows.device
 
-    @property
-    def ema(self) -> nn.Module:
-        """The EMA model (the same object as ``module``)."""
-        return self.module
-
-    @property
-    def half_life(self) -> float:
-        """Steps after which an update's weight in the EMA has halved (warmup aside)."""
-        return 0.0 if self.decay == 0 else math.log(0.5) / math.log(self.decay)
-
     def current_decay(self) -> float:
         """The decay the next averaging update applies, warmup and ``update_every`` included."""
-        decay = self.decay**self.update_every
-        if self.warmup:
-            decay = min(decay, (1.0 - 1.0 / (self.num_updates + 1)) ** WARMUP_POWER)
-        return decay
+        return self._schedule.current_decay()
 
     def update(self, model: nn.Module) -> None:
         """Fold the model's current weights into the EMA; call it after each optimizer step.
@@ -216,55 +255,10 @@ class ModelEMA:
         one of the same shape; a model whose layout no longer matches is a ValueError, before any change.
         """
         self._shadows.follow(model)
-        if self._generator is not None and self._generator.device != self._shadow_device():
-            self._set_generator(None)  # the shadow moved: a generator on its new device
+        follow_noise(self._shadows)
         weights: list[float | None] = [None] * len(self._shadows.modules)
-        weights[self._index] = self._advance(self._shadows.all_finite)
+        weights[self._index] = self._schedule.advance(self._shadows.all_finite)
         self._shadows.blend(weights)
-
-    def _advance(self, all_finite: Callable[[], bool]) -> float | None:
-        """Count one ``update`` call; return the blend weight it calls for (1.0: copy), or None (no change).
-
-        The schedule is kept apart from the tensor work so that ``MultiEMA`` can run it for each of its
-        EMAs and then blend them all in one pass.
-        """
-        self.num_steps += 1
-        averaging = self.num_steps > self.update_after_step
-        if averaging and (self.num_steps - self.update_after_step) % self.update_every:
-            return None
-        if self.skip_non_finite and not all_finite():
-            self.num_skipped += 1
-            warnings.warn(
-                "ModelEMA skipped an update: the model's weights hold NaN or Inf; the EMA keeps its "
-                "last finite weights (ema.num_skipped counts the skips).",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
-        if not averaging:
-            return 1.0
-        weight = 1.0 - self.current_decay()
-        self.num_updates += 1
-        return weight
-
-    def _shadow_device(self) -> torch.device:
-        tensor = next(self.module.parameters(), None)
-        return next(self.module.buffers()).device if tensor is None else tensor.device
-
-    def _set_generator(self, state: dict | None) -> None:
-        """Stochastic rounding's generator, on the shadow's device: ``state`` restored, or seeded anew."""
-        if self.rounding != "stochastic":
-            self._generator = None
-            self._shadows.set_generator(None)
-            return
-        device = self._shadow_device()
-        generator = torch.Generator(device=device)
-        if state is not None and state["device"] == str(device):
-            generator.set_state(state["state"])
-        else:  # a fresh EMA, or one whose shadow now lives elsewhere: deterministic all the same
-            generator.manual_seed(self.seed + self.num_steps)
-        self._generator = generator
-        self._shadows.set_generator(generator)
 
     def copy_to(self, model: nn.Module) -> None:
         """Write the EMA weights (and buffers) into ``model`` for good (``fit(ema_switch=...)`` calls it)."""
@@ -321,80 +315,15 @@ class ModelEMA:
         return {
             "format": _FORMAT,
             "weights": self.module.state_dict(),
-            "num_steps": self.num_steps,
-            "num_updates": self.num_updates,
-            "num_skipped": self.num_skipped,
+            **self._schedule.counters(),
             "settings": {name: getattr(self, name) for name in _SETTINGS}
             | {"dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch.")},
-            "generator": None
-            if self._generator is None
-            else {"device": str(self._generator.device), "state": self._generator.get_state()},
+            "generator": noise_state(self._shadows),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned. Checks everything before changing anything."""
-        settings, counters, weights = self._check_state(state)
-        self._restore(settings, counters, weights)
-        self._set_generator(state.get("generator"))
-
-    def _check_state(self, state) -> tuple[dict, dict, dict]:
-        """The settings, counters and weights of a ``state_dict``, checked against this EMA."""
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(
-                "Not a ModelEMA state: expected the dict from ModelEMA.state_dict(). For plain weights "
-                "(e.g. a file from ModelEMA.save), use ema.module.load_state_dict(weights)."
-            )
-        try:
-            # States from before rounding= existed were rounded to nearest (and drew no noise).
-            settings = check_settings({"rounding": "nearest", "seed": 0} | state["settings"])
-            counters = {
-                name: _checks.check_int(name, state[name], minimum=0)
-                for name in ("num_steps", "num_updates", "num_skipped")
-            }
-            weights = state["weights"]
-        except KeyError as error:
-            raise ValueError(
-                f"The ModelEMA state lacks {error}; was it saved by another ema_kit version?"
-            ) from None
-        expected = self.module.state_dict()
-        # A state read from a file can hold anything weights_only allows: refuse it here, before any change.
-        if isinstance(weights, dict):
-            hollow = [
-                key
-                for key, value in weights.items()
-                if isinstance(expected.get(key), torch.Tensor)
-                and (not isinstance(value, torch.Tensor) or value.is_meta or value.layout != torch.strided)
-            ]
-        else:
-            hollow = ["weights"]
-        if hollow:
-            raise ValueError(
-                f"The ModelEMA state's {hollow[:3]} are not dense tensors that hold values; was it saved "
-                "with ModelEMA.state_dict()?"
-            )
-        _check_weights_match(weights, expected)
-        _check_generator_state(state.get("generator"), settings["rounding"])
-        if len(self._shadows.modules) > 1 and settings["rounding"] != "nearest":
-            raise ValueError(
-                "The state holds rounding='stochastic', which a MultiEMA's EMAs do not do; load it into a "
-                "ModelEMA(model, dtype=torch.bfloat16, rounding='stochastic')."
-            )
-        shared = {"buffers": self.buffers, "dtype": self.dtype}
-        if len(self._shadows.modules) > 1 and {name: settings[name] for name in shared} != shared:
-            raise ValueError(
-                f"This EMA shares buffers={self.buffers!r} and dtype={self.dtype} with the other EMAs of "
-                f"its MultiEMA, but the state holds buffers={settings['buffers']!r} and "
-                f"dtype={settings['dtype']}; build the MultiEMA with the state's settings to load it."
-            )
-        return settings, counters, weights
-
-    def _restore(self, settings: dict, counters: dict, weights: dict) -> None:
-        self._set_schedule(settings)
-        self.__dict__.update(counters)
-        if (settings["buffers"], settings["dtype"]) != (self.buffers, self.dtype):
-            self._shadows.relayout(average_buffers=settings["buffers"] == "average", dtype=settings["dtype"])
-        with torch.no_grad():
-            self.module.load_state_dict(weights)
+        checked_load(self, state)()
 
     def __call__(self, *args, **kwargs):
         """Run the EMA model: ``ema(x)`` is ``ema.module(x)``."""
@@ -405,6 +334,98 @@ class ModelEMA:
             f"ModelEMA(decay={self.decay}, half_life={self.half_life:.0f} steps, warmup={self.warmup}, "
             f"num_updates={self.num_updates}, module={type(self.module).__name__})"
         )
+
+
+# -- What MultiEMA shares with ModelEMA: one Shadows for all its EMAs, a Schedule and a ModelEMA for each. --
+
+
+def new_shadows(model: nn.Module, count: int, settings: dict, device) -> Shadows:
+    """``count`` shadow sets of ``model``, laid out as the checked ``settings`` say, on ``device``."""
+    shadows = Shadows(
+        model,
+        count,
+        average_buffers=settings["buffers"] == "average",
+        dtype=shadow_dtype(settings["dtype"]),
+        device=_checks.check_device("device", device),
+    )
+    start_noise(shadows, settings["dtype"] == STOCHASTIC_BF16)
+    return shadows
+
+
+def member(shadows: Shadows, index: int, schedule: Schedule) -> ModelEMA:
+    """The ModelEMA of set ``index`` of ``shadows``, run by ``schedule``; both stay shared with the caller,
+    which updates all sets at once (``MultiEMA``)."""
+    ema = ModelEMA.__new__(ModelEMA)
+    ema._attach(shadows, index, schedule)
+    return ema
+
+
+def checked_load(ema: ModelEMA, state) -> Callable[[], None]:
+    """Check a ``ModelEMA.state_dict()`` against ``ema`` and return the function that loads it into ``ema``.
+
+    Nothing changes until that function runs: ``MultiEMA`` checks every EMA's state, then loads them all.
+    """
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise ValueError(
+            "Not a ModelEMA state: expected the dict from ModelEMA.state_dict(). For plain weights "
+            "(e.g. a file from ModelEMA.save), use ema.module.load_state_dict(weights)."
+        )
+    try:
+        settings = check_settings(_current_settings(state["settings"]))
+        counters = {
+            name: _checks.check_int(name, state[name], minimum=0)
+            for name in ("num_steps", "num_updates", "num_skipped")
+        }
+        weights = state["weights"]
+    except KeyError as error:
+        raise ValueError(
+            f"The ModelEMA state lacks {error}; was it saved by another ema_kit version?"
+        ) from None
+    expected = ema.module.state_dict()
+    # A state read from a file can hold anything weights_only allows: refuse it here, before any change.
+    if isinstance(weights, dict):
+        hollow = [
+            key
+            for key, value in weights.items()
+            if isinstance(expected.get(key), torch.Tensor)
+            and (not isinstance(value, torch.Tensor) or value.is_meta or value.layout != torch.strided)
+        ]
+    else:
+        hollow = ["weights"]
+    if hollow:
+        raise ValueError(
+            f"The ModelEMA state's {hollow[:3]} are not dense tensors that hold values; was it saved "
+            "with ModelEMA.state_dict()?"
+        )
+    check_layout(
+        weights,
+        expected,
+        "The state does not match the model this EMA was built for",
+        "Build a new ModelEMA for a different architecture.",
+    )
+    stochastic = settings["dtype"] == STOCHASTIC_BF16
+    noise = state.get("generator") if stochastic else None
+    check_noise_state(noise, stochastic)
+    shadows = ema._shadows
+    layout = {"buffers": settings["buffers"], "dtype": settings["dtype"]}
+    if len(shadows.modules) > 1 and layout != {"buffers": ema.buffers, "dtype": ema.dtype}:
+        raise ValueError(
+            f"This EMA shares buffers={ema.buffers!r} and dtype={ema.dtype} with the other EMAs of "
+            f"its MultiEMA, but the state holds buffers={settings['buffers']!r} and "
+            f"dtype={settings['dtype']}; build the MultiEMA with the state's settings to load it."
+        )
+
+    def load() -> None:
+        ema._schedule.load(settings, counters)
+        if layout != {"buffers": ema.buffers, "dtype": ema.dtype}:
+            shadows.relayout(
+                average_buffers=settings["buffers"] == "average", dtype=shadow_dtype(settings["dtype"])
+            )
+        with torch.no_grad():
+            ema.module.load_state_dict(weights)
+        load_noise_state(shadows, noise)
+
+    return load
 
 
 def save_module(module: nn.Module, path: str | os.PathLike) -> Path:
@@ -418,35 +439,7 @@ def save_module(module: nn.Module, path: str | os.PathLike) -> Path:
             f"{Path(path).name}: the model's {extra[:3]} are extra state (get_extra_state), not "
             "tensors, which safetensors cannot hold; save to a .pth name instead."
         )
-    return atomic_save(
-        {key: value.detach().cpu() if key not in extra else value for key, value in weights.items()},
-        path,
-    )
-
-
-def _check_generator_state(generator, rounding: str) -> None:
-    """A stochastic EMA's state holds its generator's: ``{"device": str, "state": uint8 tensor}``."""
-    if rounding != "stochastic":
-        return
-    if (
-        not isinstance(generator, dict)
-        or not isinstance(generator.get("device"), str)
-        or not isinstance(generator.get("state"), torch.Tensor)
-        or generator["state"].dtype != torch.uint8
-    ):
-        raise ValueError(
-            "The ModelEMA state has rounding='stochastic' but no generator state to resume its rounding "
-            "noise from; was it saved with ModelEMA.state_dict()?"
-        )
-
-
-def _check_weights_match(given: dict, expected: dict, what: str = "The state") -> None:
-    problems = layout_mismatch(given, expected)
-    if problems:
-        raise ValueError(
-            f"{what} does not match the model this EMA was built for ({problems}). "
-            "Build a new ModelEMA for a different architecture."
-        )
+    return atomic_save(cpu_state(weights), path)
 
 
 _SETTINGS = {
@@ -455,10 +448,8 @@ _SETTINGS = {
     "update_after_step": lambda value: _checks.check_int("update_after_step", value, minimum=0),
     "update_every": lambda value: _checks.check_int("update_every", value, minimum=1),
     "buffers": lambda value: _checks.check_choice("buffers", value, ("average", "copy")),
-    "dtype": lambda value: _checks.check_dtype("dtype", value),
+    "dtype": lambda value: _checks.check_dtype("dtype", value, also=(STOCHASTIC_BF16,)),
     "skip_non_finite": lambda value: _checks.check_bool("skip_non_finite", value),
-    "rounding": lambda value: _checks.check_choice("rounding", value, ("nearest", "stochastic")),
-    "seed": lambda value: _checks.check_int("seed", value, minimum=0),
 }
 
 
@@ -466,10 +457,16 @@ def check_settings(settings: dict) -> dict:
     """Every ModelEMA setting, checked; raises on the first bad one, before anything is changed."""
     if not isinstance(settings, dict):  # a state read from a file
         raise ValueError(f"The ModelEMA settings must be a dict, got {type(settings).__name__}.")
-    checked = {name: check(settings[name]) for name, check in _SETTINGS.items()}
-    if checked["rounding"] == "stochastic" and checked["dtype"] != torch.bfloat16:
-        raise ValueError(
-            f"rounding='stochastic' is for bfloat16 shadows, got dtype={checked['dtype']}; pass "
-            "dtype=torch.bfloat16 with it (float32 and wider shadows need no stochastic rounding)."
-        )
-    return checked
+    return {name: check(settings[name]) for name, check in _SETTINGS.items()}
+
+
+def _current_settings(saved) -> dict:
+    """A state's settings in today's terms: states written before the stochastic shadow was a dtype said it
+    with rounding= and seed= settings (the seed lives on in the saved generator state)."""
+    if not isinstance(saved, dict):
+        return saved
+    saved = dict(saved)
+    if saved.pop("rounding", "nearest") == "stochastic":
+        saved["dtype"] = STOCHASTIC_BF16
+    saved.pop("seed", None)
+    return saved

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ._tensors import cpu_state
+
 # A temporary file untouched for this long was left by a writer that was killed mid-write (SIGKILL, out
 # of memory, power loss); the next write to the same path deletes it. A live writer keeps touching its own.
 STALE_TEMP_S = 3600
@@ -95,7 +97,7 @@ def save_weights(weights: dict[str, torch.Tensor], path: str | os.PathLike) -> P
             f"{type(weights[not_tensors[0]]).__name__}; use atomic_save for other objects."
         )
     if Path(path).suffix != ".safetensors":
-        return atomic_save({key: value.detach().cpu() for key, value in weights.items()}, path)
+        return atomic_save(cpu_state(weights), path)
     safetensors_torch = _import_safetensors(path)
     copies = {
         key: value.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)

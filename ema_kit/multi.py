@@ -9,8 +9,8 @@ import torch  # noqa: F401  (the doctest uses it)
 from torch import nn
 
 from . import _checks
-from ._shadows import Shadows
-from .ema import ModelEMA, check_settings
+from ._lowp import follow_noise
+from .ema import ModelEMA, Schedule, check_settings, checked_load, member, new_shadows
 
 _FORMAT = "ema_kit.MultiEMA/1"
 
@@ -22,7 +22,8 @@ class MultiEMA:
     ``copy_to`` and ``state_dict`` all work). ``update(model)`` runs each one's schedule (warmup,
     ``update_after_step``, ``update_every``) exactly as ``ModelEMA.update`` would, then blends all K
     shadows in one pass that reads each live tensor once; K shadows cost K shadows' memory, and less
-    than K separate updates (``benchmarks/ema_update.py`` measures it).
+    than K separate updates (``benchmarks/ema_update.py`` measures it). ``dtype="bfloat16-stochastic"``
+    works as for ``ModelEMA``: the K shadows draw their rounding noise from one generator.
 
     Update through the MultiEMA: calling ``emas[d].update(model)`` as well would average twice.
 
@@ -32,6 +33,9 @@ class MultiEMA:
             their order. ``decay_from_half_life`` converts half-lives.
         **options: the keyword options of ``ModelEMA`` (``warmup``, ``update_after_step``,
             ``update_every``, ``buffers``, ``dtype``, ``device``, ``skip_non_finite``), shared by all.
+
+    ``decays`` may be a list, a tuple or a 1-d numpy array; numpy numbers count as the decimals they print
+    as (``np.float32(0.99)`` is ``0.99``, the key in ``emas``).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
@@ -53,24 +57,12 @@ class MultiEMA:
         if unknown:
             raise TypeError(f"MultiEMA got unknown options {unknown}; it takes ModelEMA's: {list(_OPTIONS)}.")
         options = _OPTIONS | options
-        settings = check_settings({"decay": decays[0]} | {k: v for k, v in options.items() if k != "device"})
-        if settings["rounding"] != "nearest":
-            raise ValueError(
-                f"MultiEMA rounds to nearest only, got rounding={settings['rounding']!r}; for a bfloat16 "
-                "shadow with stochastic rounding use "
-                "ModelEMA(model, dtype=torch.bfloat16, rounding='stochastic')."
-            )
-        shadows = Shadows(
-            model,
-            len(decays),
-            average_buffers=settings["buffers"] == "average",
-            dtype=settings["dtype"],
-            device=_checks.check_device("device", options["device"]),
-        )
-        self._shadows = shadows
+        settings = check_settings({"decay": decays[0]} | options)
+        self._shadows = new_shadows(model, len(decays), settings, options["device"])
+        self._schedules = [Schedule(settings | {"decay": decay}) for decay in decays]
         self._emas = {
-            decay: ModelEMA._member(shadows, index, settings | {"decay": decay})
-            for index, decay in enumerate(decays)
+            decay: member(self._shadows, index, schedule)
+            for index, (decay, schedule) in enumerate(zip(decays, self._schedules))
         }
 
     @property
@@ -90,6 +82,7 @@ class MultiEMA:
     def update(self, model: nn.Module) -> None:
         """Fold the model's current weights into every EMA; call it after each optimizer step."""
         self._shadows.follow(model)
+        follow_noise(self._shadows)
         finite: list[bool] = []
 
         def all_finite() -> bool:  # checked at most once per step, however many EMAs ask
@@ -97,7 +90,7 @@ class MultiEMA:
                 finite.append(self._shadows.all_finite())
             return finite[0]
 
-        self._shadows.blend([ema._advance(all_finite) for ema in self._emas.values()])
+        self._shadows.blend([schedule.advance(all_finite) for schedule in self._schedules])
 
     def state_dict(self) -> dict:
         """Every EMA's ``state_dict``, in order; loads with ``torch.load(..., weights_only=True)``."""
@@ -117,9 +110,9 @@ class MultiEMA:
                 f"The state holds EMAs for decays {saved}, but this MultiEMA tracks {self.decays}. Build "
                 f"MultiEMA(model, decays={saved}) to resume it."
             )
-        checked = [ema._check_state(ema_state) for ema, ema_state in zip(self._emas.values(), emas)]
-        for ema, (settings, counters, weights) in zip(self._emas.values(), checked):
-            ema._restore(settings, counters, weights)
+        loads = [checked_load(ema, ema_state) for ema, ema_state in zip(self._emas.values(), emas)]
+        for load in loads:
+            load()
 
     def __repr__(self) -> str:
         lead = next(iter(self._emas.values()))
@@ -134,11 +127,12 @@ _OPTIONS = ModelEMA.__init__.__kwdefaults__  # ModelEMA's keyword options and th
 
 
 def _check_decays(decays) -> tuple[float, ...]:
-    if isinstance(decays, (str, bytes)) or not isinstance(decays, Sequence):
+    try:
+        decays = _checks.check_sequence("decays", decays, "(0.99, 0.999, 0.9999)")
+    except TypeError:
         raise TypeError(
             f"decays must be a sequence of decays such as (0.99, 0.999, 0.9999), got {decays!r}. For a "
             "single decay, use ModelEMA(model, decay=...)."
-        )
-    _checks.check_sequence("decays", decays, "(0.99, 0.999, 0.9999)")
+        ) from None
     checked = tuple(_checks.check_decay(f"decays[{i}]", decay) for i, decay in enumerate(decays))
     return _checks.check_distinct("decays", checked)

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import _checks
 from ._shadows import Shadows
-from ._tensors import layout_mismatch
+from ._tensors import check_layout, cpu_state
 from .files import atomic_save, load_weights
 
 if TYPE_CHECKING:
@@ -107,7 +107,10 @@ class PostHocEMA:
     the use). At most ``max_snapshots`` are kept: when a new one would exceed that, the snapshots off a
     grid of ``snapshot_every * 2**k`` steps are deleted (the newest stays), and k grows when every kept
     one is on the grid. The snapshots stay spread over the whole run with the recent ones denser, so the
-    run's end (where the final EMA puts its weight) is covered best.
+    run's end (where the final EMA puts its weight) is covered best. A file that the latest
+    ``state_dict()`` lists is deleted only once a later one no longer does, so that a checkpoint holding
+    that state resumes exactly even when the run is killed after further thinning; until then the folder
+    may hold a few files more than ``max_snapshots``.
 
     Args:
         model: the model being trained (DDP, DataParallel and ``torch.compile`` wrappers are looked
@@ -156,6 +159,7 @@ class PostHocEMA:
         self.num_steps = 0  # update() calls so far
         self.snapshots: list[int] = []  # the steps whose snapshot file is in ``folder``, oldest first
         self._grid = self.snapshot_every  # the thinning grid (see the class docstring)
+        self._pinned: set[int] = set()  # snapshots the latest state_dict() lists: thinning leaves their files
         self._shadows = Shadows(
             model,
             len(self.sigma_rels),
@@ -169,11 +173,6 @@ class PostHocEMA:
     def profiles(self) -> Mapping[float, nn.Module]:
         """sigma_rel -> the tracked power-function EMA as a model (in eval mode), at the current step."""
         return MappingProxyType(self._profiles)
-
-    @property
-    def step(self) -> int:
-        """``num_steps``, by the name ema_kit 0.1 used (the counter ``ModelEMA`` calls ``num_steps``)."""
-        return self.num_steps
 
     @property
     def disk_bytes(self) -> int:
@@ -204,20 +203,18 @@ class PostHocEMA:
         path = self._path(self.num_steps)
         if self.snapshots and self.snapshots[-1] == self.num_steps:
             return path
-        kept, grid = self.snapshots + [self.num_steps], self._grid
-        while len(kept) > self.max_snapshots:
-            on_grid = [s for s in kept if s % grid == 0 or s == self.num_steps]
-            if len(on_grid) == len(kept):
-                grid *= 2
-            kept = on_grid
+        kept, grid = _thin(self.snapshots + [self.num_steps], self._grid, self.max_snapshots)
         if _is_main_process():  # under DDP every rank tracks the same profiles; rank 0 writes them
-            self._write(path, grid)
-            for step in set(self.snapshots) - set(kept):  # only once the new one is safely written
-                (folder / _name(step)).unlink(missing_ok=True)
+            self._write(path, grid, kept)
+            # Only once the new one is safely written, which lists what is kept: a kill before the deletions
+            # leaves files that from_folder ignores and a later snapshot deletes.
+            for step in _snapshot_steps(folder):
+                if step not in kept and step not in self._pinned:
+                    (folder / _name(step)).unlink(missing_ok=True)
         self.snapshots, self._grid = kept, grid
         return path
 
-    def _write(self, path: Path, grid: int) -> None:
+    def _write(self, path: Path, grid: int, kept: list[int]) -> None:
         atomic_save(
             {
                 "format": _SNAPSHOT_FORMAT,
@@ -227,7 +224,8 @@ class PostHocEMA:
                 "snapshot_every": self.snapshot_every,
                 "max_snapshots": self.max_snapshots,
                 "grid": grid,
-                "profiles": [_cpu_state(module) for module in self._shadows.modules],
+                "snapshots": kept,  # the steps whose files the tracker keeps, this one included
+                "profiles": [cpu_state(module.state_dict()) for module in self._shadows.modules],
             },
             path,
         )
@@ -271,8 +269,10 @@ class PostHocEMA:
         """The EMA of relative length ``sigma_rel`` (or ``half_life`` steps) at ``at_step``, as a state dict.
 
         It is the least-squares combination (solved in float64) of the snapshot profiles up to
-        ``at_step`` (the latest snapshot by default) closest to the requested profile; integer buffers
-        come from the latest of those snapshots. ``model.load_state_dict(...)`` loads it.
+        ``at_step`` (the latest snapshot by default) closest to the requested profile. Integer buffers
+        come from the latest of those snapshots, and so do all buffers of a tracker built with
+        ``buffers="copy"`` (as EDM2's reconstruction does: a copied buffer is the model's own at that step,
+        not something to average). ``model.load_state_dict(...)`` loads it.
 
         Raises ValueError when the snapshots cannot reconstruct that length: when the best combination
         is off the requested profile by more than ``max_residual`` (relative L2 error of the profile).
@@ -304,7 +304,11 @@ class PostHocEMA:
     # -- resume ---------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything to resume bit-identically; loads with ``torch.load(..., weights_only=True)``."""
+        """Everything to resume bit-identically; loads with ``torch.load(..., weights_only=True)``.
+
+        The snapshot files it lists stay on disk until a later ``state_dict()`` no longer lists them.
+        """
+        self._pinned = set(self.snapshots)
         return {
             "format": _FORMAT,
             "num_steps": self.num_steps,
@@ -327,8 +331,7 @@ class PostHocEMA:
             raise ValueError("Not a PostHocEMA state: expected the dict from PostHocEMA.state_dict().")
         try:
             sigma_rels = tuple(state["sigma_rels"])
-            counter = "num_steps" if "num_steps" in state else "step"  # "step" in states of ema_kit 0.1
-            step = _checks.check_int("num_steps", state[counter], minimum=0)
+            step = _checks.check_int("num_steps", state["num_steps"], minimum=0)
             snapshot_every = _checks.check_int("snapshot_every", state["snapshot_every"], minimum=1)
             max_snapshots = _checks.check_int("max_snapshots", state["max_snapshots"], minimum=2)
             grid = _checks.check_int("grid", state["grid"], minimum=1)
@@ -351,17 +354,11 @@ class PostHocEMA:
         if self.folder is None and folder is not None:
             self.folder = Path(folder)
         missing = [s for s in snapshots if self.folder is None or not self._path(s).is_file()]
-        if missing:
-            warnings.warn(
-                f"{len(missing)} of the {len(snapshots)} snapshots in this state are not in {self.folder} "
-                f"(steps {missing[:5]}{' ...' if len(missing) > 5 else ''}): going on without them. If the "
-                "folder moved, pass its new place as PostHocEMA(..., folder=...) before loading.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        _warn_missing(missing, snapshots, "this state", self.folder)
         self.num_steps, self.snapshot_every, self.max_snapshots = step, snapshot_every, max_snapshots
         self._grid = grid
         self.snapshots = [s for s in snapshots if s not in missing]
+        self._pinned = set(self.snapshots)  # the checkpoint it came from lists them
         with torch.no_grad():
             for module, profile in zip(self._shadows.modules, profiles):
                 module.load_state_dict(profile)
@@ -371,19 +368,24 @@ class PostHocEMA:
         """The tracker that wrote ``folder``, rebuilt from its snapshots (e.g. in a new session).
 
         Its profiles are those of the latest snapshot, so ``synthesize`` and ``scan`` work, and training
-        can go on from that step. ``options``: ``buffers``, ``dtype``, ``device`` as for the constructor.
+        can go on from that step. The snapshots are those the latest one lists as kept: files a killed
+        run had yet to thin, or kept for a checkpoint, are not used (the next snapshot deletes them).
+        ``options``: ``buffers``, ``dtype``, ``device`` as for the constructor.
         """
         folder = Path(folder)
         steps = _snapshot_steps(folder)
         if not steps:
             raise ValueError(f"No post-hoc EMA snapshots ({_PATTERN}) in {folder}.")
         latest = _read_snapshot(folder / _name(steps[-1]), steps[-1])
+        listed = latest.get("snapshots", steps)  # snapshots written before they listed the kept ones: all
+        missing = [s for s in listed if s not in steps]
+        _warn_missing(missing, listed, "the latest snapshot's list", folder)
         tracker = cls(
             model,
             sigma_rels=tuple(latest["sigma_rels"]),
             snapshot_every=latest["snapshot_every"],
             folder=folder,
-            max_snapshots=max(latest["max_snapshots"], len(steps)),
+            max_snapshots=latest["max_snapshots"],
             **options,
         )
         expected = tracker._shadows.modules[0].state_dict()
@@ -392,7 +394,8 @@ class PostHocEMA:
         with torch.no_grad():
             for module, profile in zip(tracker._shadows.modules, latest["profiles"]):
                 module.load_state_dict(profile)
-        tracker.num_steps, tracker.snapshots, tracker._grid = steps[-1], steps, latest["grid"]
+        tracker.num_steps, tracker._grid = steps[-1], latest["grid"]
+        tracker.snapshots = [s for s in listed if s in steps]
         return tracker
 
     def __repr__(self) -> str:
@@ -504,7 +507,10 @@ class PostHocEMA:
                 f"{' ...' if len(missing) > 3 else ''}. Restore them (was the folder moved or cleaned?), "
                 "or rebuild the tracker from the files left: PostHocEMA.from_folder(folder, model)."
             )
-        expected = self._shadows.modules[0].state_dict()
+        shadow = self._shadows.modules[0]
+        expected = shadow.state_dict()
+        # Copied buffers are the model's own at each snapshot: the latest one's, not a mix, are the EMA's.
+        copied = set() if self._shadows.average_buffers else _buffer_keys(shadow)
         total: dict[str, torch.Tensor] = {}
         index = 0
         for step, path in paths.items():
@@ -522,12 +528,12 @@ class PostHocEMA:
                 weight = float(synthesis.coefficients[index])
                 index += 1
                 for key, value in profile.items():
-                    if _averaged(value):
+                    if _averaged(value) and key not in copied:
                         term = value.to(torch.complex128 if value.is_complex() else torch.float64) * weight
                         total[key] = term if key not in total else total[key].add_(term)
             latest = snapshot["profiles"][0]
         return {
-            key: total[key].to(value.dtype) if _averaged(value) else copy.deepcopy(latest[key])
+            key: total[key].to(value.dtype) if key in total else copy.deepcopy(latest[key])
             for key, value in expected.items()
         }
 
@@ -692,12 +698,38 @@ def _averaged(value) -> bool:
     return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
 
 
-def _cpu_state(module: nn.Module) -> dict:
-    """The state dict on the CPU; modules' extra state (``get_extra_state``) as it is."""
-    return {
-        key: value.detach().cpu() if isinstance(value, torch.Tensor) else value
-        for key, value in module.state_dict().items()
-    }
+def _buffer_keys(module: nn.Module) -> set[str]:
+    """The state-dict keys of ``module``'s buffers (a buffer shared by two modules under each name)."""
+    return {name for name, _ in module.named_buffers(remove_duplicate=False)}
+
+
+def _thin(steps: list[int], grid: int, most: int) -> tuple[list[int], int]:
+    """The snapshots of ``steps`` (newest last) kept when at most ``most`` may stay, and the grid after.
+
+    Off-grid ones go first (the newest always stays); when every one is on the grid, the grid doubles.
+
+    Example:
+        >>> _thin([8, 16, 24, 32, 40, 48, 49], grid=8, most=6)
+        ([16, 32, 48, 49], 16)
+    """
+    kept = steps
+    while len(kept) > most:
+        on_grid = [s for s in kept if s % grid == 0 or s == steps[-1]]
+        if len(on_grid) == len(kept):
+            grid *= 2
+        kept = on_grid
+    return kept, grid
+
+
+def _warn_missing(missing: list[int], listed: list[int], where: str, folder) -> None:
+    if missing:
+        warnings.warn(
+            f"{len(missing)} of the {len(listed)} snapshots in {where} are not in {folder} "
+            f"(steps {missing[:5]}{' ...' if len(missing) > 5 else ''}): going on without them. If the "
+            "folder moved, pass its new place as PostHocEMA(..., folder=...) before loading.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _nbytes(module: nn.Module) -> int:
@@ -719,14 +751,12 @@ def _size(count: int) -> str:
 
 
 def _check_same_model(given, expected: dict, what: str) -> None:
-    if not isinstance(given, Mapping):
-        raise ValueError(f"{what} holds no state dict (got {type(given).__name__}).")
-    problems = layout_mismatch(given, expected)
-    if problems:
-        raise ValueError(
-            f"{what} is for a different model than this PostHocEMA tracks ({problems}). Post-hoc EMA "
-            "weights load only into the architecture they were tracked on."
-        )
+    check_layout(
+        given,
+        expected,
+        f"{what} is for a different model than this PostHocEMA tracks",
+        "Post-hoc EMA weights load only into the architecture they were tracked on.",
+    )
 
 
 def _check_sigma_rel(name: str, value) -> float:

@@ -84,3 +84,18 @@ def test_fit_overhead_benchmark_times_fit_beside_a_hand_written_loop():
         assert math.isfinite(float(seconds)) and float(seconds) > 0
         ratio(cell)
     assert rows["hand-written loop"][1] == "1.000x"
+
+
+@pytest.mark.slow
+def test_evaluate_memory_benchmark_measures_each_way_of_scoring_with_the_same_scores():
+    report = run("evaluate_memory.py")
+    columns, rows = table(report, "| scoring |")
+    assert columns[:2] == ["peak memory above the start", "vs forward passes only"]
+    assert list(rows) == [
+        "forward passes only (reference)",
+        "all outputs kept, then scored (evaluate before streaming)",
+        "evaluate, streamed",
+        "evaluate, accuracy marked whole_set",
+    ]
+    assert all(cells[0].endswith(" MiB") and ratio(cells[1]) for cells in rows.values())
+    assert len({tuple(cells[3:]) for name, cells in rows.items() if not name.startswith("forward")}) == 1

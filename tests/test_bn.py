@@ -57,9 +57,18 @@ def test_dict_batches_with_target_key_give_the_same_statistics_as_pairs():
     assert_same_stats(model, reference)
 
 
-def test_a_bare_tensor_batch_is_refused_as_fit_refuses_it():
-    with pytest.raises(ValueError, match=r"\(inputs, targets\), got a Tensor"):
+def test_a_bare_tensor_batch_is_refused_by_recompute_bns_name():
+    with pytest.raises(ValueError, match=r"^recompute_bn expects each batch as \(inputs, targets\), got a"):
         recompute_bn(trained_cnn(), [x for x, _ in batches()])
+
+
+def test_recompute_bn_runs_under_the_callers_autocast():
+    seen = []
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recompute_bn(model, [(torch.randn(8, 3), torch.zeros(8))])
+    assert seen == [torch.bfloat16]  # as fit(amp="bf16", callbacks=[RecomputeEMABatchNorm()]) runs it
 
 
 class TwoInputs(nn.Module):

@@ -201,7 +201,7 @@ def test_shadow_is_one_copy_of_the_weights_and_nothing_is_allocated_per_step(mod
 
 def test_ema_module_is_eval_mode_and_never_tracks_gradients(model):
     ema = ModelEMA(model)
-    assert ema.ema is ema.module and not ema.module.training
+    assert not ema.module.training
     assert not any(p.requires_grad for p in ema.module.parameters())
     train_steps(model, 2, lambda: ema.update(model))
     assert all(p.grad_fn is None and not p.requires_grad for p in ema.module.parameters())
@@ -704,10 +704,11 @@ class Drifting(nn.Module):
             self.weight.copy_(self.start + self.drift * n)
 
 
-def test_stochastic_bf16_rounding_tracks_the_float64_ema_where_nearest_bf16_stalls():
+def test_stochastic_bf16_shadow_tracks_the_float64_ema_where_nearest_bf16_stalls():
     model = Drifting()
-    options = {"decay": 0.999, "warmup": False, "dtype": torch.bfloat16}
-    nearest, stochastic = ModelEMA(model, **options), ModelEMA(model, **options, rounding="stochastic")
+    options = {"decay": 0.999, "warmup": False}
+    nearest = ModelEMA(model, **options, dtype=torch.bfloat16)
+    stochastic = ModelEMA(model, **options, dtype="bfloat16-stochastic")
     exact = model.start.clone()
     for n in range(1, 1001):  # 1000 updates: the exact EMA has moved far enough for the jitter to be small
         model.step(n)
@@ -715,12 +716,12 @@ def test_stochastic_bf16_rounding_tracks_the_float64_ema_where_nearest_bf16_stal
         nearest.update(model)
         stochastic.update(model)
     travel = (exact - model.start).norm()
-    assert stochastic.module.weight.dtype == torch.bfloat16
+    assert stochastic.module.weight.dtype == torch.bfloat16 and stochastic.dtype == "bfloat16-stochastic"
     assert (stochastic.module.weight.double() - exact).norm() < 0.1 * travel
     assert (nearest.module.weight.double() - exact).norm() > 0.5 * travel
 
 
-def stochastic_run(ema: ModelEMA, model: Drifting, steps: range) -> None:
+def stochastic_run(ema, model: Drifting, steps: range) -> None:
     for n in steps:
         model.step(n)
         ema.update(model)
@@ -728,7 +729,7 @@ def stochastic_run(ema: ModelEMA, model: Drifting, steps: range) -> None:
 
 def test_a_stochastic_ema_resumes_bit_exact_from_its_saved_state(tmp_path):
     model = Drifting(512)
-    options = {"decay": 0.99, "dtype": torch.bfloat16, "rounding": "stochastic"}
+    options = {"decay": 0.99, "dtype": "bfloat16-stochastic"}
     straight = ModelEMA(model, **options)
     stochastic_run(straight, model, range(1, 11))
     torch.save(straight.state_dict(), tmp_path / "ema.pt")
@@ -739,54 +740,100 @@ def test_a_stochastic_ema_resumes_bit_exact_from_its_saved_state(tmp_path):
     assert torch.equal(resumed.module.weight, straight.module.weight)
 
 
-def test_the_seed_decides_the_rounding_noise_and_the_global_generator_is_not_drawn_from():
+def test_the_rounding_noise_is_the_same_in_every_run_and_the_global_generator_is_not_drawn_from():
     finals = []
-    for seed in (0, 0, 1):
+    for _ in range(2):
         model = Drifting(512)
-        ema = ModelEMA(model, decay=0.99, dtype=torch.bfloat16, rounding="stochastic", seed=seed)
+        ema = ModelEMA(model, decay=0.99, dtype="bfloat16-stochastic")
         torch.manual_seed(123)
         stochastic_run(ema, model, range(1, 11))
         drawn = torch.rand(1)
         torch.manual_seed(123)
         assert torch.equal(drawn, torch.rand(1))
         finals.append(ema.module.weight.clone())
-    assert torch.equal(finals[0], finals[1]) and not torch.equal(finals[0], finals[2])
+    assert torch.equal(finals[0], finals[1])
 
 
 @pytest.mark.parametrize(
-    ("options", "error", "message"),
+    ("dtype", "error", "message"),
     [
-        (
-            {"rounding": "stochastic"},
-            ValueError,
-            r"rounding='stochastic' is for bfloat16.*dtype=torch.bfloat16",
-        ),
-        ({"rounding": "up"}, ValueError, r"rounding must be one of \('nearest', 'stochastic'\), got 'up'"),
-        ({"rounding": None}, TypeError, "rounding must be one of"),
-        ({"seed": -1}, ValueError, "seed must be an int >= 0, got -1"),
-        ({"seed": "0"}, TypeError, "seed must be an int >= 0"),
+        ("bfloat16-stoch", TypeError, r"dtype must be a floating-point torch.dtype .*'bfloat16-stochastic'"),
+        (torch.int8, TypeError, r"dtype must be .*'bfloat16-stochastic', or None, got torch.int8"),
     ],
 )
-def test_rounding_and_seed_are_checked_by_name(options, error, message):
+def test_a_wrong_shadow_dtype_names_the_stochastic_one_too(dtype, error, message):
     with pytest.raises(error, match=message):
-        ModelEMA(nn.Linear(2, 2), **options)
+        ModelEMA(nn.Linear(2, 2), dtype=dtype)
 
 
 def test_a_stochastic_state_without_its_generator_state_is_refused_before_any_change():
     model = Drifting(64)
-    ema = ModelEMA(model, dtype=torch.bfloat16, rounding="stochastic")
+    ema = ModelEMA(model, dtype="bfloat16-stochastic")
     state = ema.state_dict() | {"generator": None}
     before = ema.module.weight.clone()
     with pytest.raises(ValueError, match="no generator state"):
-        ModelEMA(model, dtype=torch.bfloat16, rounding="stochastic").load_state_dict(state)
+        ModelEMA(model, dtype="bfloat16-stochastic").load_state_dict(state)
     assert torch.equal(ema.module.weight, before)
 
 
-def test_multi_ema_refuses_stochastic_rounding():
+def test_a_state_saved_with_rounding_and_seed_settings_resumes_as_the_stochastic_dtype():
+    model = Drifting(512)
+    straight = ModelEMA(model, decay=0.99, dtype="bfloat16-stochastic")
+    stochastic_run(straight, model, range(1, 11))
+    state = straight.state_dict()  # as ModelEMA(..., dtype=torch.bfloat16, rounding="stochastic") wrote it
+    state["settings"] = state["settings"] | {"dtype": "bfloat16", "rounding": "stochastic", "seed": 0}
+    resumed = ModelEMA(Drifting(512), decay=0.99)
+    resumed.load_state_dict(state)
+    stochastic_run(straight, model, range(11, 21))
+    stochastic_run(resumed, model, range(11, 21))
+    assert resumed.dtype == "bfloat16-stochastic"
+    assert torch.equal(resumed.module.weight, straight.module.weight)
+
+
+def test_a_multi_ema_of_stochastic_bf16_shadows_tracks_each_float64_ema_and_resumes_bit_exact(tmp_path):
     from ema_kit import MultiEMA
 
-    with pytest.raises(ValueError, match="MultiEMA rounds to nearest only"):
-        MultiEMA(nn.Linear(2, 2), decays=(0.9, 0.99), dtype=torch.bfloat16, rounding="stochastic")
+    model = Drifting()
+    decays = (0.99, 0.999)
+    multi = MultiEMA(model, decays=decays, warmup=False, dtype="bfloat16-stochastic")
+    exact = {decay: model.start.clone() for decay in decays}
+    for n in range(1, 1001):  # as for one EMA above: far enough for the jitter to be small
+        model.step(n)
+        for decay in decays:
+            exact[decay].lerp_(model.weight.double(), 1 - decay)
+        multi.update(model)
+        if n == 500:
+            torch.save(multi.state_dict(), tmp_path / "multi.pt")
+    for decay, ema in multi.emas.items():
+        travel = (exact[decay] - model.start).norm()
+        assert ema.module.weight.dtype == torch.bfloat16
+        assert (ema.module.weight.double() - exact[decay]).norm() < 0.1 * travel
+    resumed = MultiEMA(Drifting(), decays=decays, warmup=False, dtype="bfloat16-stochastic")
+    resumed.load_state_dict(torch.load(tmp_path / "multi.pt", weights_only=True))
+    stochastic_run(resumed, model, range(501, 1001))
+    for decay in decays:
+        assert torch.equal(resumed.emas[decay].module.weight, multi.emas[decay].module.weight)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_stochastic_ema_takes_its_noise_along_to_the_gpu_and_resumes_there_bit_exact(tmp_path):
+    finals = []
+    for _ in range(2):  # the same stream each time, though it changed device
+        model = Drifting(512)
+        ema = ModelEMA(model, decay=0.99, dtype="bfloat16-stochastic")
+        stochastic_run(ema, model, range(1, 6))
+        model.cuda()
+        stochastic_run(ema, model, range(6, 11))
+        assert ema.module.weight.device.type == "cuda"
+        finals.append(ema.module.weight.cpu())
+    assert torch.equal(finals[0], finals[1])
+    torch.save(ema.state_dict(), tmp_path / "ema.pt")
+    resumed = ModelEMA(Drifting(512).cuda(), decay=0.99, dtype="bfloat16-stochastic")
+    resumed.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))
+    stochastic_run(ema, model, range(11, 21))
+    stochastic_run(resumed, model, range(11, 21))
+    assert torch.equal(resumed.module.weight, ema.module.weight)
 
 
 def test_fit_resumes_a_stochastic_bf16_ema_bit_exact(tmp_path):
@@ -797,7 +844,7 @@ def test_fit_resumes_a_stochastic_bf16_ema_bit_exact(tmp_path):
     def run(epochs, out_dir, seed=0, **options):
         torch.manual_seed(seed)
         model = SmallCNN(width=8)
-        ema = ModelEMA(model, decay=0.9, dtype=torch.bfloat16, rounding="stochastic")
+        ema = ModelEMA(model, decay=0.9, dtype="bfloat16-stochastic")
         train_loader, val_loader = digits_loaders(batch_size=128)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         fit(
@@ -822,27 +869,27 @@ def test_fit_resumes_a_stochastic_bf16_ema_bit_exact(tmp_path):
     assert straight.module[0].weight.dtype == torch.bfloat16
 
 
-def test_fit_refuses_to_resume_a_nearest_bf16_run_with_stochastic_rounding(tmp_path):
+def test_fit_refuses_to_resume_a_nearest_bf16_run_with_the_stochastic_dtype(tmp_path):
     from ema_kit import LiveLog, fit
     from ema_kit.examples.demo import SmallCNN
     from ema_kit.examples.digits import digits_loaders
 
-    for rounding, resume in (("nearest", False), ("stochastic", True)):
+    for dtype, resume in ((torch.bfloat16, False), ("bfloat16-stochastic", True)):
         model = SmallCNN(width=8)
-        ema = ModelEMA(model, decay=0.9, dtype=torch.bfloat16, rounding=rounding)
+        ema = ModelEMA(model, decay=0.9, dtype=dtype)
         train_loader, val_loader = digits_loaders(batch_size=128)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         options = {"epochs": 1, "optimizer": optimizer, "ema": ema, "out_dir": tmp_path, "resume": resume}
         options |= {"amp": "bf16", "callbacks": [LiveLog(progress="off", plot=False)]}
         if resume:
-            changed = "rounding='nearest' in the checkpoint, rounding='stochastic' now"
+            changed = "dtype='bfloat16' in the checkpoint, dtype='bfloat16-stochastic' now"
             with pytest.raises(ValueError, match=changed):
                 fit(model, train_loader, val_loader, **options)
         else:
             fit(model, train_loader, val_loader, **options)
 
 
-def test_stochastic_rounding_refuses_a_channels_last_model_by_name():
+def test_the_stochastic_dtype_refuses_a_channels_last_model_by_name():
     model = nn.Sequential(nn.Conv2d(3, 8, 3)).to(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match=r"contiguous shadows only, but 0.weight has strides"):
-        ModelEMA(model, dtype=torch.bfloat16, rounding="stochastic")
+        ModelEMA(model, dtype="bfloat16-stochastic")

@@ -267,6 +267,29 @@ def test_numpy_decays_are_numbers(model):
     assert multi.decays == (0.5, 0.9) and all(type(decay) is float for decay in multi.decays)
 
 
+def test_a_numpy_array_of_decays_gives_one_ema_per_decay_keyed_as_written(model):
+    import numpy as np
+
+    multi = MultiEMA(model, np.array([0.9, 0.99], dtype=np.float32))
+    assert multi.decays == (0.9, 0.99) and multi.emas[0.99].decay == 0.99
+
+
+def test_a_float32_decay_is_a_duplicate_of_the_decay_it_prints_as(model):
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"repeats \[0\.99\]"):
+        MultiEMA(model, (np.float32(0.99), 0.99))
+
+
+def test_each_ema_shares_its_schedule_with_the_multi_ema(model):
+    multi = MultiEMA(model, (0.9, 0.99), update_after_step=1)
+    for _ in range(3):
+        multi.update(model)
+    assert [(e.num_steps, e.num_updates) for e in multi.emas.values()] == [(3, 2), (3, 2)]
+    multi.emas[0.9].update(model)  # one EMA on its own: the others do not move
+    assert (multi.emas[0.9].num_steps, multi.emas[0.99].num_steps) == (4, 3)
+
+
 def test_emas_is_a_read_only_mapping_in_the_order_given(model):
     multi = MultiEMA(model, (0.9, 0.5))
     assert list(multi.emas) == [0.9, 0.5]

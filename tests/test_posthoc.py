@@ -204,15 +204,6 @@ def test_resume_from_state_dict_is_bit_identical(tmp_path):
     assert max_error(resumed.synthesize(0.07), posthoc.synthesize(0.07)) == 0.0
 
 
-def test_a_state_saved_with_the_old_counter_name_loads(tmp_path):
-    model, posthoc = trained_tracker(tmp_path, steps=12)
-    state = posthoc.state_dict()
-    state["step"] = state.pop("num_steps")  # as ema_kit 0.1 saved it
-    resumed = PostHocEMA(small_cnn(), snapshot_every=1, folder=tmp_path)
-    resumed.load_state_dict(state)
-    assert resumed.num_steps == resumed.step == 12
-
-
 def test_numpy_arguments_are_numbers(tmp_path):
     import numpy as np
 
@@ -240,7 +231,7 @@ def test_load_state_drops_snapshots_gone_from_the_folder_with_a_warning(tmp_path
 def test_from_folder_rebuilds_the_tracker_in_a_new_session(tmp_path):
     _, posthoc = trained_tracker(tmp_path, steps=30)
     rebuilt = PostHocEMA.from_folder(tmp_path, small_cnn())
-    assert (rebuilt.step, rebuilt.snapshots, rebuilt.sigma_rels) == (
+    assert (rebuilt.num_steps, rebuilt.snapshots, rebuilt.sigma_rels) == (
         30,
         posthoc.snapshots,
         posthoc.sigma_rels,
@@ -248,6 +239,68 @@ def test_from_folder_rebuilds_the_tracker_in_a_new_session(tmp_path):
     assert max_error(rebuilt.synthesize(0.07), posthoc.synthesize(0.07)) == 0.0
     for a, b in zip(posthoc.profiles.values(), rebuilt.profiles.values()):
         assert max_error(a.state_dict(), b.state_dict()) == 0.0
+
+
+def test_a_kill_between_writing_a_snapshot_and_thinning_leaves_from_folder_its_max_snapshots(
+    tmp_path, monkeypatch
+):
+    model = nn.Linear(3, 2)
+    posthoc = PostHocEMA(model, snapshot_every=1, max_snapshots=6, folder=tmp_path)
+    for _ in range(6):
+        posthoc.update(model)
+    straight = copy.deepcopy(posthoc)
+    straight.folder = tmp_path / "straight"
+    shutil.copytree(tmp_path, straight.folder)
+    straight.update(model)  # step 7 thins to [2, 4, 6, 7]
+
+    def killed(*_, **__):
+        raise KeyboardInterrupt  # the process dies before thinning deletes a file
+
+    with monkeypatch.context() as patch:
+        patch.setattr("pathlib.Path.unlink", killed)
+        with pytest.raises(KeyboardInterrupt):
+            posthoc.update(model)
+    assert len(list(tmp_path.glob("snapshot-*.pth"))) == 7
+    rebuilt = PostHocEMA.from_folder(tmp_path, nn.Linear(3, 2))
+    assert rebuilt.max_snapshots == 6 and rebuilt.snapshots == straight.snapshots == [2, 4, 6, 7]
+    for _ in range(2):
+        rebuilt.update(model)  # the next snapshot finishes the thinning
+    assert sorted(p.name for p in tmp_path.glob("snapshot-*.pth")) == [
+        f"snapshot-{s:09d}.pth" for s in rebuilt.snapshots
+    ]
+
+
+def test_a_checkpointed_state_resumes_exactly_after_later_thinning_and_a_kill(tmp_path):
+    model, posthoc = trained_tracker(tmp_path, steps=20, max_snapshots=4)
+    checkpoint = copy.deepcopy(posthoc.state_dict())  # as fit's checkpoint holds it
+    resumed_model = copy.deepcopy(model)
+    train_steps(model, 20, lambda: posthoc.update(model), seed=1)  # thins snapshots the checkpoint lists
+    # Killed here; a new session resumes from the checkpoint in the same folder.
+    resumed = PostHocEMA(small_cnn(), snapshot_every=5, folder=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.load_state_dict(checkpoint)
+    resumed.on_fit_start(SimpleNamespace(out_dir=None))
+    assert resumed.snapshots == [5, 10, 15, 20]
+    train_steps(resumed_model, 20, lambda: resumed.update(resumed_model), seed=1)
+    assert resumed.snapshots == posthoc.snapshots
+    assert max_error(resumed.synthesize(0.07), posthoc.synthesize(0.07)) == 0.0
+    listed = posthoc.state_dict()["snapshots"]  # the next checkpoint: the first one's files are free to go
+    train_steps(model, 10, lambda: posthoc.update(model), seed=2)
+    assert sorted(p.name for p in tmp_path.glob("snapshot-*.pth")) == [
+        f"snapshot-{s:09d}.pth" for s in sorted(set(posthoc.snapshots) | set(listed))
+    ]
+    assert len(posthoc.snapshots) == 4 and not (tmp_path / "snapshot-000000005.pth").exists()
+
+
+def test_with_buffers_copy_synthesis_takes_the_latest_snapshots_buffers(tmp_path):
+    model, posthoc = trained_tracker(tmp_path, steps=40, buffers="copy")
+    synthesized = posthoc.synthesize(0.07)
+    for key, value in model.state_dict().items():  # step 40 is the latest snapshot: the model's own buffers
+        if "running" in key:
+            assert torch.equal(synthesized[key], value), key
+    weights = [key for key in synthesized if key.endswith("weight")]
+    assert not torch.equal(synthesized[weights[0]], model.state_dict()[weights[0]])  # weights still averaged
 
 
 # -- as a fit callback ----------------------------------------------------------------------------------
@@ -280,7 +333,7 @@ def test_works_as_a_callback_of_the_real_fit(tmp_path):
     posthoc = PostHocEMA(model, snapshot_every=4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     fit(model, train, val, epochs=2, optimizer=optimizer, out_dir=tmp_path, callbacks=[posthoc], device="cpu")
-    assert posthoc.folder == tmp_path / "posthoc" and posthoc.step == 12
+    assert posthoc.folder == tmp_path / "posthoc" and posthoc.num_steps == 12
     assert posthoc.snapshots == [4, 8, 12]
     model.load_state_dict(posthoc.synthesize(0.07))
 
@@ -291,7 +344,7 @@ def test_fit_without_out_dir_or_folder_is_a_clear_error_before_training():
         posthoc.on_fit_start(SimpleNamespace(out_dir=None))
     with pytest.raises(ValueError, match="needs a folder"):
         posthoc.update(nn.Linear(2, 2))
-    assert posthoc.step == 0
+    assert posthoc.num_steps == 0
 
 
 # -- bad input -------------------------------------------------------------------------------------------
@@ -365,7 +418,7 @@ def test_a_fresh_tracker_refuses_a_folder_with_another_runs_snapshots(tmp_path):
         ValueError, match=r"already holds 2 post-hoc EMA snapshots of another run.*new folder"
     ):
         posthoc.update(model)
-    assert posthoc.step == 0 and len(list(tmp_path.glob("*.pth"))) == 2
+    assert posthoc.num_steps == 0 and len(list(tmp_path.glob("*.pth"))) == 2
 
 
 def test_load_state_of_another_model_or_lengths_is_a_clear_error_and_changes_nothing(tmp_path):
@@ -374,7 +427,7 @@ def test_load_state_of_another_model_or_lengths_is_a_clear_error_and_changes_not
     other = PostHocEMA(small_cnn(num_classes=5), snapshot_every=5, folder=tmp_path / "other")
     with pytest.raises(ValueError, match="different model"):
         other.load_state_dict(state)
-    assert other.step == 0 and other.snapshots == []
+    assert other.num_steps == 0 and other.snapshots == []
     with pytest.raises(ValueError, match=r"sigma_rels=\(0\.05, 0\.1\)"):
         PostHocEMA(small_cnn(), sigma_rels=(0.05, 0.2), snapshot_every=5).load_state_dict(state)
     with pytest.raises(ValueError, match="Not a PostHocEMA state"):

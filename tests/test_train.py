@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ema_kit import Callback, EarlyStopping, GradientClip, LiveLog, ModelEMA, evaluate, fit
 from ema_kit.examples.demo import SmallCNN
+from ema_kit.training.evaluate import whole_set
 
 COLUMNS = [
     "epoch", "train_loss", "live_loss", "ema_loss", "live_accuracy", "ema_accuracy", "half_life_epochs_ema",
@@ -182,9 +183,8 @@ def test_an_error_mid_epoch_says_where_the_finished_epochs_are(tmp_path):
         return 0.5
 
     with pytest.raises(RuntimeError, match="unreachable") as caught:
-        quiet_fit(
-            model, train, val, epochs=3, optimizer=optimizer, metrics={"m": (flaky, "max")}, out_dir=tmp_path
-        )
+        quiet_fit(model, train, val, epochs=3, optimizer=optimizer, metrics={"m": (whole_set(flaky), "max")},
+                  out_dir=tmp_path)  # fmt: skip
     assert any("1 finished epochs are kept" in note for note in caught.value.__notes__)
     assert len(pd.read_csv(tmp_path / "history.csv")) == 1
 
@@ -295,7 +295,7 @@ def test_resume_without_a_checkpoint_names_the_missing_file(tmp_path):
 def test_evaluate_restores_train_mode_and_scores_the_whole_set():
     model, _, _, val = setup()
     model.train()
-    scores = evaluate(model, val, metrics={"n": lambda out, y: len(y)})
+    scores = evaluate(model, val, metrics={"n": whole_set(lambda out, y: len(y))})
     assert model.training and scores["n"] == 96
 
 
@@ -313,10 +313,10 @@ def test_monitor_given_as_a_score_picks_the_best_decay_by_it(tmp_path):
 
 
 def falling(values):
-    """A metric that returns ``values`` in turn, one per call (fit calls it once per model per epoch, after
-    once in its sanity pass before training)."""
+    """A metric that returns ``values`` in turn, one per call (fit calls a whole-set metric once per model
+    per epoch, after once in its sanity pass before training)."""
     calls = iter([0.0, *values])
-    return lambda outputs, targets: next(calls)
+    return whole_set(lambda outputs, targets: next(calls))
 
 
 def test_an_unknown_metric_name_to_monitor_is_an_error_that_names_what_to_pass():
@@ -581,7 +581,7 @@ def test_posthoc_ema_as_a_callback_resumes_to_the_snapshots_of_one_run(tmp_path)
     whole = run(tmp_path / "whole", 4)
     run(tmp_path / "split", 2)
     resumed = run(tmp_path / "split", 4, resume=True)
-    assert resumed.step == whole.step and resumed.snapshots == whole.snapshots
+    assert resumed.num_steps == whole.num_steps and resumed.snapshots == whole.snapshots
     assert sorted(p.name for p in (tmp_path / "split" / "posthoc").iterdir()) == sorted(
         p.name for p in (tmp_path / "whole" / "posthoc").iterdir()
     )
@@ -767,6 +767,7 @@ def test_an_empty_iterable_validation_loader_is_refused_before_training():
 def test_a_metric_that_needs_more_than_one_batch_passes_the_sanity_pass_on_the_whole_set():
     model, optimizer, train, val = setup()
 
+    @whole_set
     def needs_two_classes(outputs, targets):  # as roc_auc_score: undefined with one class present
         if targets.unique().numel() < 2:
             raise ValueError("Only one class present in y_true.")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
+from matplotlib.ticker import FuncFormatter, Locator, MaxNLocator, NullLocator
 
 from ..files import atomic_write_bytes
 from . import _env
@@ -17,6 +19,8 @@ from .history import direction, score_columns
 LIVE_COLOR = "tab:blue"
 EMA_COLORS = ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
 TRAIN_COLOR = "0.6"
+_PANEL_INCHES = (4.2, 3.4)  # width, height of one panel
+_MARKER_ROWS = 40  # a series with fewer points gets a marker on each: one point must show, too
 
 
 class NotebookFigure(Figure):
@@ -28,14 +32,57 @@ class NotebookFigure(Figure):
         return png.getvalue()
 
 
+class _LogTicks(Locator):
+    """Ticks for a log axis at round values, as many as fit: 1-10-100 over many decades, 1-2-5 over a
+    few, finer steps within one decade (matplotlib's own leaves a loss that stays within a decade with
+    one label, or with crowded 1.25x10^-1 style labels). Label them with ``_plain_number``.
+
+    Example:
+        >>> _LogTicks().tick_values(0.12, 0.33).tolist()  # a loss within one decade
+        [0.12, 0.15, 0.2, 0.25, 0.3]
+        >>> _LogTicks().tick_values(0.04, 1.6).tolist()  # two decades
+        [0.05, 0.1, 0.2, 0.5, 1.0]
+    """
+
+    MANTISSAS = ((1,), (1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9))
+
+    def __init__(self, fewest: int = 4, most: int = 8):
+        self.fewest, self.most = fewest, most
+
+    def __call__(self):
+        return self.tick_values(*self.axis.get_view_interval())
+
+    def tick_values(self, vmin: float, vmax: float) -> np.ndarray:
+        vmin, vmax = sorted((vmin, vmax))
+        if not 0 < vmin < vmax or not np.isfinite(vmax):
+            return MaxNLocator(self.most).tick_values(vmin, vmax)
+        decades = range(math.floor(math.log10(vmin)), math.ceil(math.log10(vmax)) + 1)
+        for mantissas in self.MANTISSAS:
+            # round() keeps 0.3 from printing as 0.30000000000000004
+            ticks = [round(m * 10.0**d, 12 - d) for d in decades for m in mantissas]
+            ticks = np.array([t for t in ticks if vmin <= t <= vmax])
+            if len(ticks) >= self.fewest:
+                return ticks[:: math.ceil(len(ticks) / self.most)]  # many decades: every n-th power
+        # a sliver of a decade: evenly spaced round values, as on a linear axis
+        return MaxNLocator(4, min_n_ticks=3, steps=[1, 2, 5, 10]).tick_values(vmin, vmax)
+
+
+def _plain_number(value: float, _position=None) -> str:
+    """A tick label without mathtext: ``0.05``, ``1``, ``2.5``, ``1e-05``."""
+    return f"{value:g}"
+
+
 def plot_history(
-    history: pd.DataFrame, *, best_epoch: int | None = None, figure: Figure | None = None
+    history: pd.DataFrame, *, best_epoch: float | None = None, figure: Figure | None = None
 ) -> Figure:
     """Draw a training log (``fit``'s DataFrame, or ``pd.read_csv("history.csv")``) as live vs EMA curves.
 
     One panel per quantity; the live model in blue, each EMA in its own fixed colour, the training loss in
-    grey; ``best_epoch`` is marked with a dotted line. The figure is not registered with pyplot, so it
-    never piles up or shows by itself: Jupyter shows it when it is a cell's value; ``fig.savefig`` saves it.
+    grey; ``best_epoch`` is marked with a dotted line. One legend for all panels, beside them, so it never
+    hides a curve. Whole epochs get whole-number ticks; rows at fractions of an epoch (scored within
+    epochs) get ticks at simple fractions. A series with missing rows (scored less often than another) is
+    drawn through the rows it has. The figure is not registered with pyplot, so it never piles up or
+    shows by itself: Jupyter shows it when it is a cell's value; ``fig.savefig`` saves it.
 
     Example:
         >>> log = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.6], "live_loss": [0.9, 0.7],
@@ -53,36 +100,70 @@ def plot_history(
     if figure is None:
         figure = NotebookFigure()
     figure.clear()
-    figure.set_size_inches(4.2 * len(groups), 3.4)
-    # Fixed margins and legend corners: a layout engine and loc="best" would triple the drawing time,
-    # which fit pays after every epoch.
-    figure.subplots_adjust(
-        left=0.5 / (4.2 * len(groups)) + 0.04, right=0.98, bottom=0.15, top=0.9, wspace=0.28
-    )
     epochs = history["epoch"] if "epoch" in history else pd.Series(range(1, len(history) + 1))
+    epochs = epochs.astype(float).reset_index(drop=True)
+    whole_epochs = bool((epochs == epochs.round()).all())
+    legend_inches = _legend_inches(["train", *(model for columns in groups.values() for model in columns)])
+    panel_width, height = _PANEL_INCHES
+    width = panel_width * len(groups) + legend_inches
+    figure.set_size_inches(width, height)
+    # Fixed margins, no layout engine: fit pays the drawing time after every epoch.
+    panels_right = 1 - legend_inches / width
+    figure.subplots_adjust(left=0.6 / width, right=panels_right, bottom=0.15, top=0.9, wspace=0.3)
     for ax, (quantity, columns) in zip(figure.subplots(1, len(groups), squeeze=False)[0], groups.items()):
+        series = []  # (label, values, style)
         if quantity == "loss" and "train_loss" in history:
-            ax.plot(epochs, history["train_loss"], color=TRAIN_COLOR, linestyle="--", label="train")
+            series.append(("train", history["train_loss"], {"color": TRAIN_COLOR, "linestyle": "--"}))
         emas = iter(EMA_COLORS)
         for model, column in columns.items():
             color = LIVE_COLOR if model == "live" else next(emas, None)
-            ax.plot(
-                epochs, history[column], color=color, marker="." if len(history) < 40 else None, label=model
-            )
+            series.append((model, history[column], {"color": color}))
+        drawn = []
+        for label, values, style in series:
+            values = values.astype(float).reset_index(drop=True)
+            present = values.notna()
+            marker = "." if present.sum() < _MARKER_ROWS else None
+            ax.plot(epochs[present], values[present], marker=marker, label=label, **style)
+            drawn.append(values[present])
         if best_epoch is not None:
             ax.axvline(
-                best_epoch, color="0.3", linestyle=":", linewidth=1, label=f"best (epoch {best_epoch})"
+                best_epoch, color="0.3", linestyle=":", linewidth=1, label=f"best (epoch {best_epoch:g})"
             )
-        falling = direction(quantity) == "min"
-        if falling and (history[list(columns.values())].to_numpy(dtype=float) > 0).all():
+        values = pd.concat(drawn)
+        if direction(quantity) == "min" and len(values) and (values > 0).all():
             ax.set_yscale("log")  # losses fall by orders of magnitude; late epochs would look flat
-            ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))  # fewer ticks: a third faster to draw
+            ax.yaxis.set_major_locator(_LogTicks())
+            ax.yaxis.set_major_formatter(FuncFormatter(_plain_number))
+            ax.yaxis.set_minor_locator(NullLocator())  # the grid at labelled ticks only: readable, and faster
         ax.set_title(quantity)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 2.5
+        if whole_epochs:  # no epoch 2.5, and one tick at 1 (not 0.945 ... 1.050) after the first epoch
+            ax.xaxis.set_major_locator(MaxNLocator("auto", integer=True, min_n_ticks=1, steps=[1, 2, 5, 10]))
+        else:  # rows within epochs: quarters, halves, whole epochs
+            ax.xaxis.set_major_locator(MaxNLocator("auto", steps=[1, 2.5, 5, 10]))
+        ax.xaxis.set_major_formatter(FuncFormatter(_plain_number))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", loc="upper right" if falling else "lower right")  # the empty corner
+    handles = {}
+    for ax in figure.axes:  # each label once: live, ema and best appear in every panel
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    figure.legend(
+        handles.values(),
+        handles.keys(),
+        loc="upper left",
+        bbox_to_anchor=(panels_right + 0.1 / width, 0.9),
+        fontsize="small",
+        frameon=False,
+    )
     return figure
+
+
+def _legend_inches(labels: list[str]) -> float:
+    """Room for the legend beside the panels: the line sample and the longest label, in small text.
+
+    Sized for at least "best (epoch 100)", so the figure keeps its width while a run goes on.
+    """
+    return 0.5 + 0.065 * max(len("best (epoch 100)"), *map(len, labels))
 
 
 class LivePlot:
