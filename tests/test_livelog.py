@@ -162,3 +162,19 @@ def test_the_progress_shown_with_a_row_has_that_rows_train_loss():
         live_log.add_loss(torch.tensor(0.25))
     live_log.add(live={"loss": 0.5})
     assert seen == [0.25] == live_log.history["train_loss"].tolist()
+
+
+def test_with_epochs_given_the_bar_is_marked_finished_with_the_last_row():
+    closed = []
+
+    class Recorded(Progress):
+        def close(self):
+            closed.append(self.epoch)
+
+    live_log = LiveLog(plot=False, epochs=2)
+    live_log.progress = Recorded("off", epochs=2)
+    for epoch in (1, 2):
+        for _ in live_log.track([(torch.zeros(2, 1), torch.zeros(2))]):
+            pass
+        live_log.add(epoch=epoch, live={"loss": 0.5})
+        assert closed == ([] if epoch == 1 else [2])

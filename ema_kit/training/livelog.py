@@ -40,7 +40,8 @@ class LiveLog(Callback):
         out_dir: the folder for ``history.csv`` and ``history.png`` (in ``fit``: fit's ``out_dir``).
         progress: ``"widget"``, ``"text"``, ``"off"``; ``"auto"``: a widget where a notebook can show one.
         plot: the live plot, in a notebook, and as ``history.png`` in ``out_dir``.
-        epochs: the number of epochs, shown as "epoch 3/10" (in ``fit``: fit's ``epochs``).
+        epochs: the number of epochs, shown as "epoch 3/10"; the bar is marked finished with the row of
+            the last (in ``fit``: fit's ``epochs``).
 
     Example:
         >>> import torch
@@ -135,6 +136,8 @@ class LiveLog(Callback):
         self.history = append_row(self.history, new)
         self._show()  # the bar's last line still shows the loss of the row
         self._loss_sum, self._loss_rows, self._started = 0.0, 0, time.perf_counter()
+        if self.epochs is not None and new["epoch"] >= self.epochs:  # the last row: the bar is done
+            self.progress.close()
 
     # -- as fit's callback ----------------------------------------------------------------------------------
 
