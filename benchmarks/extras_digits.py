@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from timing import machine
 
-from ema_kit import ModelEMA, evaluate, fit
+from ema_kit import LiveLog, ModelEMA, evaluate, fit
 from ema_kit.bn import recompute_bn
 from ema_kit.examples.demo import SmallCNN
 from ema_kit.examples.digits import digits_loaders
@@ -71,9 +71,7 @@ def train(seed: int, epochs: int, *, switch: bool) -> pd.DataFrame:
         epochs=epochs,
         optimizer=optimizer,
         ema=ema,
-        callbacks=callbacks,
-        progress="off",
-        plot=False,
+        callbacks=[*callbacks, LiveLog(progress="off", plot=False)],
     )
     return pd.concat([log, pd.DataFrame(refreshed.rows)], axis=1)
 

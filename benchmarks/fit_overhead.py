@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ema_kit import ModelEMA, evaluate, fit
+from ema_kit import LiveLog, ModelEMA, evaluate, fit
 from ema_kit.examples.demo import SmallCNN
 from ema_kit.examples.digits import digits_loaders
 
@@ -70,8 +70,7 @@ def with_fit(epochs: int, *, files: bool) -> float:
             optimizer=optimizer,
             ema=ema,
             out_dir=out_dir if files else None,
-            plot=files,
-            progress="text" if files else "off",
+            callbacks=[LiveLog(plot=files, progress="text" if files else "off")],
         )
         return (time.perf_counter() - started) / epochs
 

@@ -13,7 +13,20 @@ from .multi import MultiEMA
 from .posthoc import PostHocEMA, scan
 
 # The training loop's names, served from ema_kit.training on first use (PEP 562): the core stays torch-only.
-_TRAINING = ("fit", "evaluate", "accuracy", "Callback", "FitState", "SwitchEMA", "plot_history", "plot_scan")
+_TRAINING = (
+    "fit",
+    "evaluate",
+    "accuracy",
+    "LiveLog",
+    "Callback",
+    "FitState",
+    "EarlyStopping",
+    "GradientClip",
+    "SwitchEMA",
+    "RecomputeEMABatchNorm",
+    "plot_history",
+    "plot_scan",
+)
 
 __all__ = [
     "ModelEMA",

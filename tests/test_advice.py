@@ -84,7 +84,7 @@ def test_bad_arguments_are_refused_by_name(call, message):
 
 
 def fit_digits(ema, *, epochs=1, train_loader=None, **options):
-    from ema_kit import fit
+    from ema_kit import LiveLog, fit
     from ema_kit.examples.demo import SmallCNN
     from ema_kit.examples.digits import digits_loaders
 
@@ -95,7 +95,7 @@ def fit_digits(ema, *, epochs=1, train_loader=None, **options):
         ema = ema(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     return fit(model, train_loader or loader, val_loader, epochs=epochs, optimizer=optimizer, ema=ema,
-               progress="off", plot=False, **options)  # fmt: skip
+               callbacks=[LiveLog(progress="off", plot=False)], **options)  # fmt: skip
 
 
 def test_fit_warns_once_for_each_ema_whose_half_life_is_over_half_the_run():

@@ -68,7 +68,7 @@ def test_recompute_bn_runs_under_the_callers_autocast():
     model[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         recompute_bn(model, [(torch.randn(8, 3), torch.zeros(8))])
-    assert seen == [torch.bfloat16]  # as fit(recompute_ema_bn=True, amp="bf16") runs it
+    assert seen == [torch.bfloat16]  # as fit(amp="bf16", callbacks=[RecomputeEMABatchNorm()]) runs it
 
 
 class TwoInputs(nn.Module):
@@ -143,59 +143,6 @@ def test_an_empty_loader_is_refused_and_changes_nothing():
 def test_a_batch_of_three_items_is_refused_with_the_shapes_that_work():
     with pytest.raises(ValueError, match=r"\(inputs, targets\), got a tuple of 3 items"):
         recompute_bn(trained_cnn(), [(torch.zeros(2, 1, 8, 8), torch.zeros(2), torch.zeros(2))])
-
-
-def fit_digits(model, ema, out_dir=None, epochs=1, **options):
-    from ema_kit import fit
-    from ema_kit.examples.digits import digits_loaders
-
-    train_loader, val_loader = digits_loaders(batch_size=128)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    log = fit(model, train_loader, val_loader, epochs=epochs, optimizer=optimizer, ema=ema, out_dir=out_dir,
-              progress="off", plot=False, **options)  # fmt: skip
-    return log, train_loader, val_loader
-
-
-def test_fit_recompute_ema_bn_scores_and_saves_recomputed_statistics_and_leaves_the_ema_alone(tmp_path):
-    from ema_kit import ModelEMA, evaluate
-    from ema_kit.examples.demo import SmallCNN
-    from ema_kit.examples.digits import digits_loaders
-
-    runs = []
-    for recompute in (False, True):
-        torch.manual_seed(0)
-        model = SmallCNN(width=8)
-        ema = ModelEMA(model, decay=0.9)
-        log, _, val_loader = fit_digits(
-            model, ema, out_dir=tmp_path / str(recompute), epochs=2, recompute_ema_bn=recompute
-        )
-        runs.append((model, ema, log))
-    (plain_model, plain, plain_log), (model, ema, log) = runs
-    # Training and the EMA itself are the plain run's: the statistics were measured on a copy, and the
-    # extra pass's shuffle and dropout did not change the next epoch's.
-    for a, b in zip([*plain.module.state_dict().values(), *plain_model.state_dict().values()],
-                    [*ema.module.state_dict().values(), *model.state_dict().values()]):  # fmt: skip
-        assert torch.equal(a, b)
-    expected = copy.deepcopy(ema.module)
-    replay, _ = digits_loaders(batch_size=128)  # the same shuffles: the two epochs', then the last pass's
-    list(replay), list(replay)
-    update_bn(replay, expected)
-    saved = torch.load(tmp_path / "True" / "model_ema.pth", weights_only=True)
-    for key, value in expected.state_dict().items():
-        torch.testing.assert_close(saved[key], value, rtol=1e-6, atol=1e-6, msg=key)
-    assert not torch.equal(saved["1.running_mean"], plain.module.state_dict()["1.running_mean"])
-    assert log["ema_loss"].iloc[-1] == pytest.approx(evaluate(expected, val_loader)["loss"], rel=1e-6)
-    assert log["live_loss"].equals(plain_log["live_loss"])
-
-
-def test_fit_recompute_ema_bn_is_refused_without_an_ema_or_without_batchnorm():
-    with pytest.raises(ValueError, match="recompute_ema_bn=True.*ema=None"):
-        fit_digits(small_cnn(), None, recompute_ema_bn=True)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    with pytest.raises(ValueError, match="no BatchNorm layer with running statistics"):
-        fit_digits(model, 0.9, recompute_ema_bn=True)
-    with pytest.raises(TypeError, match="recompute_ema_bn must be True or False"):
-        fit_digits(model, 0.9, recompute_ema_bn="yes")
 
 
 def test_model_ema_recompute_bn_recomputes_its_module_in_place():

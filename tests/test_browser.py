@@ -404,10 +404,6 @@ def test_fit_shows_the_table_with_one_row_per_finished_epoch(fit_run):
     assert fit_run.prompts[-1] != "[ ]:"  # Run All went on after fit finished
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 22 phase 2: the bar averages the train loss over batches, the table over samples",
-)
 def test_the_bar_and_the_table_show_one_train_loss(fit_run):
     bar = re.search(r"train_loss (\d+\.\d+)", fit_run.final["labels"][0]).group(1)
     assert float(bar) == round(fit_run.table()[1].iloc[-1], len(bar.split(".")[1]))
@@ -470,9 +466,6 @@ def test_val_every_scores_live_and_ema_within_epochs_on_the_live_plot(jupyter, a
     assert any(s["images"] for s in during_epoch_1)  # the plot moved before the first epoch ended
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 22 phase 2 (with issue 21): no LiveLog for hand-written loops yet"
-)
 def test_a_hand_written_loop_with_the_live_log_looks_like_fit(jupyter, artifacts):
     run = _run(jupyter, artifacts, "loop_digits.ipynb", "lab")
     assert not _problems(run), _problems(run)

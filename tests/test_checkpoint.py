@@ -37,3 +37,37 @@ def test_numpy_numbers_in_a_state_are_stored_as_python_numbers_that_load_safely(
     loaded = load_checkpoint(path)  # weights_only: a NumPy scalar would be refused
     assert loaded["epoch"] == 3 and type(loaded["epoch"]) is int
     assert loaded["optimizer"]["param_groups"][0]["lr"] == np.float32(0.05)
+
+
+# -- Checkpoint: fit's files and resume ------------------------------------------------------------------
+
+
+def test_the_folder_is_checked_but_not_created_until_training_starts(tmp_path):
+    from ema_kit.training.checkpoint import Checkpoint
+
+    files = Checkpoint(tmp_path / "a" / "b", resume="auto")
+    assert not (tmp_path / "a").exists() and files.path is None
+
+
+@pytest.mark.parametrize(
+    "resume, error, message",
+    [
+        (3, TypeError, "resume must be False, True"),
+        (True, ValueError, "give out_dir too"),
+        ("overwrite", ValueError, "give out_dir too"),
+    ],
+)
+def test_a_bad_resume_is_refused_by_name(resume, error, message):
+    from ema_kit.training.checkpoint import Checkpoint
+
+    with pytest.raises(error, match=message):
+        Checkpoint(None, resume=resume)
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    from ema_kit.training.checkpoint import Checkpoint
+
+    (tmp_path / "history.csv").write_text("epoch\n1\n")
+    with pytest.raises(ValueError, match=r"holds a run \(history.csv\).*resume='auto'.*resume='overwrite'"):
+        Checkpoint(tmp_path)
+    assert Checkpoint(tmp_path, resume="overwrite").overwrite

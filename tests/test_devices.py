@@ -14,7 +14,7 @@ import torch
 from helpers import small_cnn
 from torch import nn
 
-from ema_kit import ModelEMA, MultiEMA, PostHocEMA, evaluate, fit
+from ema_kit import LiveLog, ModelEMA, MultiEMA, PostHocEMA, evaluate, fit
 from ema_kit.posthoc import gamma_from_sigma_rel
 
 HAS_CUDA = torch.cuda.is_available()
@@ -335,17 +335,15 @@ def fit_with(device: str, amp: str, *, loss_fn=None, ema_options: dict | None = 
         ema=ema,
         loss_fn=loss_fn,
         metrics={},
-        callbacks=[counter],
         optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-        plot=False,
-        progress="off",
+        callbacks=[counter, LiveLog(progress="off", plot=False)],
     )
     return model, ema, counter, log
 
 
 def cross_entropy_with(training_call: int, factor: float):
-    """Cross entropy, times ``factor`` on its ``training_call``-th call (0-based; fit's first epoch trains
-    before it scores, so the first calls are training batches)."""
+    """Cross entropy, times ``factor`` on its ``training_call``-th call (0-based; fit's sanity pass makes
+    call 0, then its first epoch trains before it scores, so the next calls are training batches)."""
     calls = []
 
     def loss_fn(outputs, targets):

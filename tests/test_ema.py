@@ -627,13 +627,14 @@ def test_extra_state_is_copied_saved_and_resumed(tmp_path):
 
 
 def test_fit_with_out_dir_saves_a_model_with_extra_state(tmp_path):
-    from ema_kit import fit
+    from ema_kit import LiveLog, fit
 
     torch.manual_seed(0)
     model = Scaled()
     data = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(3)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    fit(model, data, data, epochs=2, optimizer=optimizer, ema=0.9, out_dir=tmp_path, progress="off")
+    fit(model, data, data, epochs=2, optimizer=optimizer, ema=0.9, out_dir=tmp_path,
+        callbacks=[LiveLog(progress="off")])  # fmt: skip
     weights = torch.load(tmp_path / "model_ema.pth", weights_only=True)
     assert weights["_extra_state"]["calls"] == model.config["calls"]
 
@@ -836,7 +837,7 @@ def test_a_stochastic_ema_takes_its_noise_along_to_the_gpu_and_resumes_there_bit
 
 
 def test_fit_resumes_a_stochastic_bf16_ema_bit_exact(tmp_path):
-    from ema_kit import fit
+    from ema_kit import LiveLog, fit
     from ema_kit.examples.demo import SmallCNN
     from ema_kit.examples.digits import digits_loaders
 
@@ -855,8 +856,7 @@ def test_fit_resumes_a_stochastic_bf16_ema_bit_exact(tmp_path):
             ema=ema,
             out_dir=out_dir,
             amp="bf16",
-            progress="off",
-            plot=False,
+            callbacks=[LiveLog(progress="off", plot=False)],
             **options,
         )  # fmt: skip; bf16: the EMA model's inputs
         return ema
@@ -870,7 +870,7 @@ def test_fit_resumes_a_stochastic_bf16_ema_bit_exact(tmp_path):
 
 
 def test_fit_refuses_to_resume_a_nearest_bf16_run_with_the_stochastic_dtype(tmp_path):
-    from ema_kit import fit
+    from ema_kit import LiveLog, fit
     from ema_kit.examples.demo import SmallCNN
     from ema_kit.examples.digits import digits_loaders
 
@@ -880,7 +880,7 @@ def test_fit_refuses_to_resume_a_nearest_bf16_run_with_the_stochastic_dtype(tmp_
         train_loader, val_loader = digits_loaders(batch_size=128)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         options = {"epochs": 1, "optimizer": optimizer, "ema": ema, "out_dir": tmp_path, "resume": resume}
-        options |= {"amp": "bf16", "progress": "off", "plot": False}
+        options |= {"amp": "bf16", "callbacks": [LiveLog(progress="off", plot=False)]}
         if resume:
             changed = "dtype='bfloat16' in the checkpoint, dtype='bfloat16-stochastic' now"
             with pytest.raises(ValueError, match=changed):

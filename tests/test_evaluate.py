@@ -8,7 +8,7 @@ import torch
 from helpers import small_cnn
 from torch import nn
 
-from ema_kit import fit
+from ema_kit import LiveLog, fit
 from ema_kit.training.evaluate import accuracy, cross_entropy, evaluate, metric_value, whole_set
 
 
@@ -105,7 +105,8 @@ def test_fit_warns_about_such_a_score_once_not_every_epoch():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(model, loader, loader, epochs=3, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), ema=None,
-            metrics={"auc": (lambda outputs, targets: 0.5)}, progress="off", plot=False)  # fmt: skip
+            metrics={"auc": (lambda outputs, targets: 0.5)},
+            callbacks=[LiveLog(progress="off", plot=False)])  # fmt: skip
     assert sum("is averaged over batches" in str(w.message) for w in caught) == 1
 
 
@@ -197,5 +198,6 @@ def test_fit_refuses_those_targets_at_the_first_batch_before_any_weight_changes(
     before = [p.clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="loss_fn="):
-        fit(model, loader, loader, epochs=1, optimizer=optimizer, ema=None, progress="off", plot=False)
+        quiet = [LiveLog(progress="off")]
+        fit(model, loader, loader, epochs=1, optimizer=optimizer, ema=None, callbacks=quiet)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ema_kit import fit
+from ema_kit import LiveLog, fit
 
 EPOCHS, EVERY = 120, 10
 # What a leak may add per epoch: ~60 KB, the bound the first version of this test held over 250 epochs
@@ -41,7 +41,7 @@ def test_a_long_run_with_the_live_plot_keeps_memory_flat_and_one_figure(tmp_path
     log = fit(
         model, DataLoader(data, batch_size=32, shuffle=True), DataLoader(data, batch_size=64),
         epochs=EPOCHS, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), ema=0.9, out_dir=tmp_path,
-        plot=True, progress="text", callbacks=[Watch()],
+        callbacks=[LiveLog(plot=True, progress="text"), Watch()],
     )  # fmt: skip
     assert len(log) == EPOCHS and (tmp_path / "history.png").exists()
     start = 4 * EVERY  # after the first draws warmed the caches up

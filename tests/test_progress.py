@@ -1,4 +1,4 @@
-"""Progress (ema_kit/progress.py): a few text lines per epoch in a log, never one per batch."""
+"""Progress (ema_kit/training/progress.py): a few text lines per epoch in a log, never one per batch."""
 
 import io
 import itertools
@@ -18,13 +18,13 @@ LOG = pd.DataFrame({"epoch": [1], "train_loss": [0.5], "live_loss": [0.4], "ema_
 def run_epoch(progress: Progress, batches: int = 100) -> None:
     progress.start_epoch(1, batches=batches)
     for _ in range(batches):
-        progress.batch(images=32, loss=0.5)
+        progress.batch(images=32)
     progress.end_epoch(LOG)
 
 
 def test_a_short_epoch_in_a_log_is_one_line():
     stream = io.StringIO()
-    run_epoch(Progress("text", epochs=1, stream=stream))
+    run_epoch(Progress("text", epochs=1, stream=stream, train_loss=lambda: 0.5))
     assert stream.getvalue().count("\n") == 1 and "ema_loss 0.3000" in stream.getvalue()
 
 
@@ -32,7 +32,7 @@ def test_a_long_epoch_in_a_log_also_reports_at_its_quarters(monkeypatch):
     clock = itertools.count(step=60.0)  # as if each batch took a minute
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
     stream = io.StringIO()
-    run_epoch(Progress("text", epochs=1, stream=stream))
+    run_epoch(Progress("text", epochs=1, stream=stream, train_loss=lambda: 0.5))
     lines = stream.getvalue().splitlines()
     assert [line.split()[2:4] for line in lines[:3]] == [
         ["batch", "25/100"],
@@ -48,7 +48,7 @@ def test_a_terminal_gets_one_line_rewritten_in_place():
             return True
 
     stream = Terminal()
-    run_epoch(Progress("text", epochs=1, stream=stream))
+    run_epoch(Progress("text", epochs=1, stream=stream, train_loss=lambda: 0.5))
     assert stream.getvalue().count("\n") == 1 and "\r" in stream.getvalue()
 
 
@@ -66,7 +66,7 @@ def test_the_widget_bar_counts_batches_and_stays_shown_when_training_ends(monkey
     progress = Progress("widget", epochs=2)
     progress.start_epoch(1, batches=3)
     for _ in range(3):
-        progress.batch(images=32, loss=0.5)
+        progress.batch(images=32)
     (box,) = shown
     bar, label = box.children
     assert bar.value == 3 and "epoch 1/2" in label.value and "img/s" in label.value
@@ -79,10 +79,10 @@ def test_the_widget_bar_counts_batches_and_stays_shown_when_training_ends(monkey
 def test_a_loader_without_length_counts_batches_up(monkeypatch):
     monkeypatch.setattr(progress_module, "_QUIET_SECONDS", 0.0)  # as if the epoch ran for minutes
     stream = io.StringIO()
-    progress = Progress("text", epochs=1, stream=stream)
+    progress = Progress("text", epochs=1, stream=stream, train_loss=lambda: 0.5)
     progress.start_epoch(1, batches=None)
     for _ in range(7):
-        progress.batch(images=32, loss=0.5)
+        progress.batch(images=32)
     progress.end_epoch(LOG)
     lines = stream.getvalue().splitlines()
     assert [line.split()[2:4] for line in lines[:3]] == [["batch", "1"], ["batch", "2"], ["batch", "4"]]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ema_kit import ModelEMA, MultiEMA, fit
+from ema_kit import LiveLog, ModelEMA, MultiEMA, fit
 from ema_kit.examples.demo import SmallCNN
 from ema_kit.examples.digits import digits_loaders
 from ema_kit.training.switch import SwitchEMA
@@ -26,9 +26,7 @@ def run(model, ema, optimizer, callbacks, *, epochs=2, **options):
         epochs=epochs,
         optimizer=optimizer,
         ema=ema,
-        callbacks=callbacks,
-        progress="off",
-        plot=False,
+        callbacks=[LiveLog(progress="off", plot=False), *callbacks],
         **options,
     )
 
@@ -106,7 +104,9 @@ def test_an_ema_that_fit_does_not_update_is_refused_before_training():
         run(model, ema, optimizer, [SwitchEMA(other)])
 
 
-@pytest.mark.parametrize(("every", "error"), [(0, ValueError), ("step", ValueError), (True, ValueError)])
+@pytest.mark.parametrize(
+    ("every", "error"), [(0, ValueError), ("step", ValueError), (True, ValueError), (1.5, ValueError)]
+)
 def test_bad_every_is_refused_by_name(every, error):
     with pytest.raises(error, match="every must be"):
         SwitchEMA(setup()[1], every=every)
@@ -127,60 +127,57 @@ def test_one_ema_of_a_multi_ema_can_be_switched_to():
     assert watch.epochs == [True]
 
 
-def test_fit_ema_switch_runs_as_the_switch_ema_callback_does():
+def test_without_an_ema_it_switches_to_fits_own_as_with_that_ema():
     model, ema, optimizer = setup()
-    by_callback = run(model, ema, optimizer, [SwitchEMA(ema)])
+    by_ema = run(model, ema, optimizer, [SwitchEMA(ema)])
     other = setup()
-    by_option = run(*other, [], ema_switch="epoch")
+    by_default = run(*other, [SwitchEMA()])
     assert same_state(model, other[0])
-    assert by_callback.drop(columns="seconds").equals(by_option.drop(columns="seconds"))
+    assert by_ema.drop(columns="seconds").equals(by_default.drop(columns="seconds"))
     assert same_weights(other[0], other[1])  # the last epoch ended with a switch
 
 
-def test_fit_ema_switch_every_n_steps_runs_as_the_callback_with_every_n():
+def test_every_n_steps_without_an_ema_runs_as_with_that_ema():
     model, ema, optimizer = setup()
     run(model, ema, optimizer, [SwitchEMA(ema, every=4)])
     other = setup()
-    run(*other, [], ema_switch=4)
+    run(*other, [SwitchEMA(every=4)])
     assert same_state(model, other[0])
     unswitched = setup()
     run(*unswitched, [])
     assert not torch.equal(unswitched[0].state_dict()["0.weight"], other[0].state_dict()["0.weight"])
 
 
-def test_a_run_with_ema_switch_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+def test_a_run_switched_every_n_steps_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
     model, ema, optimizer = setup()
-    straight = run(model, ema, optimizer, [], out_dir=tmp_path / "straight", ema_switch="epoch")
-    run(*setup(), [], epochs=1, out_dir=tmp_path / "resumed", ema_switch="epoch")
+    straight = run(model, ema, optimizer, [SwitchEMA(every=4)], out_dir=tmp_path / "straight")
+    run(*setup(), [SwitchEMA(every=4)], epochs=1, out_dir=tmp_path / "resumed")
     second = setup(seed=1)
-    resumed = run(*second, [], out_dir=tmp_path / "resumed", resume=True, ema_switch="epoch")
+    resumed = run(*second, [SwitchEMA(every=4)], out_dir=tmp_path / "resumed", resume=True)
     assert same_state(model, second[0])
     assert straight.drop(columns="seconds").equals(resumed.drop(columns="seconds"))
 
 
-@pytest.mark.parametrize(("resumed", "message"), [(None, r"ema_switch="), (2, r"every='epoch'.*every=2")])
-def test_resuming_a_switched_run_with_another_ema_switch_is_refused(tmp_path, resumed, message):
-    run(*setup(), [], epochs=1, out_dir=tmp_path, ema_switch="epoch")
+@pytest.mark.parametrize(
+    ("resumed", "message"), [(None, r"\['SwitchEMA'\].*\[\]"), (2, r"every='epoch'.*every=2")]
+)
+def test_resuming_a_switched_run_with_another_switch_is_refused(tmp_path, resumed, message):
+    run(*setup(), [SwitchEMA()], epochs=1, out_dir=tmp_path)
+    callbacks = [] if resumed is None else [SwitchEMA(every=resumed)]
     with pytest.raises(ValueError, match=message):
-        run(*setup(), [], out_dir=tmp_path, resume=True, ema_switch=resumed)
+        run(*setup(), callbacks, out_dir=tmp_path, resume=True)
 
 
 @pytest.mark.parametrize(("ema", "message"), [(None, "ema=None"), ((0.9, 0.99), "2 decays")])
-def test_fit_ema_switch_without_exactly_one_ema_is_refused_before_training(ema, message):
+def test_without_an_ema_and_without_exactly_one_in_fit_it_is_refused_before_training(ema, message):
     model, _, optimizer = setup()
     before = [p.clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=rf"ema_switch='epoch' copies the EMA.*{message}"):
-        run(model, ema, optimizer, [], ema_switch="epoch")
+    with pytest.raises(ValueError, match=rf"SwitchEMA\(\) copies fit's EMA.*{message}"):
+        run(model, ema, optimizer, [SwitchEMA()])
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("every", [0, "step", True, 1.5])
-def test_fit_refuses_a_bad_ema_switch_by_name(every):
-    with pytest.raises(ValueError, match=r"ema_switch must be None, \"epoch\" or an int"):
-        run(*setup(), [], ema_switch=every)
-
-
-def test_fit_refuses_ema_switch_beside_a_switch_ema_callback():
+def test_two_switches_in_one_run_are_refused_by_their_state_key():
     model, ema, optimizer = setup()
-    with pytest.raises(ValueError, match="would switch twice"):
-        run(model, ema, optimizer, [SwitchEMA(ema)], ema_switch="epoch")
+    with pytest.raises(ValueError, match="both keep their state under 'SwitchEMA'.*state_key"):
+        run(model, ema, optimizer, [SwitchEMA(ema), SwitchEMA()])

@@ -16,7 +16,7 @@ multiprocessing.get_context("forkserver").set_forkserver_preload(["helpers", "to
 
 
 def train_on_rank(rank: int, folder) -> None:
-    from ema_kit import ModelEMA, fit
+    from ema_kit import LiveLog, ModelEMA, fit
     from ema_kit.examples.demo import SmallCNN
     from ema_kit.examples.digits import digits
 
@@ -36,7 +36,7 @@ def train_on_rank(rank: int, folder) -> None:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         with open(folder / f"stdout{rank}.txt", "w") as out, contextlib.redirect_stdout(out):
             log = fit(model, train_loader, val_loader, epochs=2, optimizer=optimizer, ema=ema,
-                      out_dir=folder / f"run{rank}", progress="text")  # fmt: skip
+                      out_dir=folder / f"run{rank}", callbacks=[LiveLog(progress="text")])  # fmt: skip
         log.to_csv(folder / f"log{rank}.csv", index=False)
         torch.save(ema.module.state_dict(), folder / f"ema{rank}.pth")
     finally:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..ema import ModelEMA
-from ..training import fit
+from ..training import LiveLog, fit
 from .digits import digits_loaders
 
 
@@ -62,7 +62,7 @@ def run(
     """Train the demo and write ``out_dir``; returns the log.
 
     ``resume`` as for ``fit`` (``"auto"``: continue the run in ``out_dir`` if there is one). Without it,
-    the demo starts over in ``out_dir``: the folder is the demo's own.
+    the demo starts over in ``out_dir`` (``resume="overwrite"``): the folder is the demo's own.
 
     Example:
         >>> import tempfile
@@ -85,9 +85,8 @@ def run(
         optimizer=optimizer,
         ema=ema,
         out_dir=out_dir,
-        progress=progress,
-        resume=resume,
-        overwrite=not resume,
+        resume=resume or "overwrite",  # the folder is the demo's own
+        callbacks=[LiveLog(progress=progress)],
     )
 
 

@@ -1,8 +1,24 @@
-"""The training loop and what it shows and writes: ``fit``, ``evaluate``, callbacks, the log and its plot."""
+"""The training loop and what it shows and writes: ``fit``, ``evaluate``, the callbacks, the live log."""
 
+from .callbacks import Callback, EarlyStopping, FitState, GradientClip
+from .ema_bn import RecomputeEMABatchNorm
 from .evaluate import accuracy, evaluate
-from .loop import Callback, FitState, fit
+from .livelog import LiveLog
+from .loop import fit
 from .plot import plot_history, plot_scan
 from .switch import SwitchEMA
 
-__all__ = ["fit", "evaluate", "accuracy", "Callback", "FitState", "SwitchEMA", "plot_history", "plot_scan"]
+__all__ = [
+    "fit",
+    "evaluate",
+    "accuracy",
+    "LiveLog",
+    "Callback",
+    "FitState",
+    "EarlyStopping",
+    "GradientClip",
+    "SwitchEMA",
+    "RecomputeEMABatchNorm",
+    "plot_history",
+    "plot_scan",
+]

@@ -1,21 +1,29 @@
-"""Resume checkpoints: everything a training run needs to continue bit-identically, in one safe file.
+"""The files of ``fit(out_dir=...)`` and resuming from them: all a run needs to continue bit-identically.
 
-The file holds only tensors and plain Python values (random-number states included), so it loads with
-``torch.load(..., weights_only=True)``: opening a checkpoint never runs code.
+``Checkpoint`` is the callback that writes them after every epoch (the best weights, ``checkpoint.pt``)
+and loads ``checkpoint.pt`` on a resume. The checkpoint holds only tensors and plain Python values
+(random-number states included), so it loads with ``torch.load(..., weights_only=True)``: opening a
+checkpoint never runs code.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
+from .._tensors import layout_mismatch
+from ..ema import save_module
 from ..files import atomic_save, load_weights
+from .callbacks import Callback, FitState, is_main_process, state_key, stateful
 
 FORMAT = "ema_kit.training.checkpoint/1"
+RUN_FILES = ("checkpoint.pt", "history.csv", "history.png", "model_ema.pth", "model.pth")
 
 
 def rng_state(*generators: torch.Generator | None) -> dict:
@@ -82,7 +90,7 @@ def save_checkpoint(path: str | os.PathLike, **parts) -> Path:
         >>> load_checkpoint(path)["epoch"]
         3
     """
-    return atomic_save({"format": FORMAT, **_plain(parts)}, path)
+    return atomic_save({"format": FORMAT, **_without_numpy(parts)}, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -96,16 +104,260 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return checkpoint
 
 
-def _plain(value):
-    """``value`` with every NumPy scalar in its dicts, lists and tuples turned into a Python number."""
+def loader_generators(loader) -> list:
+    """The loader's own random generators (its and its sampler's), whose state decides its shuffle order."""
+    sampler = getattr(loader, "sampler", None)
+    return [getattr(loader, "generator", None), getattr(sampler, "generator", None)]
+
+
+def _without_numpy(value):
+    """``value`` with every NumPy scalar in its dicts, lists and tuples, at any depth, a Python number."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: _without_numpy(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_plain(item) for item in value)
+        return type(value)(_without_numpy(item) for item in value)
     return value
 
 
 def _to_lists(value):
     return [_to_lists(v) for v in value] if isinstance(value, tuple) else value
+
+
+class Checkpoint(Callback):
+    """The files of ``fit(out_dir=..., resume=...)``, which builds this callback and runs it last.
+
+    After every epoch: ``model_ema.pth`` (the EMA the monitor picked, as scored, when this epoch is the
+    best; ``model.pth``, the live weights, without an EMA) and ``checkpoint.pt``, everything a resume
+    needs, each written atomically. ``history.csv`` and ``history.png`` are ``LiveLog``'s.
+
+    ``resume``: ``False`` starts a run (an ``out_dir`` that holds one is refused), ``True`` continues the
+    run in ``out_dir/checkpoint.pt``, ``"auto"`` continues it if there is one and starts fresh if not,
+    ``"overwrite"`` deletes the run there and starts over, and a path continues from that checkpoint. A
+    resume checks that the run fits (model, batch size and steps per epoch, EMA settings, optimizer,
+    scheduler, amp, the callbacks' saved states) before it changes anything. The folder is checked
+    when the callback is built and created only when training starts, so a refused run leaves none.
+
+    Example:
+        >>> import tempfile
+        >>> files = Checkpoint(tempfile.mkdtemp() + "/run", resume="auto")
+        >>> files.path is None  # nothing to continue: a fresh run
+        True
+    """
+
+    def __init__(self, out_dir: str | os.PathLike | None, *, resume: bool | str | os.PathLike = False):
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.overwrite = resume == "overwrite"
+        self.path = _resume_path(resume, self.out_dir)  # the checkpoint to continue from, or None
+        if self.out_dir is not None and is_main_process():
+            _check_out_dir(self.out_dir, resumed=self.path is not None, overwrite=self.overwrite)
+
+    def load(self, state: FitState) -> None:
+        """Continue the run of ``self.path`` in ``state``: every part is checked before any is loaded."""
+        if self.path is None:
+            return
+        path, saved = self.path, load_checkpoint(self.path)
+        missing = {"optimizer_type", "scheduler_type", "amp", "callbacks", "steps_per_epoch"} - saved.keys()
+        if missing:
+            raise ValueError(
+                f"{path} was written by an older ema_kit (it lacks {sorted(missing)}); start a new run, or "
+                "load its weights into the model: model.load_state_dict(torch.load(path)['model'])."
+            )
+        problems = layout_mismatch(saved["model"], state.model.state_dict())
+        if problems:
+            raise ValueError(f"{path} was saved from another model ({problems}).")
+        _check_same_shape(path, saved, _run_shape(state))  # before the EMA: a half-life in epochs follows it
+        if saved["emas"] != list(state.emas):
+            raise ValueError(
+                f"{path} holds EMAs {saved['emas']}, but this run tracks {list(state.emas)}: pass the "
+                "same ema= as the run that wrote it."
+            )
+        for was, now in zip(_ema_settings(saved["ema"]), _ema_settings(state.ema)):
+            changed = [
+                f"{k}={was[k]!r} in the checkpoint, {k}={now[k]!r} now" for k in was if was[k] != now.get(k)
+            ]
+            if changed:
+                raise ValueError(
+                    f"{path}: the EMA settings differ ({'; '.join(changed)}). A resume continues the same "
+                    "run: pass the same ema= as the run that wrote it, or start a new run in another out_dir."
+                )
+        now_scheduler = None if state.scheduler is None else type(state.scheduler).__name__
+        if saved["scheduler_type"] != now_scheduler:
+            raise ValueError(
+                f"{path} was saved with scheduler {saved['scheduler_type']}, this run has {now_scheduler}; "
+                "pass the same scheduler setup as the run that wrote it."
+            )
+        _check_same_optimizer(path, saved, state.optimizer, state.scheduler)
+        if saved["amp"] != _amp_name(state.amp):
+            raise ValueError(
+                f"{path} was saved with amp={saved['amp']!r}, this run uses amp={_amp_name(state.amp)!r}; "
+                "pass the same amp= (and device) as the run that wrote it."
+            )
+        callbacks = {state_key(c): c for c in state.callbacks if stateful(c)}
+        if sorted(saved["callbacks"]) != sorted(callbacks):
+            raise ValueError(
+                f"{path} holds the state of callbacks {sorted(saved['callbacks'])}, this run has "
+                f"{sorted(callbacks)} with a state to resume; pass the same callbacks as the run that "
+                "wrote it (a callback's state is kept under its state_key)."
+            )
+        # Everything fits. Callbacks check their own state before changing it, so they go first.
+        for key, callback in callbacks.items():
+            callback.load_state_dict(saved["callbacks"][key])
+        if state.ema is not None:
+            state.ema.load_state_dict(saved["ema"])
+        state.model.load_state_dict(saved["model"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        if state.scheduler is not None:
+            state.scheduler.load_state_dict(saved["scheduler"])
+        state.scaler.load_state_dict(saved["scaler"])
+        state.history = pd.DataFrame(saved["history"])
+        state.epoch, state.step = saved["epoch"], saved["step"]
+        state.resumed_from = path
+        set_rng_state(saved["rng"], *loader_generators(state.train_loader))
+
+    def on_fit_start(self, state: FitState) -> None:
+        """Create the folder, now that every check has passed (fit runs this callback last)."""
+        if self.out_dir is None or not is_main_process():
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.overwrite:  # a kill before the first epoch ends must not leave the old run to resume
+            for name in RUN_FILES:
+                (self.out_dir / name).unlink(missing_ok=True)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if self.out_dir is None or not is_main_process():
+            return
+        if state.best_epoch == state.epoch:
+            named = state.monitor.split("_", 1)[0]
+            best = named if named in state.scored else next(iter(state.scored), None)
+            if best is not None:  # the EMA the monitor names (the best decay's, with several)
+                save_module(state.scored[best], self.out_dir / "model_ema.pth")
+            else:
+                atomic_save(
+                    {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
+                    self.out_dir / "model.pth",
+                )
+        scheduler = state.scheduler
+        save_checkpoint(
+            self.out_dir / "checkpoint.pt",
+            model=state.model.state_dict(),
+            optimizer=state.optimizer.state_dict(),
+            optimizer_type=type(state.optimizer).__name__,
+            scheduler=None if scheduler is None else scheduler.state_dict(),
+            scheduler_type=None if scheduler is None else type(scheduler).__name__,
+            scaler=state.scaler.state_dict(),
+            amp=_amp_name(state.amp),
+            ema=None if state.ema is None else state.ema.state_dict(),
+            emas=list(state.emas),
+            callbacks={state_key(c): c.state_dict() for c in state.callbacks if stateful(c)},
+            history=state.history.to_dict(orient="list"),
+            epoch=state.epoch,
+            step=state.step,
+            rng=rng_state(*loader_generators(state.train_loader)),
+            **_run_shape(state),
+        )
+
+
+def _resume_path(resume, out_dir: Path | None) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh run."""
+    if resume is False:
+        return None
+    if resume is True or resume in ("auto", "overwrite"):
+        if out_dir is None:
+            raise ValueError(f"resume={resume!r} is about the run in out_dir: give out_dir too.")
+        path = out_dir / "checkpoint.pt"
+        return path if resume is True or (resume == "auto" and path.exists()) else None
+    if isinstance(resume, (str, os.PathLike)):
+        return Path(resume)
+    raise TypeError(
+        f"resume must be False, True (out_dir/checkpoint.pt), 'auto' (continue if it exists, else start "
+        f"fresh), 'overwrite' (delete the run in out_dir and start over) or a checkpoint's path, got "
+        f"{resume!r}."
+    )
+
+
+def _check_out_dir(out_dir: Path, *, resumed: bool, overwrite: bool) -> None:
+    """out_dir must be a folder this process can create or write, not holding a run this one would overwrite.
+
+    Nothing is created here: a run refused for another reason leaves no folder behind.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir={str(out_dir)!r} is a file; give a folder (it is created if missing).")
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"out_dir={str(out_dir)!r} cannot be created ({str(existing)!r} is a file); give another folder."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"out_dir={str(out_dir)!r} is not writable ({str(existing)!r} is not); give a folder this "
+            "process can write."
+        )
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not resumed and held and not overwrite:
+        raise ValueError(
+            f"out_dir={str(out_dir)!r} holds a run ({', '.join(held)}). Pass resume='auto' to continue it, "
+            "resume='overwrite' to start over in it (its files are deleted), or give another out_dir."
+        )
+
+
+def _run_shape(state: FitState) -> dict:
+    """The batch size and optimizer steps per epoch (None where the loader does not tell)."""
+    try:
+        batches = len(state.train_loader)
+    except TypeError:
+        batches = None
+    return {
+        "batch_size": getattr(state.train_loader, "batch_size", None),
+        "steps_per_epoch": None if batches is None else math.ceil(batches / state.accumulate),
+    }
+
+
+def _check_same_shape(path: Path, saved: dict, now: dict) -> None:
+    if (saved["batch_size"], saved["steps_per_epoch"]) != (now["batch_size"], now["steps_per_epoch"]):
+        raise ValueError(
+            f"{path} was written by a run with batch_size {saved['batch_size']} and "
+            f"{saved['steps_per_epoch']} optimizer steps per epoch; this run has batch_size "
+            f"{now['batch_size']} and {now['steps_per_epoch']} steps per epoch. A resume continues the same "
+            "run (its shuffle, schedule and EMA half-life are counted in these steps): pass the same loader "
+            "and accumulate=, or start a new run in another out_dir."
+        )
+
+
+def _check_same_optimizer(path: Path, saved: dict, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Same optimizer class, parameter groups and learning rate as the checkpoint's."""
+    if saved["optimizer_type"] != type(optimizer).__name__:
+        raise ValueError(
+            f"{path} was saved with optimizer {saved['optimizer_type']}, this run has "
+            f"{type(optimizer).__name__}; pass the same optimizer as the run that wrote it."
+        )
+    groups = saved["optimizer"]["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise ValueError(
+            f"{path}: the optimizer's parameter groups differ from the checkpoint's; build the optimizer "
+            "over the same parameters as the run that wrote it."
+        )
+    # With a scheduler the current lr is the schedule's; the lr it was built with is "initial_lr".
+    key = "initial_lr" if scheduler is not None else "lr"
+    for number, (was, now) in enumerate(zip(groups, optimizer.param_groups)):
+        if key in was and was[key] != now.get(key):
+            raise ValueError(
+                f"{path}: param group {number} was trained with lr={was[key]!r}, this run's optimizer has "
+                f"lr={now.get(key)!r}. A resume continues the same run: pass the same lr, or start a new "
+                "run in another out_dir."
+            )
+
+
+def _ema_settings(ema) -> list[dict]:
+    """The settings of each EMA in a ModelEMA or MultiEMA, or in the state dict of one."""
+    if ema is None:
+        return []
+    state = ema if isinstance(ema, dict) else ema.state_dict()
+    return [e["settings"] for e in state["emas"]] if "emas" in state else [state["settings"]]
+
+
+def _amp_name(amp: torch.dtype | None) -> str:
+    return "off" if amp is None else str(amp).removeprefix("torch.")

@@ -1,8 +1,9 @@
-"""The training log: one row per finished epoch, live and EMA scores side by side, as a DataFrame.
+"""The training log: one row per scoring, live and EMA scores side by side, as a DataFrame.
 
 Columns are ``epoch``, ``train_loss``, then ``<model>_<quantity>`` for each evaluated model (``live``,
 ``ema``, or ``ema<decay>`` when several decays are tracked) and each quantity (``loss`` and every metric),
-then ``lr`` and ``seconds``.
+then ``lr`` and ``seconds``, then any a callback adds. ``epoch`` counts the epochs trained when the row
+was scored: a whole number at an epoch's end, a fraction for a row scored mid-epoch (1.5).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +36,33 @@ def score_columns(history: pd.DataFrame) -> dict[str, dict[str, str]]:
         if match:
             groups.setdefault(match.group(2), {})[match.group(1)] = column
     return groups
+
+
+def score_row(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """One row's score columns from each model's scores, by quantity and then by model.
+
+    Example:
+        >>> score_row({"live": {"loss": 0.3, "accuracy": 0.9}, "ema": {"loss": 0.2, "accuracy": 0.95}})
+        {'live_loss': 0.3, 'ema_loss': 0.2, 'live_accuracy': 0.9, 'ema_accuracy': 0.95}
+    """
+    quantities = dict.fromkeys(quantity for values in scores.values() for quantity in values)
+    return {
+        f"{model}_{quantity}": values[quantity]
+        for quantity in quantities
+        for model, values in scores.items()
+        if quantity in values
+    }
+
+
+def append_row(history: pd.DataFrame, row: Mapping) -> pd.DataFrame:
+    """``history`` with ``row`` added; a column new in ``row`` goes last (empty in the rows before it).
+
+    Example:
+        >>> log = append_row(pd.DataFrame(), {"epoch": 1, "live_loss": 0.5})
+        >>> append_row(log, {"epoch": 2, "live_loss": 0.4, "lb": 0.7}).columns.tolist()
+        ['epoch', 'live_loss', 'lb']
+    """
+    return pd.DataFrame([*history.to_dict("records"), dict(row)])
 
 
 # Whether lower ("min") or higher ("max") is better, for well-known score names only, matched exactly:

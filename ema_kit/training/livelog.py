@@ -1,0 +1,207 @@
+"""``LiveLog``: the live-vs-EMA log as a DataFrame, its plot redrawn in place, a progress bar, and its files.
+
+The headline view of ema_kit, for ``fit`` (which runs one) and for a training loop of your own alike.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .. import _checks
+from .callbacks import Callback, FitState, is_main_process
+from .history import append_row, score_row, write_csv
+from .plot import LivePlot
+from .progress import Progress
+
+
+class LiveLog(Callback):
+    """The log of a training run, one row per scoring, with the live and each EMA model side by side.
+
+    It keeps ``history`` (a pandas DataFrame), redraws the live plot in place, shows a progress bar (an
+    ipywidgets bar where a notebook front end shows one, text otherwise) and the table, and with
+    ``out_dir`` writes ``history.csv`` and ``history.png`` after every row. ``fit`` runs one (pass your
+    own in ``callbacks=`` to set its options); in a loop of your own, three calls give the same view:
+
+    - ``track(train_loader)``: the loader's batches, one epoch, counted on the progress bar;
+    - ``add_loss(loss)`` (optional): a training batch's loss, for the bar and the row's ``train_loss``
+      (a tensor is read only when the bar is drawn, so the loop gains no GPU sync per step);
+    - ``add(live=scores, ema=scores, **columns)``: a row. Each dict of scores (``evaluate``'s) becomes
+      ``<name>_<quantity>`` columns; other values are columns as they are. ``epoch`` defaults to the
+      epochs tracked (pass a fraction, 1.5, for a row scored mid-epoch); ``seconds`` since the last row.
+
+    Args:
+        out_dir: the folder for ``history.csv`` and ``history.png`` (in ``fit``: fit's ``out_dir``).
+        progress: ``"widget"``, ``"text"``, ``"off"``; ``"auto"``: a widget where a notebook can show one.
+        plot: the live plot, in a notebook, and as ``history.png`` in ``out_dir``.
+        epochs: the number of epochs, shown as "epoch 3/10"; the bar is marked finished with the row of
+            the last (in ``fit``: fit's ``epochs``).
+
+    Example:
+        >>> import torch
+        >>> from ema_kit import ModelEMA, evaluate
+        >>> from ema_kit.examples.digits import digits_loaders
+        >>> from ema_kit.examples.demo import SmallCNN
+        >>> train_loader, val_loader = digits_loaders(batch_size=256)
+        >>> model = SmallCNN(width=8)
+        >>> ema = ModelEMA(model, decay=0.9)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        >>> live_log = LiveLog(progress="off")
+        >>> for epoch in (1, 2):  # (a new model trains in train mode; evaluate leaves it so)
+        ...     for images, labels in live_log.track(train_loader):
+        ...         loss = torch.nn.functional.cross_entropy(model(images), labels)
+        ...         optimizer.zero_grad()
+        ...         loss.backward()
+        ...         optimizer.step()
+        ...         ema.update(model)
+        ...         live_log.add_loss(loss)
+        ...     scores = {"live": evaluate(model, val_loader), "ema": evaluate(ema.module, val_loader)}
+        ...     live_log.add(epoch=epoch, **scores)
+        >>> live_log.history.columns.tolist()  # doctest: +NORMALIZE_WHITESPACE
+        ['epoch', 'train_loss', 'live_loss', 'ema_loss', 'live_accuracy', 'ema_accuracy', 'seconds']
+    """
+
+    def __init__(
+        self,
+        *,
+        out_dir: str | os.PathLike | None = None,
+        progress: str = "auto",
+        plot: bool = True,
+        epochs: int | None = None,
+    ):
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.plot = _checks.check_bool("plot", plot)
+        self.epochs = None if epochs is None else _checks.check_int("epochs", epochs, minimum=1)
+        self._progress_mode = progress
+        self.progress = Progress(progress, epochs=self.epochs, train_loss=lambda: self.train_loss)
+        self.history = pd.DataFrame()
+        self.best_epoch: int | None = None  # marked in the plot (fit sets it)
+        self._live_plot: LivePlot | None = None
+        self._state: FitState | None = None  # fit's, while fit runs this log
+        self._epoch = 0  # epochs tracked
+        self._rows = 1  # rows of the batch being trained, which weigh its loss
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._loss_rows = 0
+        self._started = time.perf_counter()
+
+    # -- a loop of your own ---------------------------------------------------------------------------------
+
+    def track(self, loader: Iterable) -> Iterator:
+        """Yield ``loader``'s batches as one epoch, each counted on the progress bar when the loop is done
+        with it."""
+        self._epoch += 1
+        self._start_epoch(self._epoch, _length(loader))
+        for batch in loader:
+            self._rows = _rows(batch)
+            yield batch
+            self.progress.batch(images=self._rows)
+
+    def add_loss(self, loss: torch.Tensor | float) -> None:
+        """Count one training batch's (mean) loss, weighted by the rows of the batch being tracked."""
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().float()  # summed on its device; read only when the bar or a row needs it
+        self._loss_sum = self._loss_sum + loss * self._rows
+        self._loss_rows += self._rows
+
+    @property
+    def train_loss(self) -> float:
+        """The mean training loss per row since the last row was added (NaN before any)."""
+        if self._state is not None:
+            return self._state.train_loss
+        return float(self._loss_sum) / self._loss_rows if self._loss_rows else math.nan
+
+    def add(self, row: Mapping | None = None, /, **columns) -> None:
+        """Add a row to ``history``, then show and write it (the table, the plot, the files).
+
+        Example:
+            >>> log = LiveLog(progress="off")
+            >>> log.add(live={"loss": 0.5}, ema={"loss": 0.4}, lr=0.1)
+            >>> log.history.to_dict("records")[0]["ema_loss"]
+            0.4
+        """
+        columns = {**(row or {}), **columns}
+        scores = {name: value for name, value in columns.items() if isinstance(value, Mapping)}
+        others = {name: value for name, value in columns.items() if name not in scores}
+        new = {"epoch": others.pop("epoch", self._epoch or len(self.history) + 1)}
+        if "train_loss" in others or self._loss_rows:
+            new["train_loss"] = others.pop("train_loss", self.train_loss)
+        new |= score_row(scores) | others
+        new.setdefault("seconds", time.perf_counter() - self._started)
+        self.history = append_row(self.history, new)
+        self._show()  # the bar's last line still shows the loss of the row
+        self._loss_sum, self._loss_rows, self._started = 0.0, 0, time.perf_counter()
+        if self.epochs is not None and new["epoch"] >= self.epochs:  # the last row: the bar is done
+            self.progress.close()
+
+    # -- as fit's callback ----------------------------------------------------------------------------------
+
+    def on_fit_start(self, state: FitState) -> None:
+        self._state, self.epochs = state, state.epochs
+        self.out_dir = self.out_dir or state.out_dir
+        shows = is_main_process()  # one process shows and writes
+        mode = self._progress_mode if shows else "off"
+        # A new bar, table and plot for this run (a notebook shows them under the cell that runs it).
+        self.progress = Progress(mode, epochs=state.epochs, train_loss=lambda: self.train_loss)
+        self._live_plot = None
+        if not shows:
+            self.plot, self.out_dir = False, None
+        self.history, self.best_epoch = state.history, state.best_epoch
+        if state.resumed_from is not None:
+            if self.progress.mode != "off":
+                done = " (all of them: nothing left to train)" if state.epoch >= state.epochs else ""
+                print(f"Resumed from {state.resumed_from} after epoch {state.epoch} of {state.epochs}{done}.")
+            if len(self.history):  # a rerun notebook shows the run so far
+                self._draw()
+
+    def on_epoch_start(self, state: FitState) -> None:
+        self._start_epoch(state.epoch, _length(state.train_loader))
+
+    def on_batch_end(self, state: FitState) -> None:
+        self.progress.batch(images=_rows(state.targets))
+
+    def on_epoch_end(self, state: FitState) -> None:
+        self.history, self.best_epoch = state.history, state.best_epoch
+        self._show()
+
+    def on_fit_end(self, state: FitState) -> None:
+        self.progress.close()
+        self._state = None
+
+    # -- showing --------------------------------------------------------------------------------------------
+
+    def _start_epoch(self, epoch: int, batches: int | None) -> None:
+        self._started = time.perf_counter()
+        self.progress.start_epoch(epoch, batches=batches)
+
+    def _show(self) -> None:
+        if self.out_dir is not None:
+            write_csv(self.history, self.out_dir / "history.csv")
+        self._draw()
+        self.progress.end_epoch(self.history)
+
+    def _draw(self) -> None:
+        if not self.plot:
+            return
+        if self._live_plot is None:
+            self._live_plot = LivePlot(None if self.out_dir is None else self.out_dir / "history.png")
+        self._live_plot.update(self.history, best_epoch=self.best_epoch)
+
+
+def _length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an IterableDataset's loader: the bar counts up
+        return None
+
+
+def _rows(batch) -> int:
+    """Rows in a batch: the length of its first tensor (in a tuple, list or dict), or 1."""
+    while isinstance(batch, (tuple, list, Mapping)) and len(batch):
+        batch = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
+    return len(batch) if isinstance(batch, torch.Tensor) and batch.dim() else 1

@@ -1,0 +1,180 @@
+"""LiveLog (ema_kit/training/livelog.py): the live-vs-EMA log for fit and for a loop of your own."""
+
+import io
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from ema_kit import Callback, LiveLog, ModelEMA, evaluate, fit
+from ema_kit.examples.demo import SmallCNN
+from ema_kit.examples.digits import digits_loaders
+from ema_kit.training.progress import Progress
+
+
+def hand_written(live_log: LiveLog, epochs: int = 2):
+    """The loop of the README and notebook 01, with the live log's three calls."""
+    torch.manual_seed(0)
+    train_loader, val_loader = digits_loaders(batch_size=256)
+    model = SmallCNN(width=8)
+    ema = ModelEMA(model, decay=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(epochs):
+        model.train()
+        for images, labels in live_log.track(train_loader):
+            loss = nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            ema.update(model)
+            live_log.add_loss(loss)
+            losses.append((loss.item(), len(labels)))
+        live_log.add(live=evaluate(model, val_loader), ema=evaluate(ema.module, val_loader))
+    return model, ema, val_loader, losses
+
+
+def test_a_hand_written_loop_gets_the_log_and_files_fit_writes(tmp_path):
+    live_log = LiveLog(out_dir=tmp_path, progress="off")
+    model, ema, val_loader, _ = hand_written(live_log)
+    log = live_log.history
+    assert log.columns.tolist() == [
+        "epoch", "train_loss", "live_loss", "ema_loss", "live_accuracy", "ema_accuracy", "seconds"
+    ]  # fmt: skip
+    assert log["epoch"].tolist() == [1, 2]
+    assert log["ema_loss"].iloc[-1] == pytest.approx(evaluate(ema.module, val_loader)["loss"])
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "history.csv"), log, check_dtype=False)
+    assert (tmp_path / "history.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_train_loss_is_the_mean_per_row_of_the_losses_added():
+    live_log = LiveLog(progress="off", plot=False)
+    *_, losses = hand_written(live_log, epochs=1)
+    expected = sum(loss * rows for loss, rows in losses) / sum(rows for _, rows in losses)
+    assert live_log.history["train_loss"].iloc[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_text_progress_gives_one_line_per_row_as_fit_does():
+    stream = io.StringIO()
+    live_log = LiveLog(plot=False, epochs=2)
+    live_log.progress = Progress("text", epochs=2, stream=stream, train_loss=lambda: live_log.train_loss)
+    hand_written(live_log)
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[:2] for line in lines] == [["epoch", "1/2"], ["epoch", "2/2"]]
+    assert all("ema_accuracy" in line and "img/s" in line for line in lines)
+
+
+def test_a_loss_tensor_is_not_read_until_the_bar_or_a_row_needs_it(monkeypatch):
+    live_log = LiveLog(progress="off", plot=False)
+    reads = []
+    original = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: reads.append(1) or original(self))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or 0.0)
+    for _ in live_log.track([(torch.zeros(4, 2), torch.zeros(4))] * 3):
+        live_log.add_loss(torch.tensor(0.5))
+    assert reads == []
+    live_log.add(live={"loss": 0.4})
+    assert len(reads) == 1 and live_log.history["train_loss"].iloc[0] == 0.5
+
+
+def test_a_row_can_sit_mid_epoch_and_shows_as_a_fraction():
+    stream = io.StringIO()
+    live_log = LiveLog(plot=True, epochs=3)
+    live_log.progress = Progress("text", epochs=3, stream=stream)
+    live_log.add(epoch=0.5, live={"loss": 0.9}, ema={"loss": 0.95})
+    live_log.add(epoch=1, live={"loss": 0.7}, ema={"loss": 0.8})
+    assert live_log.history["epoch"].tolist() == [0.5, 1.0]
+    assert stream.getvalue().split()[:2] == ["epoch", "0.5/3"]
+
+
+def test_fit_bar_and_log_show_one_train_loss():
+    torch.manual_seed(0)
+    train_loader, val_loader = digits_loaders(batch_size=100)  # a last batch of another size
+    model = SmallCNN(width=8)
+    shown = []
+
+    class Bar(Callback):
+        def on_validation_start(self, state):
+            shown.append(live_log.train_loss)  # what the bar shows at the epoch's end
+
+    live_log = LiveLog(progress="off", plot=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    log = fit(model, train_loader, val_loader, epochs=2, optimizer=optimizer, callbacks=[live_log, Bar()])
+    assert shown == log["train_loss"].tolist()
+
+
+def test_fit_shows_the_log_it_returns():
+    torch.manual_seed(0)
+    train_loader, val_loader = digits_loaders(batch_size=256)
+    model = SmallCNN(width=8)
+    live_log = LiveLog(progress="off", plot=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    log = fit(model, train_loader, val_loader, epochs=2, optimizer=optimizer, callbacks=[live_log])
+    pd.testing.assert_frame_equal(live_log.history, log)
+
+
+def test_fit_refuses_two_live_logs_or_two_folders(tmp_path):
+    torch.manual_seed(0)
+    train_loader, val_loader = digits_loaders(batch_size=256)
+    model = SmallCNN(width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.raises(ValueError, match="2 LiveLog objects"):
+        fit(model, train_loader, val_loader, epochs=1, optimizer=optimizer, callbacks=[LiveLog(), LiveLog()])
+    with pytest.raises(ValueError, match="two folders"):
+        fit(model, train_loader, val_loader, epochs=1, optimizer=optimizer, out_dir=tmp_path / "a",
+            callbacks=[LiveLog(out_dir=tmp_path / "b")])  # fmt: skip
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"progress": "bar"}, ValueError, "progress must be 'auto', 'widget', 'text' or 'off'"),
+        ({"progress": 1}, TypeError, "progress must be 'auto', 'widget', 'text' or 'off'"),
+        ({"plot": "yes"}, TypeError, "plot must be True or False"),
+        ({"epochs": 0}, ValueError, "epochs must be an int >= 1"),
+    ],
+)
+def test_bad_options_are_refused_by_name(options, error, message):
+    with pytest.raises(error, match=message):
+        LiveLog(**options)
+
+
+def test_a_row_without_a_loss_given_has_no_train_loss_column():
+    live_log = LiveLog(progress="off", plot=False)
+    live_log.add(live={"loss": 0.5, "accuracy": 0.9})
+    assert live_log.history.columns.tolist() == ["epoch", "live_loss", "live_accuracy", "seconds"]
+    assert math.isnan(live_log.train_loss)
+
+
+def test_the_progress_shown_with_a_row_has_that_rows_train_loss():
+    seen = []
+
+    class Recorded(Progress):
+        def end_epoch(self, history):
+            seen.append(self.train_loss())
+
+    live_log = LiveLog(plot=False)
+    live_log.progress = Recorded("off", epochs=None, train_loss=lambda: live_log.train_loss)
+    for _ in live_log.track([(torch.zeros(2, 1), torch.zeros(2))] * 2):
+        live_log.add_loss(torch.tensor(0.25))
+    live_log.add(live={"loss": 0.5})
+    assert seen == [0.25] == live_log.history["train_loss"].tolist()
+
+
+def test_with_epochs_given_the_bar_is_marked_finished_with_the_last_row():
+    closed = []
+
+    class Recorded(Progress):
+        def close(self):
+            closed.append(self.epoch)
+
+    live_log = LiveLog(plot=False, epochs=2)
+    live_log.progress = Recorded("off", epochs=2)
+    for epoch in (1, 2):
+        for _ in live_log.track([(torch.zeros(2, 1), torch.zeros(2))]):
+            pass
+        live_log.add(epoch=epoch, live={"loss": 0.5})
+        assert closed == ([] if epoch == 1 else [2])
