@@ -10,47 +10,25 @@ small dense tensors are gathered, one ``cat`` and one ``lerp_`` per set over a f
 shadows are views into (integer counters: one ``cat``, then a ``copy_`` per further set; see ``_Gather``).
 
 Before each update, ``follow(model)`` checks that the lists still point at the model's tensors. The check
-is cheap: a global counter of module, parameter and buffer registrations anywhere in the process (torch's
-registration hooks; assignments such as ``model[0] = nn.Linear(4, 8)`` or ``load_state_dict(assign=True)``
-bump it), the number of the model's submodules (a deletion fires no hook), and each tensor's address,
-looked up in its module (``.to()``, casts, ``.data`` swaps change it), and the shape of each tensor that
-can be resized in place.
-When any of them changed, the model is walked again: the shadows rebind to its current tensors, or an
-error names what no longer matches.
+reads the model alone (``_Watch``: its tree of modules, its tensor objects, their addresses and resizable
+shapes), so nothing else in the process can make it fail. When the model changed, it is walked again: the
+shadows rebind to its current tensors, or an error names what no longer matches.
 """
 
 from __future__ import annotations
 
 import copy
 import operator
+from itertools import chain
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import (
-    register_module_buffer_registration_hook,
-    register_module_module_registration_hook,
-    register_module_parameter_registration_hook,
-)
 
 from ._checks import check_module
 from ._lowp import lerp_stochastic_
 from ._tensors import Slot, layout_mismatch, saved_slots
 
 SMALL = 16_384  # elements: smaller tensors are blended one set at a time, dense ones gathered (see _plan)
-_registrations = 0  # module/parameter/buffer assignments in this process, on any module
-
-
-def _count_registration(*_) -> None:
-    global _registrations
-    _registrations += 1
-
-
-for _register in (
-    register_module_module_registration_hook,
-    register_module_parameter_registration_hook,
-    register_module_buffer_registration_hook,
-):
-    _register(_count_registration)
 
 
 class Shadows:
@@ -107,17 +85,7 @@ class Shadows:
 
         Raises ValueError, before anything changes, when its layout no longer matches the shadows.
         """
-        try:
-            changed = (
-                model is not self._model
-                or _registrations != self._registrations
-                or sum(map(len, self._children)) != self._entries
-                or _addresses(self._holders, self._names) != self._addresses
-                or list(map(Tensor.size, self._resizable)) != self._shapes
-            )
-        except KeyError:  # a parameter or buffer was deleted
-            changed = True
-        if changed:
+        if model is not self._model or self._watch.changed():
             self._bind(model)
 
     def blend(self, weights: list[float | None]) -> None:
@@ -221,21 +189,9 @@ class Shadows:
                         _replace(slot, self._new_shadow(live_tensor, shadow))
         self._plan(live, slots, sets)
         self._model = model
-        self._registrations = _registrations
-        # A deleted submodule fires no hook: its parent's dict of children shrinks (only a dict with entries
-        # can). A deleted parameter or buffer is missing when its address is looked up.
-        self._children = [m._modules for m in live.modules() if m._modules]
-        self._entries = sum(map(len, self._children))
-        # Looked up in their dicts: .to() and .float() put new buffer objects there, without a hook.
         # One shadow per set is watched too: a set moved or cast by hand (ema.module.half()) is laid out anew.
         first = next(slot.key for slot in slots if _averageable(slot.tensor))
-        watched = slots + [shadow_slots[first] for shadow_slots in sets]
-        self._holders, self._names = [s.holder for s in watched], [s.name for s in watched]
-        self._addresses = _addresses(self._holders, self._names)
-        lives = [slot.tensor for slot in slots]
-        # resize_ keeps the address when it shrinks; torch refuses it on tensors that require grad.
-        self._resizable = [tensor for tensor in lives if not tensor.requires_grad]
-        self._shapes = list(map(Tensor.size, self._resizable))
+        self._watch = _Watch(live, slots + [shadow_slots[first] for shadow_slots in sets])
 
     def _plan(self, live: nn.Module, slots: list[Slot], sets: list[dict]) -> None:
         """Build the op lists: live tensors grouped by kind, device and dtypes, each with its K shadows."""
@@ -377,6 +333,45 @@ def _layout(tensor: Tensor, device: torch.device | None = None) -> tuple:
     return (device or tensor.device, tensor.dtype, tuple(tensor.shape), tensor.stride())
 
 
+class _Watch:
+    """What ``Shadows.follow`` compares to tell that the model changed: read from the model alone, no hooks.
+
+    Noted when the shadows bind: every module's children (names and objects: ``model[3] = layer`` and
+    ``model._modules["3"] = layer`` alike), the tensor objects in the watched slots
+    (``load_state_dict(assign=True)``, buffers replaced by ``.to()``), their addresses (``.data`` swaps,
+    parameters moved or cast in place) and the shapes of those ``resize_`` can change in place. A check
+    builds each list with C-level ``map``s and compares it whole: no Python loop per module or tensor.
+    """
+
+    def __init__(self, live: nn.Module, slots: list[Slot]):
+        self._children = [module._modules for module in live.modules()]  # a leaf's too: it may gain one
+        self._counts = list(map(len, self._children))  # where one module's children end: a move shows
+        self._parents = [children for children in self._children if children]
+        self._names = list(chain.from_iterable(self._parents))
+        self._modules = list(chain.from_iterable(map(dict.values, self._parents)))
+        self._holders, self._keys = [slot.holder for slot in slots], [slot.name for slot in slots]
+        self._tensors = [slot.tensor for slot in slots]
+        self._addresses = list(map(Tensor.data_ptr, self._tensors))
+        # resize_ keeps the address when it shrinks or keeps the size; torch refuses it on tensors that
+        # require grad.
+        self._resizable = [tensor for tensor in self._tensors if not tensor.requires_grad]
+        self._shapes = list(map(Tensor.size, self._resizable))
+
+    def changed(self) -> bool:
+        try:
+            same = all(map(operator.is_, map(operator.getitem, self._holders, self._keys), self._tensors))
+        except KeyError:  # a parameter or buffer was deleted
+            return True
+        return not (
+            same
+            and list(map(len, self._children)) == self._counts
+            and list(chain.from_iterable(self._parents)) == self._names
+            and all(map(operator.is_, chain.from_iterable(map(dict.values, self._parents)), self._modules))
+            and list(map(Tensor.data_ptr, self._tensors)) == self._addresses
+            and list(map(Tensor.size, self._resizable)) == self._shapes
+        )
+
+
 class _Stage:
     """Live tensors on one device, copied each step into one buffer on the shadows' device.
 
@@ -467,10 +462,6 @@ def _packed(slots: list[Slot]) -> Tensor:
             _replace(slot, view.copy_(tensor))
             start += tensor.numel()
     return flat
-
-
-def _addresses(holders: list[dict], names: list[str]) -> list[int]:
-    return list(map(Tensor.data_ptr, map(operator.getitem, holders, names)))
 
 
 def _averageable(tensor: Tensor) -> bool:
