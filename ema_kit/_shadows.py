@@ -28,7 +28,7 @@ from ._checks import check_module
 from ._lowp import lerp_stochastic_
 from ._tensors import Slot, layout_mismatch, saved_slots
 
-SMALL = 16_384  # elements: smaller tensors are blended one set at a time, dense ones gathered (see _plan)
+SMALL = 16_384  # elements: smaller contiguous tensors are gathered, one cat for all of them (see _Gather)
 
 
 class Shadows:
@@ -196,8 +196,9 @@ class Shadows:
 
     def _plan(self, live: nn.Module, slots: list[Slot], shadow_slots: list[list[Slot]]) -> None:
         """Build the op lists: live tensors grouped by kind, device and dtypes, each with its K shadows."""
-        lives = [_plain(slot.tensor) for slot in slots]
-        shadows = [[_plain(slot.tensor) for slot in set_slots] for set_slots in shadow_slots]  # [set][tensor]
+        # Plain tensors in the op lists: a list holding Parameters costs a subclass check per element.
+        lives = [slot.tensor.detach() for slot in slots]
+        shadows = [[slot.tensor.detach() for slot in set_slots] for set_slots in shadow_slots]  # [set][i]
         averaged = [self._averaged(slot.tensor) for slot in slots]
         sources = list(lives)  # what the ops read: the live tensor, or its copy on the shadows' device
         remote: dict[tuple, list[int]] = {}  # an EMA kept on another device than the model: staged
@@ -232,7 +233,7 @@ class Shadows:
                 for j, set_slots in enumerate(shadow_slots):
                     regions.append(_packed([set_slots[i] for i in members]))
                     for i in members:  # the shadows may be new views into the region
-                        shadows[j][i] = _plain(set_slots[i].tensor)
+                        shadows[j][i] = set_slots[i].tensor.detach()
                 self._gathers.append(_Gather([sources[i] for i in members], regions, kind == "gather"))
 
         def of(kind: str, sets: range) -> list[tuple[list[Tensor], list[Tensor]]]:
@@ -319,12 +320,6 @@ def _laid_out(shadow: Tensor, live: Tensor, device: torch.device, dtype: torch.d
     # empty_like keeps the strides of a dense tensor (channels_last too) and packs one with gaps.
     strides = shadow.stride()
     return strides == live.stride() or strides == torch.empty_like(live, device="meta").stride()
-
-
-def _plain(tensor: Tensor) -> Tensor:
-    """``tensor`` as a plain tensor for the op lists: a list holding Parameters costs a subclass check per
-    element. A buffer is one already."""
-    return tensor if type(tensor) is Tensor and not tensor.requires_grad else tensor.detach()
 
 
 class _Watch:
@@ -435,7 +430,7 @@ def _packed(slots: list[Slot]) -> Tensor:
 
     When they are not such pieces already, the slots are given views into a new flat tensor, values kept.
     """
-    tensors = [_plain(slot.tensor) for slot in slots]
+    tensors = [slot.tensor.detach() for slot in slots]
     sizes = list(map(Tensor.numel, tensors))
     first, size, itemsize = tensors[0], sum(sizes), tensors[0].element_size()
     storage, offset = first.untyped_storage(), first.storage_offset()

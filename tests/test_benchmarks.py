@@ -91,6 +91,7 @@ def test_ema_update_benchmark_gives_every_method_a_ratio_in_each_condition_and_s
     columns, rows = table(section(report, "Following a changed model"), "| |")
     assert columns == list(MODELS)
     assert all(float(cell) > 0 for cell in rows["first update after a change, in plain updates"])
+    assert all(cell.endswith(" us") for cell in rows["first update after a change, absolute"])
 
 
 @pytest.mark.slow
