@@ -198,11 +198,11 @@ class Shadows:
         """Build the op lists: live tensors grouped by kind, device and dtypes, each with its K shadows."""
         # Plain tensors in the op lists: a list holding Parameters costs a subclass check per element.
         lives = [slot.tensor.detach() for slot in slots]
-        shadows = [[slot.tensor.detach() for slot in set_slots] for set_slots in shadow_slots]  # [set][i]
         averaged = [self._averaged(slot.tensor) for slot in slots]
+        firsts = [slot.tensor for slot in shadow_slots[0]]  # each set's shadows share device and dtype
         sources = list(lives)  # what the ops read: the live tensor, or its copy on the shadows' device
         remote: dict[tuple, list[int]] = {}  # an EMA kept on another device than the model: staged
-        for i, (source, shadow) in enumerate(zip(sources, shadows[0])):
+        for i, (source, shadow) in enumerate(zip(sources, firsts)):
             if source.device != shadow.device:
                 remote.setdefault((source.device, source.dtype, shadow.device), []).append(i)
         self._stages = []
@@ -212,7 +212,7 @@ class Shadows:
             for i, view in zip(members, stage.views):
                 sources[i] = view
         groups: dict[tuple, list[int]] = {}
-        for i, (source, shadow) in enumerate(zip(sources, shadows[0])):
+        for i, (source, shadow) in enumerate(zip(sources, firsts)):
             same = source.dtype == shadow.dtype
             kind = "copy" if not averaged[i] else "lerp" if same else "cast"
             if kind != "copy" and self.generator is not None and shadow.dtype == torch.bfloat16:
@@ -229,12 +229,11 @@ class Shadows:
         self._gathers = []
         for (kind, *_), members in groups.items():
             if kind.startswith("gather"):
-                regions = []
-                for j, set_slots in enumerate(shadow_slots):
-                    regions.append(_packed([set_slots[i] for i in members]))
-                    for i in members:  # the shadows may be new views into the region
-                        shadows[j][i] = set_slots[i].tensor.detach()
+                regions = [_packed([set_slots[i] for i in members]) for set_slots in shadow_slots]
                 self._gathers.append(_Gather([sources[i] for i in members], regions, kind == "gather"))
+        # The other kinds' ops read the shadows themselves: shadows[set][i], for the tensors not gathered.
+        listed = [i for (kind, *_), group in groups.items() if not kind.startswith("gather") for i in group]
+        shadows = [{i: set_slots[i].tensor.detach() for i in listed} for set_slots in shadow_slots]
 
         def of(kind: str, sets: range) -> list[tuple[list[Tensor], list[Tensor]]]:
             # Each live tensor is read once per op, paired with the shadows of ``sets`` in turn: with several
@@ -430,7 +429,7 @@ def _packed(slots: list[Slot]) -> Tensor:
 
     When they are not such pieces already, the slots are given views into a new flat tensor, values kept.
     """
-    tensors = [slot.tensor.detach() for slot in slots]
+    tensors = [slot.tensor for slot in slots]
     sizes = list(map(Tensor.numel, tensors))
     first, size, itemsize = tensors[0], sum(sizes), tensors[0].element_size()
     storage, offset = first.untyped_storage(), first.storage_offset()
