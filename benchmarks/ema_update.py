@@ -1,7 +1,7 @@
 """Cost of one EMA update as a training loop pays it: ema_kit against its peers, one update per timed call.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/ema_update.py            # writes benchmarks/RESULTS.md (about 5 minutes on 2 cores)
+    python benchmarks/ema_update.py            # writes benchmarks/RESULTS.md (minutes on a quiet 2-core CPU)
     python benchmarks/ema_update.py --quick    # a smoke run: a few rounds, no file written
 
 docs/speed.md says what is measured and why. Every method updates the same model (decay 0.999, no warmup,
