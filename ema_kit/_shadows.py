@@ -484,8 +484,8 @@ def _checked_slots(module: nn.Module, what: str) -> list[Slot]:
 
 
 def _check_layout(given: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
-    sizes = list(map(Tensor.size, given.values())) == list(map(Tensor.size, expected.values()))
-    if sizes and list(given) == list(expected):  # the usual case, without a Python loop per tensor
+    same_sizes = list(map(Tensor.size, given.values())) == list(map(Tensor.size, expected.values()))
+    if same_sizes and list(given) == list(expected):  # the usual case, without a Python loop per tensor
         return
     problems = layout_mismatch(given, expected)
     if problems:
