@@ -549,12 +549,13 @@ def test_submodule_put_straight_into_modules_is_followed(model):
 
 
 def test_fit_building_its_loss_module_each_step_plans_the_ema_once(model, monkeypatch):
-    from ema_kit import fit
+    from ema_kit import LiveLog, fit
 
     plans = count_plans(monkeypatch)
     data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(5)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    fit(model, data, data, epochs=2, optimizer=optimizer, ema=0.9, progress="off", plot=False,
+    fit(model, data, data, epochs=2, optimizer=optimizer, ema=0.9,
+        callbacks=[LiveLog(progress="off", plot=False)],
         loss_fn=lambda outputs, targets: nn.CrossEntropyLoss()(outputs, targets))  # fmt: skip
     assert len(plans) == 1  # when fit built the EMA: 10 steps, each building a loss module, and no re-plan
 
