@@ -1,6 +1,6 @@
 """Cost of one EMA update, ema_kit against its peers, side by side in one process.
 
-    pip install -r benchmarks/requirements.txt
+    pip install -r requirements-kaggle.txt     # the peers: timm's needs torchvision, so the Kaggle stack
     python benchmarks/ema_update.py            # writes benchmarks/RESULTS.md
     python benchmarks/ema_update.py --quick    # a smoke run: a few rounds, no file written
 

@@ -43,6 +43,7 @@ def ratio(cell: str) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.kaggle_stack  # its peers (benchmarks/requirements.txt) are installed with timm, in that tier
 def test_ema_update_benchmark_gives_every_method_a_positive_finite_ratio_on_every_model():
     report = run("ema_update.py")
     columns, rows = table(report, "| method |")
