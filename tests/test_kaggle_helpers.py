@@ -358,6 +358,13 @@ def test_timm_model_missing_weights_file_is_an_error_not_a_random_init(tmp_path)
         timm_model("resnet18", num_classes=3, pretrained=tmp_path / "model.safetensors")
 
 
+@pytest.mark.kaggle_stack
+@pytest.mark.parametrize("value", [True, False])
+def test_timm_model_refuses_timms_pretrained_flag_which_would_download(value):
+    with pytest.raises(TypeError, match=rf"the path of a weights file, or None .*got {value}"):
+        timm_model("resnet18", num_classes=3, pretrained=value)
+
+
 def test_predict_returns_softmax_in_loader_order_and_restores_mode():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4)).train()

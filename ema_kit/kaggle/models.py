@@ -46,6 +46,12 @@ def timm_model(
     config = timm.models.get_pretrained_cfg(name)
     if img_size is not None and config is not None and config.fixed_input_size:
         options["img_size"] = img_size
+    if isinstance(pretrained, bool):
+        raise TypeError(
+            f"pretrained must be the path of a weights file, or None for a random init; got {pretrained!r} "
+            "(timm's pretrained=True downloads, which a Kaggle kernel with the internet off cannot). Attach "
+            "the weights and pass their path: find_file('model.safetensors', inputs=['<input slug>'])."
+        )
     if pretrained is None:
         return timm.create_model(name, num_classes=num_classes, **options)
     path = Path(pretrained)
