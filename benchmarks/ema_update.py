@@ -1,6 +1,6 @@
 """Cost of one EMA update as a training loop pays it: ema_kit against its peers, one update per timed call.
 
-    pip install -r benchmarks/requirements.txt
+    pip install -r requirements-kaggle.txt     # the peers: timm's needs torchvision, so the Kaggle stack
     python benchmarks/ema_update.py            # writes benchmarks/RESULTS.md (minutes on a quiet 2-core CPU)
     python benchmarks/ema_update.py --quick    # a smoke run: a few rounds, no file written
 

@@ -48,6 +48,7 @@ def section(report: str, title: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.kaggle_stack  # its peers (benchmarks/requirements.txt) are installed with timm, in that tier
 def test_ema_update_benchmark_gives_every_method_a_ratio_in_each_condition_and_states_the_targets():
     report = run("ema_update.py")
     conditions = ["alone", "beside a step's side effects", "inside a training step"]
