@@ -75,6 +75,8 @@ def test_cpu_dry_run_runs_the_test_tier_the_notebook_and_the_benchmark_and_write
     assert "- notebook 02 (dry run: smoke size): passed in" in text
     notebook = text.split("## notebook 02", 1)[1].split("\n## ", 1)[0]
     assert any(line.startswith("| ") and "_loss" in line for line in notebook.splitlines())  # its last epoch
+    assert "![notebook02_history.png](report_notebook02_history.png)" in notebook
+    assert (tmp_path / "report_notebook02_history.png").read_bytes().startswith(b"\x89PNG")  # fit's curves
     for row in (
         "| floor (one flat lerp_) | 1.00x | 1.00x |",
         "| ema_kit ModelEMA |",
