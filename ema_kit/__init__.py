@@ -22,6 +22,7 @@ _TRAINING = (
     "FitState",
     "EarlyStopping",
     "GradientClip",
+    "ValidateEvery",
     "SwitchEMA",
     "RecomputeEMABatchNorm",
     "plot_history",
