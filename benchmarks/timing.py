@@ -36,6 +36,34 @@ def interleaved(fns: dict[str, Callable], rounds: int, inner: int, sync: Callabl
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def one_call_rounds(
+    fns: dict[str, Callable], rounds: int, before: Callable = lambda: None, sync: Callable = lambda: None
+) -> dict[str, list[int]]:
+    """Nanoseconds of each function's calls, one call per function per round, each call timed alone.
+
+    Each round calls every function once, starting with a different one, and runs ``before()`` (untimed)
+    ahead of every call: what a training loop does between two updates. Round r's samples are entry r of
+    every list, so a ratio can be taken within a round, where the machine's speed drifted least.
+
+    Example:
+        >>> samples = one_call_rounds({"a": lambda: None, "b": lambda: None}, rounds=3)
+        >>> [len(samples[name]) for name in ("a", "b")]
+        [3, 3]
+    """
+    names = list(fns)
+    samples: dict[str, list[int]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = fns[name]
+            before()
+            sync()
+            start = time.perf_counter_ns()
+            fn()
+            sync()
+            samples[name].append(time.perf_counter_ns() - start)
+    return samples
+
+
 def machine() -> str:
     """The processor, torch threads, torch and Python versions (and the GPU, if any) of this run."""
     cpu = platform.processor() or platform.machine()

@@ -17,6 +17,7 @@ _TRAINING = (
     "fit",
     "evaluate",
     "accuracy",
+    "whole_set",
     "LiveLog",
     "Callback",
     "FitState",

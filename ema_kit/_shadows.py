@@ -10,47 +10,25 @@ small dense tensors are gathered, one ``cat`` and one ``lerp_`` per set over a f
 shadows are views into (integer counters: one ``cat``, then a ``copy_`` per further set; see ``_Gather``).
 
 Before each update, ``follow(model)`` checks that the lists still point at the model's tensors. The check
-is cheap: a global counter of module, parameter and buffer registrations anywhere in the process (torch's
-registration hooks; assignments such as ``model[0] = nn.Linear(4, 8)`` or ``load_state_dict(assign=True)``
-bump it), the number of the model's submodules (a deletion fires no hook), and each tensor's address,
-looked up in its module (``.to()``, casts, ``.data`` swaps change it), and the shape of each tensor that
-can be resized in place.
-When any of them changed, the model is walked again: the shadows rebind to its current tensors, or an
-error names what no longer matches.
+reads the model alone (``_Watch``: its tree of modules, its tensor objects, their addresses and resizable
+shapes), so nothing else in the process can make it fail. When the model changed, it is walked again: the
+shadows rebind to its current tensors, or an error names what no longer matches.
 """
 
 from __future__ import annotations
 
 import copy
 import operator
+from itertools import accumulate, chain
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import (
-    register_module_buffer_registration_hook,
-    register_module_module_registration_hook,
-    register_module_parameter_registration_hook,
-)
 
 from ._checks import check_module
 from ._lowp import lerp_stochastic_
 from ._tensors import Slot, layout_mismatch, saved_slots
 
-SMALL = 16_384  # elements: smaller tensors are blended one set at a time, dense ones gathered (see _plan)
-_registrations = 0  # module/parameter/buffer assignments in this process, on any module
-
-
-def _count_registration(*_) -> None:
-    global _registrations
-    _registrations += 1
-
-
-for _register in (
-    register_module_module_registration_hook,
-    register_module_parameter_registration_hook,
-    register_module_buffer_registration_hook,
-):
-    _register(_count_registration)
+SMALL = 16_384  # elements: smaller contiguous tensors are gathered, one cat for all of them (see _Gather)
 
 
 class Shadows:
@@ -107,17 +85,7 @@ class Shadows:
 
         Raises ValueError, before anything changes, when its layout no longer matches the shadows.
         """
-        try:
-            changed = (
-                model is not self._model
-                or _registrations != self._registrations
-                or sum(map(len, self._children)) != self._entries
-                or _addresses(self._holders, self._names) != self._addresses
-                or list(map(Tensor.size, self._resizable)) != self._shapes
-            )
-        except KeyError:  # a parameter or buffer was deleted
-            changed = True
-        if changed:
+        if model is not self._model or self._watch.changed():
             self._bind(model)
 
     def blend(self, weights: list[float | None]) -> None:
@@ -140,9 +108,6 @@ class Shadows:
                 torch._foreach_copy_(shadows, lives)
             for (shadows, lives), per_tensor in zip(self._lerps, self._weight_lists):
                 torch._foreach_lerp_(shadows, lives, weights[0] if len(weights) == 1 else per_tensor)
-            for pairs, weight in zip(self._small_lerps, weights):
-                for shadows, lives in pairs:
-                    torch._foreach_lerp_(shadows, lives, weight)
             for pairs, weight in zip(self._casts, weights):  # mul_ and add_ convert dtypes inside
                 for shadows, lives in pairs:
                     torch._foreach_mul_(shadows, 1.0 - weight)
@@ -165,7 +130,7 @@ class Shadows:
         self._stage()
         for gather in self._gathers:
             gather.blend([1.0] * len(self.modules))
-        per_set = [pair for pairs in self._small_lerps + self._casts + self._stochastic for pair in pairs]
+        per_set = [pair for pairs in self._casts + self._stochastic for pair in pairs]
         for shadows, lives in self._copies + self._lerps + per_set:
             torch._foreach_copy_(shadows, lives)
         self._copy_extra_state(range(len(self.modules)))
@@ -210,41 +175,34 @@ class Shadows:
         """Point the update lists at ``model``'s tensors, laying the shadows out for them where needed."""
         live = check_module("model", model)
         slots = _checked_slots(live, "The model")
-        lives = {slot.key: slot for slot in slots}
         sets = [{slot.key: slot for slot in saved_slots(module)} for module in self.modules]
-        _check_layout({k: s.tensor for k, s in lives.items()}, {k: s.tensor for k, s in sets[0].items()})
+        _check_layout({slot.key: slot.tensor for slot in slots}, {k: s.tensor for k, s in sets[0].items()})
+        shadow_slots = [[shadows[slot.key] for slot in slots] for shadows in sets]  # [set][tensor]
+        placements: dict[tuple, tuple] = {}
         with torch.no_grad():  # keep the EMA's values; only where and how they are laid out may change
-            for shadow_slots in sets:
-                for key, slot in shadow_slots.items():
-                    live_tensor, shadow = lives[key].tensor, slot.tensor
-                    if _layout(shadow) != self._layout_for(live_tensor):
-                        _replace(slot, self._new_shadow(live_tensor, shadow))
-        self._plan(live, slots, sets)
+            for slot, *shadows in zip(slots, *shadow_slots):
+                tensor = slot.tensor
+                kind = (tensor.dtype, tensor.device)
+                if kind not in placements:
+                    placements[kind] = self._placement(tensor)
+                for shadow in shadows:
+                    if not _laid_out(shadow.tensor, tensor, *placements[kind]):
+                        _replace(shadow, self._new_shadow(tensor, shadow.tensor))
+        self._plan(live, slots, shadow_slots)
         self._model = model
-        self._registrations = _registrations
-        # A deleted submodule fires no hook: its parent's dict of children shrinks (only a dict with entries
-        # can). A deleted parameter or buffer is missing when its address is looked up.
-        self._children = [m._modules for m in live.modules() if m._modules]
-        self._entries = sum(map(len, self._children))
-        # Looked up in their dicts: .to() and .float() put new buffer objects there, without a hook.
         # One shadow per set is watched too: a set moved or cast by hand (ema.module.half()) is laid out anew.
-        first = next(slot.key for slot in slots if _averageable(slot.tensor))
-        watched = slots + [shadow_slots[first] for shadow_slots in sets]
-        self._holders, self._names = [s.holder for s in watched], [s.name for s in watched]
-        self._addresses = _addresses(self._holders, self._names)
-        lives = [slot.tensor for slot in slots]
-        # resize_ keeps the address when it shrinks; torch refuses it on tensors that require grad.
-        self._resizable = [tensor for tensor in lives if not tensor.requires_grad]
-        self._shapes = list(map(Tensor.size, self._resizable))
+        first = next(i for i, slot in enumerate(slots) if _averageable(slot.tensor))
+        self._watch = _Watch(live, slots + [set_slots[first] for set_slots in shadow_slots])
 
-    def _plan(self, live: nn.Module, slots: list[Slot], sets: list[dict]) -> None:
+    def _plan(self, live: nn.Module, slots: list[Slot], shadow_slots: list[list[Slot]]) -> None:
         """Build the op lists: live tensors grouped by kind, device and dtypes, each with its K shadows."""
-        k = len(sets)
-        sources = [slot.tensor.detach() for slot in slots]  # what the ops read: the live tensor or its stage
         # Plain tensors in the op lists: a list holding Parameters costs a subclass check per element.
-        shadows = [[shadow_slots[slot.key].tensor.detach() for shadow_slots in sets] for slot in slots]
+        lives = [slot.tensor.detach() for slot in slots]
+        averaged = [self._averaged(slot.tensor) for slot in slots]
+        firsts = [slot.tensor for slot in shadow_slots[0]]  # each set's shadows share device and dtype
+        sources = list(lives)  # what the ops read: the live tensor, or its copy on the shadows' device
         remote: dict[tuple, list[int]] = {}  # an EMA kept on another device than the model: staged
-        for i, (source, (shadow, *_)) in enumerate(zip(sources, shadows)):
+        for i, (source, shadow) in enumerate(zip(sources, firsts)):
             if source.device != shadow.device:
                 remote.setdefault((source.device, source.dtype, shadow.device), []).append(i)
         self._stages = []
@@ -254,62 +212,49 @@ class Shadows:
             for i, view in zip(members, stage.views):
                 sources[i] = view
         groups: dict[tuple, list[int]] = {}
-        for i, slot in enumerate(slots):
-            source, shadow = sources[i], shadows[i][0]
-            kind = "copy" if not self._averaged(slot) else "lerp" if source.dtype == shadow.dtype else "cast"
-            # With several sets, a big tensor is read once for all of them: one op pairs it with its K
-            # shadows in turn (a list of K weights). Small ones cost their launch more than their bytes, and
-            # a weight list costs more per tensor than one weight: one op per set (benchmarks/ema_update.py,
-            # several-decays table: 3 sets of the tiny CNN cost 2.45x one set per set, 2.8x interleaved;
-            # ResNet-50 2.9x per set, 2.5x interleaved). Dense ones are gathered into one (see _Gather).
-            small, dense = source.numel() < SMALL, source.is_contiguous()
+        for i, (source, shadow) in enumerate(zip(sources, firsts)):
+            same = source.dtype == shadow.dtype
+            kind = "copy" if not averaged[i] else "lerp" if same else "cast"
             if kind != "copy" and self.generator is not None and shadow.dtype == torch.bfloat16:
                 kind = "stochastic"  # rounded at random (_lowp), one op list per set
                 if not shadow.is_contiguous():  # _lowp blends through flat views
                     raise ValueError(
-                        f"rounding='stochastic' blends contiguous shadows only, but {slot.key} has strides "
-                        f"{shadow.stride()} (channels_last?); build the EMA from a contiguous model "
+                        f"rounding='stochastic' blends contiguous shadows only, but {slots[i].key} has "
+                        f"strides {shadow.stride()} (channels_last?); build the EMA from a contiguous model "
                         "(model.to(memory_format=torch.contiguous_format)) or use rounding='nearest'."
                     )
-            elif kind == "lerp" and small:
-                kind = "gather" if dense else "small lerp" if k > 1 else "lerp"
-            elif kind == "copy" and small and dense and source.dtype == shadow.dtype:
-                kind = "gather copy"  # integer counters: one cat rather than a 2x dearer _foreach_copy_
+            elif kind != "cast" and same and source.numel() < SMALL and source.is_contiguous():
+                kind = "gather" if kind == "lerp" else "gather copy"  # see _Gather
             groups.setdefault((kind, shadow.device, shadow.dtype, source.dtype), []).append(i)
         self._gathers = []
         for (kind, *_), members in groups.items():
             if kind.startswith("gather"):
-                regions = []
-                for j, shadow_slots in enumerate(sets):
-                    slots_j = [shadow_slots[slots[i].key] for i in members]
-                    regions.append(_packed(slots_j))
-                    for i, slot in zip(members, slots_j):
-                        shadows[i][j] = slot.tensor.detach()
+                regions = [_packed([set_slots[i] for i in members]) for set_slots in shadow_slots]
                 self._gathers.append(_Gather([sources[i] for i in members], regions, kind == "gather"))
+        # The other kinds' ops read the shadows themselves: shadows[set][i], for the tensors not gathered.
+        listed = [i for (kind, *_), group in groups.items() if not kind.startswith("gather") for i in group]
+        shadows = [{i: set_slots[i].tensor.detach() for i in listed} for set_slots in shadow_slots]
 
         def of(kind: str, sets: range) -> list[tuple[list[Tensor], list[Tensor]]]:
-            # Each live tensor is read once per op, paired with the shadows of ``sets`` in turn.
+            # Each live tensor is read once per op, paired with the shadows of ``sets`` in turn: with several
+            # sets, one op reads a live tensor for all of them (with a list of K weights).
             return [
-                ([shadows[i][j] for i in members for j in sets], [sources[i] for i in members for _ in sets])
+                ([shadows[j][i] for i in members for j in sets], [sources[i] for i in members for _ in sets])
                 for (group_kind, *_), members in groups.items()
                 if group_kind == kind
             ]
 
-        every = range(k)
+        every = range(len(shadow_slots))
         self._lerps, self._copies = of("lerp", every), of("copy", every)
-        self._small_lerps = [of("small lerp", range(j, j + 1)) for j in every]
         # lerp_ needs equal dtypes, and add_'s alpha is one number per op: casts take one op pair per set.
         self._casts = [of("cast", range(j, j + 1)) for j in every]
         self._stochastic = [of("stochastic", range(j, j + 1)) for j in every]
-        self._per_set = [
-            {kind: of(kind, range(j, j + 1)) for kind in ("copy", "lerp", "small lerp", "cast", "stochastic")}
-            for j in every
-        ]
+        kinds = ("copy", "lerp", "cast", "stochastic")
+        self._per_set = [{kind: of(kind, range(j, j + 1)) for kind in kinds} for j in every]
         self._weights: list = []
         by_device: dict[torch.device, list[Tensor]] = {}
-        for slot in slots:
-            tensor = slot.tensor.detach()
-            if self._averaged(slot) and tensor.numel():
+        for tensor, average in zip(lives, averaged):
+            if average and tensor.numel():
                 by_device.setdefault(tensor.device, []).append(tensor)
         self._finite_checks = list(by_device.values())
         own = nn.Module.get_extra_state
@@ -326,7 +271,7 @@ class Shadows:
         for shadows, lives in sum(lists.values(), []) if weight == 1.0 else lists["copy"]:
             torch._foreach_copy_(shadows, lives)
         if weight != 1.0:
-            for shadows, lives in lists["lerp"] + lists["small lerp"]:
+            for shadows, lives in lists["lerp"]:
                 torch._foreach_lerp_(shadows, lives, weight)
             for shadows, lives in lists["cast"]:
                 torch._foreach_mul_(shadows, 1.0 - weight)
@@ -347,8 +292,7 @@ class Shadows:
 
     # -- placement ------------------------------------------------------------------------------------
 
-    def _averaged(self, slot: Slot) -> bool:
-        tensor = slot.tensor
+    def _averaged(self, tensor: Tensor) -> bool:
         return _averageable(tensor) and (isinstance(tensor, nn.Parameter) or self.average_buffers)
 
     def _placement(self, live: Tensor) -> tuple[torch.device, torch.dtype]:
@@ -360,10 +304,6 @@ class Shadows:
             dtype = (self.dtype or torch.promote_types(dtype.to_real(), torch.float32)).to_complex()
         return self.device or live.device, dtype
 
-    def _layout_for(self, live: Tensor) -> tuple:
-        device, dtype = self._placement(live)
-        return _layout(torch.empty_like(live, dtype=dtype, device="meta"), device)
-
     def _new_shadow(self, live: Tensor, value: Tensor) -> Tensor:
         """A shadow for ``live``: its shape and memory layout, the EMA's device and dtype, ``value``."""
         device, dtype = self._placement(live)
@@ -372,9 +312,52 @@ class Shadows:
         return nn.Parameter(shadow, requires_grad=False) if isinstance(live, nn.Parameter) else shadow
 
 
-def _layout(tensor: Tensor, device: torch.device | None = None) -> tuple:
-    """What a shadow must share with the one its live tensor calls for: device, dtype, shape, strides."""
-    return (device or tensor.device, tensor.dtype, tuple(tensor.shape), tensor.stride())
+def _laid_out(shadow: Tensor, live: Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``shadow`` has the device, dtype, shape and strides of a new shadow of ``live`` there."""
+    if shadow.device != device or shadow.dtype != dtype or shadow.shape != live.shape:
+        return False
+    # empty_like keeps the strides of a dense tensor (channels_last too) and packs one with gaps.
+    strides = shadow.stride()
+    return strides == live.stride() or strides == torch.empty_like(live, device="meta").stride()
+
+
+class _Watch:
+    """What ``Shadows.follow`` compares to tell that the model changed: read from the model alone, no hooks.
+
+    Noted when the shadows bind: every module's children (names and objects: ``model[3] = layer`` and
+    ``model._modules["3"] = layer`` alike), the tensor objects in the watched slots
+    (``load_state_dict(assign=True)``, buffers replaced by ``.to()``), their addresses (``.data`` swaps,
+    parameters moved or cast in place) and the shapes of those ``resize_`` can change in place. A check
+    builds each list with C-level ``map``s and compares it whole: no Python loop per module or tensor.
+    """
+
+    def __init__(self, live: nn.Module, slots: list[Slot]):
+        self._children = [module._modules for module in live.modules()]  # a leaf's too: it may gain one
+        self._counts = list(map(len, self._children))  # where one module's children end: a move shows
+        self._parents = [children for children in self._children if children]
+        self._names = list(chain.from_iterable(self._parents))
+        self._modules = list(chain.from_iterable(map(dict.values, self._parents)))
+        self._holders, self._keys = [slot.holder for slot in slots], [slot.name for slot in slots]
+        self._tensors = [slot.tensor for slot in slots]
+        self._addresses = list(map(Tensor.data_ptr, self._tensors))
+        # resize_ keeps the address when it shrinks or keeps the size; torch refuses it on tensors that
+        # require grad.
+        self._resizable = [tensor for tensor in self._tensors if not tensor.requires_grad]
+        self._shapes = list(map(Tensor.size, self._resizable))
+
+    def changed(self) -> bool:
+        try:
+            same = all(map(operator.is_, map(operator.getitem, self._holders, self._keys), self._tensors))
+        except KeyError:  # a parameter or buffer was deleted
+            return True
+        return not (
+            same
+            and list(map(len, self._children)) == self._counts
+            and list(chain.from_iterable(self._parents)) == self._names
+            and all(map(operator.is_, chain.from_iterable(map(dict.values, self._parents)), self._modules))
+            and list(map(Tensor.data_ptr, self._tensors)) == self._addresses
+            and list(map(Tensor.size, self._resizable)) == self._shapes
+        )
 
 
 class _Stage:
@@ -409,8 +392,8 @@ class _Gather:
 
     Their shadows are views into one flat region per set. A step reads the live tensors with one ``cat``
     into a buffer and blends each set with one ``lerp_`` over its region, rather than one op per tensor:
-    the one path here beyond the plain idiom, because it pays where small tensors are many (tiny CNN row
-    of benchmarks/ema_update.py: 1.33x the bare ``_foreach_lerp_`` without it, 1.14x with it).
+    the one path here beyond the plain idiom, kept because it pays where small tensors are many (the A/B
+    rows of benchmarks/ema_update.py: ema_kit with and without it).
     """
 
     def __init__(self, lives: list[Tensor], regions: list[Tensor], averaged: bool):
@@ -446,19 +429,18 @@ def _packed(slots: list[Slot]) -> Tensor:
 
     When they are not such pieces already, the slots are given views into a new flat tensor, values kept.
     """
-    tensors = [slot.tensor.detach() for slot in slots]
-    first, size = tensors[0], sum(t.numel() for t in tensors)
-    storage, start = first.untyped_storage(), first.storage_offset()
-    for tensor in tensors:
-        if (
-            tensor.untyped_storage().data_ptr() != storage.data_ptr()
-            or tensor.storage_offset() != start
-            or not tensor.is_contiguous()
-        ):
-            break
-        start += tensor.numel()
-    else:
-        return first.new_empty(0).set_(storage, first.storage_offset(), (size,))
+    tensors = [slot.tensor for slot in slots]
+    sizes = list(map(Tensor.numel, tensors))
+    first, size, itemsize = tensors[0], sum(sizes), tensors[0].element_size()
+    storage, offset = first.untyped_storage(), first.storage_offset()
+    # Pieces of one flat tensor: each starts where the one before ends, all within the first one's storage.
+    starts = list(accumulate([first.data_ptr()] + [n * itemsize for n in sizes[:-1]]))
+    if (
+        list(map(Tensor.data_ptr, tensors)) == starts
+        and all(map(Tensor.is_contiguous, tensors))
+        and (offset + size) * itemsize <= storage.nbytes()
+    ):
+        return first.new_empty(0).set_(storage, offset, (size,))
     flat = first.new_empty(size)
     start = 0
     with torch.no_grad():
@@ -467,10 +449,6 @@ def _packed(slots: list[Slot]) -> Tensor:
             _replace(slot, view.copy_(tensor))
             start += tensor.numel()
     return flat
-
-
-def _addresses(holders: list[dict], names: list[str]) -> list[int]:
-    return list(map(Tensor.data_ptr, map(operator.getitem, holders, names)))
 
 
 def _averageable(tensor: Tensor) -> bool:
@@ -505,7 +483,10 @@ def _checked_slots(module: nn.Module, what: str) -> list[Slot]:
     return slots
 
 
-def _check_layout(given: dict, expected: dict) -> None:
+def _check_layout(given: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+    same_sizes = list(map(Tensor.size, given.values())) == list(map(Tensor.size, expected.values()))
+    if same_sizes and list(given) == list(expected):  # the usual case, without a Python loop per tensor
+        return
     problems = layout_mismatch(given, expected)
     if problems:
         raise ValueError(

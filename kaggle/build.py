@@ -231,7 +231,8 @@ def dataset_metadata(user: str, version: str) -> dict:
             "* import the one-file copy: `import sys; sys.path.append('DIR'); import ema_kit_single`,\n\n"
             "then `from ema_kit import ModelEMA`. The example notebooks' first cell finds `DIR` in either "
             "layout. Both files hold the same sources; torch, numpy, pandas and matplotlib come from the "
-            f"Kaggle image. License: {LICENSE} (the LICENSE file of the ema_kit repository)."
+            "Kaggle image (and torchvision and timm, which the example notebooks 02-04 use). "
+            f"License: {LICENSE} (the LICENSE file of the ema_kit repository)."
         ),
         "id": f"{user}/{DATASET_SLUG}",
         # Kaggle's documented license names (kaggle-cli docs/datasets_metadata.md) have no MIT; "other"

@@ -1,5 +1,7 @@
 """Fixtures for every test: a sandbox for what the environment selects (home, Kaggle root, working folder)."""
 
+import functools
+import importlib.util
 import os
 import shutil
 import site
@@ -73,6 +75,7 @@ class Sandbox:
 
 def pytest_configure(config) -> None:
     config.pluginmanager.register(Sandbox(), "ema_kit_sandbox")
+    config.pluginmanager.register(KaggleStack(), "ema_kit_kaggle_stack")
     # Hypothesis's own files (what it learns, the constants it finds while collecting) in a temporary
     # folder, not .hypothesis/ in the working folder: set before collection, which already writes there,
     # and for the processes tests start.
@@ -80,6 +83,45 @@ def pytest_configure(config) -> None:
     set_hypothesis_home_dir(storage)
     os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = storage
     config.add_cleanup(lambda: shutil.rmtree(storage, ignore_errors=True))
+
+
+# Doctests whose examples build timm models: they need the Kaggle stack, as the tests marked kaggle_stack do.
+_KAGGLE_STACK_MODULES = ("ema_kit/kaggle/models.py",)
+
+
+@functools.cache
+def _kaggle_stack() -> tuple[bool, str] | None:
+    """None where torchvision and timm import; else (installed, why not)."""
+    missing = [name for name in ("torchvision", "timm") if importlib.util.find_spec(name) is None]
+    if missing:
+        return False, (
+            f"needs the Kaggle stack: {' and '.join(missing)} not installed (the light tier; the "
+            "Kaggle-stack tier installs them: pip install -r requirements-kaggle.txt)"
+        )
+    try:
+        import timm  # noqa: F401  (imports torchvision)
+    except Exception as error:  # e.g. a torchvision built for another torch: "operator torchvision::nms ..."
+        return True, f"torchvision and timm are installed but do not import: {type(error).__name__}: {error}"
+    return None
+
+
+class KaggleStack:
+    """The kaggle_stack marker, for every test and docstring example pytest collects (a plugin, as Sandbox):
+    skipped where torchvision and timm are not installed, failed where they are installed but broken, so a
+    broken Kaggle-stack tier cannot pass by skipping its tests."""
+
+    @pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+    def pytest_collection_modifyitems(self, items) -> None:
+        for item in items:
+            if isinstance(item, pytest.DoctestItem) and item.path.as_posix().endswith(_KAGGLE_STACK_MODULES):
+                item.add_marker(pytest.mark.kaggle_stack)
+
+    def pytest_runtest_setup(self, item) -> None:
+        if item.get_closest_marker("kaggle_stack") and _kaggle_stack() is not None:
+            installed, why = _kaggle_stack()
+            if installed:
+                pytest.fail(why, pytrace=False)
+            pytest.skip(why)
 
 
 @pytest.fixture

@@ -82,3 +82,20 @@ def max_error(state: dict, reference: dict) -> float:
     """Largest absolute difference between two state dicts (compared in float64)."""
     assert state.keys() == reference.keys()
     return max((state[k].double() - reference[k].double()).abs().max().item() for k in reference)
+
+
+def count_plans(monkeypatch) -> list:
+    """Record each call of ``Shadows._bind`` (walking the model and planning the op lists anew) from now on.
+
+    Every EMA class binds once when built; a count that grows afterwards means a re-plan.
+    """
+    from ema_kit._shadows import Shadows
+
+    calls, bind = [], Shadows._bind
+
+    def counted(self, model: nn.Module) -> None:
+        calls.append(model)
+        bind(self, model)
+
+    monkeypatch.setattr(Shadows, "_bind", counted)
+    return calls

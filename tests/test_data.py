@@ -1,4 +1,4 @@
-"""Built-in data (ema_kit/data.py): the real digits as tensors, loaders and Kaggle-style files."""
+"""Built-in data (ema_kit/examples/digits.py): the real digits as tensors, loaders and Kaggle-style files."""
 
 from collections import Counter
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import ReferenceEMA, max_error, small_cnn, train_steps
+from helpers import ReferenceEMA, count_plans, max_error, small_cnn, train_steps
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -537,6 +537,27 @@ def test_submodule_replaced_by_one_of_the_same_shape_is_followed(model):
     model[7] = nn.Linear(16 * 4 * 4, 64)  # a fresh layer: the EMA must average it, not the detached one
     train_steps(model, 3, lambda: (ema.update(model), reference.update(model, 0.9)), seed=1)
     assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+
+
+def test_submodule_put_straight_into_modules_is_followed(model):
+    ema, reference = ModelEMA(model, decay=0.9, warmup=False), ReferenceEMA(model)
+    built_earlier = nn.Linear(16 * 4 * 4, 64)  # the same shape as model[7]
+    train_steps(model, 2, lambda: (ema.update(model), reference.update(model, 0.9)))
+    model._modules["7"] = built_earlier  # fires none of torch's hooks: only the module tree tells
+    train_steps(model, 3, lambda: (ema.update(model), reference.update(model, 0.9)), seed=1)
+    assert max_error(ema.module.state_dict(), reference.state) < 1e-6
+
+
+def test_fit_building_its_loss_module_each_step_plans_the_ema_once(model, monkeypatch):
+    from ema_kit import LiveLog, fit
+
+    plans = count_plans(monkeypatch)
+    data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(5)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    fit(model, data, data, epochs=2, optimizer=optimizer, ema=0.9,
+        callbacks=[LiveLog(progress="off", plot=False)],
+        loss_fn=lambda outputs, targets: nn.CrossEntropyLoss()(outputs, targets))  # fmt: skip
+    assert len(plans) == 1  # when fit built the EMA: 10 steps, each building a loss module, and no re-plan
 
 
 def change(model: nn.Module, how: str) -> None:

@@ -64,6 +64,7 @@ def test_without_a_cuda_device_it_says_nothing_ran_writes_nothing_and_exits_0(tm
 
 
 @pytest.mark.slow
+@pytest.mark.kaggle_stack  # notebook 02 trains a timm model
 def test_cpu_dry_run_runs_the_test_tier_the_notebook_and_the_benchmark_and_writes_the_report(tmp_path):
     report = tmp_path / "report.md"
     result = run_check("--cpu-dry-run", "--out", str(report), tmp_path=tmp_path)

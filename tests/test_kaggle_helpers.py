@@ -1,6 +1,6 @@
-"""ema_kit.kaggle (paths, datasets, augmentation, prediction, submissions) and ema_kit.examples.models."""
+"""ema_kit.kaggle: paths in either mount layout, the pixel-CSV dataset, timm models with offline weights,
+prediction and submissions. The timm tests need the Kaggle stack (marked kaggle_stack)."""
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -8,17 +8,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ema_kit import kaggle
-from ema_kit.examples.digits import write_digit_recognizer, write_image_folder
-from ema_kit.examples.models import ResNet
+from ema_kit.examples.digits import write_digit_recognizer
 from ema_kit.kaggle import (
-    ImageFolderDataset,
     PixelCSVDataset,
-    RandomAffine,
     find_file,
     input_dir,
     inputs,
     predict,
     smoke,
+    timm_model,
     working_dir,
     write_submission,
 )
@@ -207,6 +205,28 @@ def test_find_file_on_kaggle_never_reads_a_local_run(fake_kaggle, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "mount",
+    [
+        "timm-resnet18/pytorch/default/1",  # a Kaggle Model: <slug>/<framework>/<variation>/<version>
+        "models/someone/timm-resnet18/pytorch/default/1",  # today's: models/<owner>/<slug>/...
+        "datasets/someone/timm-resnet18",  # the weights uploaded as a dataset
+    ],
+)
+def test_find_file_reads_pretrained_weights_from_a_model_or_dataset_in_either_layout(fake_kaggle, mount):
+    folder = attach(fake_kaggle, mount, files=["model.safetensors"])
+    attach(fake_kaggle, "datasets/someone/other-weights", files=["model.safetensors"])  # by the file: a guess
+    assert find_file("model.safetensors", inputs=["timm-resnet18"]) == folder / "model.safetensors"
+
+
+def test_find_file_on_kaggle_names_pretrained_weights_that_are_not_attached(fake_kaggle):
+    attach(fake_kaggle, "competitions/aptos2019-blindness-detection")
+    with pytest.raises(FileNotFoundError) as error:
+        find_file("model.safetensors", inputs=["timm-resnet18"])
+    assert "model.safetensors is in no input attached" in str(error.value)
+    assert "Attach 'timm-resnet18'" in str(error.value)
+
+
 def test_find_file_off_kaggle_searches_the_local_folders_in_order(no_kaggle, tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     second.mkdir()
@@ -241,67 +261,108 @@ def test_pixel_csv_dataset_refuses_non_square_pixel_columns():
         PixelCSVDataset(frame)
 
 
-def test_image_folder_dataset_reads_pngs_in_csv_order(tmp_path):
-    from PIL import Image
+@pytest.mark.kaggle_stack
+def test_pixel_csv_dataset_feeds_torchvision_transforms(tmp_path):
+    from torchvision.transforms import v2
 
-    folder = write_image_folder(tmp_path, size=12)
-    frame = pd.read_csv(folder / "train.csv")
-    image, label = ImageFolderDataset(frame, folder / "train")[5]
-    with Image.open(folder / "train" / f"{frame.loc[5, 'id']}.png") as file:
-        expected = torch.tensor(np.array(file.convert("L")), dtype=torch.float32) / 255
-    assert image.shape == (3, 12, 12)
-    torch.testing.assert_close(image[0], expected, rtol=0, atol=0)
-    assert label.item() == frame.loc[5, "label"]
-    sample = pd.read_csv(folder / "sample_submission.csv")
-    gray = ImageFolderDataset(sample, folder / "test", label=None, mode="L")
-    assert gray[0].shape == (1, 12, 12)
+    frame = pd.read_csv(write_digit_recognizer(tmp_path) / "train.csv", nrows=8)
+    to_model = v2.Compose([v2.RGB(), v2.Resize(32), v2.Normalize([0.5] * 3, [0.25] * 3)])
+    images, labels = next(iter(DataLoader(PixelCSVDataset(frame, transform=to_model), batch_size=8)))
+    assert images.shape == (8, 3, 32, 32) and labels.tolist() == frame["label"].tolist()
+    plain = PixelCSVDataset(frame)[0][0]
+    resized = nn.functional.interpolate(plain[None], size=32, mode="bilinear", antialias=True)[0]
+    torch.testing.assert_close(images[0], ((resized - 0.5) / 0.25).expand(3, -1, -1), atol=1e-5, rtol=0)
 
 
-def test_image_folder_dataset_resizes_images_of_mixed_sizes_to_one(tmp_path):
-    folder = write_image_folder(tmp_path, size=(9, 30))
-    frame = pd.read_csv(folder / "train.csv")
-    from PIL import Image
-
-    sides = set()
-    for image_id in frame["id"][:40]:
-        with Image.open(folder / "train" / f"{image_id}.png") as file:
-            sides.add(file.size[0])
-    assert len(sides) > 5  # the files really are of mixed sizes
-    dataset = ImageFolderDataset(frame, folder / "train", size=24)
-    batch = next(iter(DataLoader(dataset, batch_size=16)))
-    assert batch[0].shape == (16, 3, 24, 24)
+# -- timm models, pretrained weights read from a file (the Kaggle stack) ---------------------------------
 
 
-def test_image_folder_dataset_refuses_a_size_that_is_not_a_side(tmp_path):
-    folder = write_image_folder(tmp_path, size=8)
-    with pytest.raises(ValueError, match=r"size must be a positive int .*got \(8, 8\)"):
-        ImageFolderDataset(pd.read_csv(folder / "train.csv"), folder / "train", size=(8, 8))
+def _timm_weights(path, name, **options):
+    """A weights file as timm's pages publish them (ImageNet's 1000 classes), from a random init."""
+    import timm
+    from safetensors.torch import save_file
+
+    state = timm.create_model(name, **options).state_dict()
+    save_file({key: value.contiguous() for key, value in state.items()}, path)
+    return state
 
 
-def test_image_folder_dataset_missing_files_name_the_suffix(tmp_path):
-    folder = write_image_folder(tmp_path, size=8)
-    with pytest.raises(FileNotFoundError, match="suffix='.jpg'"):
-        ImageFolderDataset(pd.read_csv(folder / "train.csv"), folder / "train", suffix=".jpg")
+@pytest.mark.kaggle_stack
+@pytest.mark.parametrize(("name", "fixed"), [("resnet18", False), ("convnext_atto", False),
+                                             ("vit_tiny_patch16_224", True)])  # fmt: skip
+def test_timm_model_builds_any_architecture_by_name_for_the_image_size(name, fixed):
+    model = timm_model(name, num_classes=5, img_size=48)
+    assert model(torch.zeros(2, 3, 48, 48)).shape == (2, 5)
+    if fixed:  # a ViT is built for the size it is given: patch grid and position embeddings
+        assert model.patch_embed.img_size == (48, 48) and model.pos_embed.shape[1] == 1 + 3 * 3
+    else:  # a CNN takes any size
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 5)
 
 
-def test_random_affine_with_no_range_is_the_identity():
-    image = torch.rand(3, 16, 16)
-    torch.testing.assert_close(RandomAffine(degrees=0, translate=0, scale=0)(image), image, rtol=0, atol=1e-6)
+@pytest.mark.kaggle_stack
+def test_timm_model_reads_every_weight_but_the_classifier_from_the_file_and_adapts_the_first_layer(tmp_path):
+    state = _timm_weights(tmp_path / "model.safetensors", "resnet18")
+    model = timm_model("resnet18", num_classes=7, in_chans=1, pretrained=tmp_path / "model.safetensors")
+    loaded = model.state_dict()
+    assert loaded["fc.weight"].shape == (7, 512)  # a new classifier for 7 classes
+    torch.testing.assert_close(loaded["conv1.weight"], state["conv1.weight"].sum(1, keepdim=True))  # gray
+    same = [key for key in loaded if not key.startswith(("fc.", "conv1."))]
+    assert len(same) > 100 and all(torch.equal(loaded[key], state[key]) for key in same)
 
 
-def test_random_affine_moves_pixels_and_is_seeded():
-    image = torch.zeros(1, 28, 28)
-    image[0, 10:18, 10:18] = 1
-    augment = RandomAffine(degrees=15, translate=0.1, scale=0.1)
-    torch.manual_seed(1)
-    first = augment(image)
-    torch.manual_seed(1)
-    assert torch.equal(augment(image), first) and not torch.allclose(first, image)
+@pytest.mark.kaggle_stack
+def test_timm_model_resizes_a_vits_position_embeddings_to_the_image_size(tmp_path):
+    state = _timm_weights(tmp_path / "vit.safetensors", "vit_tiny_patch16_224")  # 224 pixels: 14 x 14 patches
+    path = tmp_path / "vit.safetensors"
+    model = timm_model("vit_tiny_patch16_224", num_classes=5, img_size=32, pretrained=path)
+    assert state["pos_embed"].shape == (1, 1 + 14 * 14, 192) and model.pos_embed.shape == (1, 1 + 2 * 2, 192)
+    assert torch.equal(model.blocks[3].attn.qkv.weight, state["blocks.3.attn.qkv.weight"])
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
 
 
-def test_random_affine_refuses_out_of_range_settings():
-    with pytest.raises(ValueError, match="translate"):
-        RandomAffine(translate=1.5)
+@pytest.mark.kaggle_stack
+def test_timm_model_from_a_file_is_timms_model_and_draws_as_many_random_numbers(tmp_path):
+    import timm
+
+    _timm_weights(tmp_path / "model.safetensors", "resnet18")
+    torch.manual_seed(3)
+    ours = timm_model("resnet18", num_classes=4, pretrained=tmp_path / "model.safetensors")
+    after_ours = torch.rand(3)
+    torch.manual_seed(3)
+    overlay = dict(file=str(tmp_path / "model.safetensors"), custom_load=False)
+    timms = timm.create_model("resnet18", num_classes=4, pretrained=True, pretrained_cfg_overlay=overlay)
+    assert torch.equal(torch.rand(3), after_ours)  # the check's second build drew from a fork
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), timms.state_dict().values()))
+
+
+@pytest.mark.kaggle_stack
+@pytest.mark.parametrize("file", ["another architecture", "other names"])
+def test_timm_model_refuses_a_file_that_leaves_weights_at_random_and_names_them(tmp_path, file):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    state = _timm_weights(path, "resnet18")
+    if file == "other names":  # e.g. saved from a wrapper module: backbone.conv1.weight, ...
+        save_file({f"backbone.{key}": value.contiguous() for key, value in state.items()}, path)
+        name, left = "resnet18", "conv1.weight"
+    else:  # resnet34 has the blocks resnet18 lacks
+        name, left = "resnet34", "layer1.2.conv1.weight"
+    expected = rf"left \d+ of {name}'s weights at their random start \(e.g. {left}"
+    with pytest.raises(ValueError, match=expected):
+        timm_model(name, num_classes=3, pretrained=path)
+
+
+@pytest.mark.kaggle_stack
+def test_timm_model_missing_weights_file_is_an_error_not_a_random_init(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a file: pass the weights file's path"):
+        timm_model("resnet18", num_classes=3, pretrained=tmp_path / "model.safetensors")
+
+
+@pytest.mark.kaggle_stack
+@pytest.mark.parametrize("value", [True, False])
+def test_timm_model_refuses_timms_pretrained_flag_which_would_download(value):
+    with pytest.raises(TypeError, match=rf"the path of a weights file, or None .*got {value}"):
+        timm_model("resnet18", num_classes=3, pretrained=value)
 
 
 def test_predict_returns_softmax_in_loader_order_and_restores_mode():
@@ -385,34 +446,3 @@ def test_write_submission_refuses_a_mismatch_and_keeps_the_old_file(tmp_path, fr
     with pytest.raises(ValueError, match=match):
         write_submission(frame, _sample(tmp_path), target)
     assert target.read_text() == "previous"
-
-
-def test_resnet_trains_on_digits_in_a_few_steps():
-    from ema_kit.examples.digits import digits
-
-    torch.manual_seed(0)
-    images, labels = digits(16)
-    model = ResNet(10, in_channels=1, width=8, stem_stride=2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for step in range(30):
-        batch = slice(step * 32 % 1600, step * 32 % 1600 + 32)
-        loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
-
-
-def test_resnet_blocks_start_as_the_identity():
-    model = ResNet(in_channels=3, width=8, blocks=(2, 1))
-    block = model.stages[1]  # the second block of the first stage: no projection
-    x = torch.rand(1, 8, 6, 6)
-    torch.testing.assert_close(block(x), x)  # relu(0 + x) == x for x >= 0
-
-
-@pytest.mark.parametrize(("argument", "value"), [("width", 0), ("stem_stride", True), ("blocks", ())])
-def test_resnet_refuses_bad_settings(argument, value):
-    with pytest.raises(ValueError, match=argument):
-        ResNet(**{argument: value})

@@ -4,7 +4,12 @@
 notebooks are copied to a temporary folder first, so their data and runs/ folders land there, not in the
 checkout. The Kaggle runs execute in a kernel that cannot import an installed ema_kit (a virtual
 environment that sees every package here but ema_kit), as "Save & Run All" does, against a temporary
-folder laid out like ``/kaggle``: ema_kit comes from the attached ema-kit dataset, as on Kaggle.
+folder laid out like ``/kaggle``: ema_kit comes from the attached ema-kit dataset, as on Kaggle. A test
+that runs a notebook with other settings (another timm model, pretrained weights) sets them as papermill
+does: a cell after the one tagged "parameters".
+
+Notebooks 02-04 build on torchvision and timm, as a Kaggle kernel has them: their tests are marked
+kaggle_stack (the Kaggle-stack tier runs them; the light tier skips them).
 """
 
 import importlib.util
@@ -20,10 +25,11 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+import torch
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from ema_kit.examples.digits import write_digit_recognizer
+from ema_kit.examples.digits import write_digit_recognizer, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -33,6 +39,7 @@ _spec.loader.exec_module(build)
 
 # Smaller than the built-in stand-in's 539 test rows: a notebook that fell back to those fails the check.
 TEST_ROWS = 180
+KAGGLE_NOTEBOOKS = ["02_kaggle_digit_recognizer", "03_image_folder_classification", "04_inference_submission"]
 
 
 def _without_kaggle(env: dict) -> dict:
@@ -56,6 +63,16 @@ def _copy(names: list[str], folder: Path) -> list[Path]:
 def _first_code_cell(name: str) -> str:
     notebook = json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())
     return "".join(next(cell for cell in notebook["cells"] if cell["cell_type"] == "code")["source"])
+
+
+def _with_parameters(notebook: nbformat.NotebookNode, **values) -> nbformat.NotebookNode:
+    """Papermill's way: a cell setting ``values`` right after the one cell tagged "parameters"."""
+    tagged = [i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"one cell tagged 'parameters' expected, found {len(tagged)}"
+    source = "\n".join(f"{name} = {value!r}" for name, value in values.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    notebook.cells.insert(tagged[0] + 1, cell)
+    return notebook
 
 
 # -- the first cell: ema_kit from the attached dataset, wherever it is mounted --------------------
@@ -118,24 +135,45 @@ def test_first_cell_does_nothing_where_no_dataset_is_attached(tmp_path):
     assert result.stdout == "" and "No module named 'ema_kit'" in result.stderr
 
 
+def test_the_kaggle_notebooks_have_one_parameters_cell_for_every_knob():
+    for name in KAGGLE_NOTEBOOKS:
+        notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        tagged = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
+        assert len(tagged) == 1, name
+        knobs = [line.split(" = ")[0] for line in tagged[0].source.splitlines() if " = " in line]
+        assert all(knob.isupper() for knob in knobs), (name, knobs)  # plain settings, nothing computed
+
+
 # -- off Kaggle: every notebook, in order, on built-in stand-in data ------------------------------
 
 
 @pytest.mark.slow
-def test_every_notebook_runs_in_order_at_smoke_size(tmp_path):
-    names = sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb"))
-    assert names[:4] == ["01_quickstart", "02_kaggle_digit_recognizer", "03_image_folder_classification",
-                         "04_inference_submission"]  # fmt: skip
+def test_the_torch_only_notebooks_run_in_order_at_smoke_size(tmp_path):
+    names = sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb") if path.stem not in KAGGLE_NOTEBOOKS)
+    assert names == ["01_quickstart", "05_choose_ema_after_training", "06_ema_extras"]
     _nbmake(_copy(names, tmp_path), tmp_path, EMA_KIT_KAGGLE_ROOT=str(tmp_path / "no-kaggle-here"))
-    for run in ("01_quickstart", "02_kaggle_digit_recognizer", "03_image_folder_classification"):
-        assert (tmp_path / "runs" / run / "model_ema.pth").is_file()
-    submission = pd.read_csv(tmp_path / "runs" / "04_inference_submission" / "submission.csv")
-    sample = pd.read_csv(tmp_path / "data" / "digit-recognizer" / "sample_submission.csv")
-    assert list(submission.columns) == ["ImageId", "Label"] and len(submission) == len(sample)
-    images = pd.read_csv(tmp_path / "runs" / "03_image_folder_classification" / "submission.csv")
-    assert list(images.columns) == ["id_code", "diagnosis"] and images["diagnosis"].between(0, 4).all()
+    assert (tmp_path / "runs" / "01_quickstart" / "model_ema.pth").is_file()
     figures = sorted(path.name for path in (tmp_path / "runs" / "06_ema_extras").iterdir())
     assert figures == ["bn_refresh.png", "half_life.png", "lowp_shadow.png", "switch_ema.png"]
+
+
+@pytest.mark.slow
+@pytest.mark.kaggle_stack
+def test_the_kaggle_notebooks_run_in_order_at_smoke_size(tmp_path):
+    _nbmake(_copy(KAGGLE_NOTEBOOKS, tmp_path), tmp_path, EMA_KIT_KAGGLE_ROOT=str(tmp_path / "no-kaggle-here"))
+    runs = tmp_path / "runs"
+    for run in KAGGLE_NOTEBOOKS[:2]:
+        assert (runs / run / "model_ema.pth").is_file()
+    assert json.loads((runs / KAGGLE_NOTEBOOKS[0] / "model.json").read_text()) == {
+        "name": "resnet18", "num_classes": 10, "img_size": 28}  # fmt: skip
+    submission = pd.read_csv(runs / "04_inference_submission" / "submission.csv")
+    assert submission.equals(pd.read_csv(runs / "02_kaggle_digit_recognizer" / "submission.csv"))
+    sample = pd.read_csv(tmp_path / "data" / "digit-recognizer" / "sample_submission.csv")
+    assert list(submission.columns) == ["ImageId", "Label"] and len(submission) == len(sample)
+    images = pd.read_csv(runs / "03_image_folder_classification" / "submission.csv")
+    assert list(images.columns) == ["id_code", "diagnosis"] and images["diagnosis"].between(0, 4).all()
+    log = pd.read_csv(runs / "03_image_folder_classification" / "history.csv")
+    assert {"live_qwk", "ema_qwk"} <= set(log.columns) and log["ema_qwk"].between(-1, 1).all()
 
 
 # -- on Kaggle: "Save & Run All" in a kernel without ema_kit installed -----------------------------
@@ -174,10 +212,10 @@ def kernel_without_ema_kit(tmp_path_factory):
 
 
 def _run_on_kaggle(
-    name: str, kaggle: Path, cwd: Path, jupyter_path: Path, monkeypatch
+    name: str, kaggle: Path, cwd: Path, jupyter_path: Path, monkeypatch, **parameters
 ) -> nbformat.NotebookNode:
     """Execute notebook ``name`` as Kaggle's "Save & Run All" does, with ``kaggle`` as /kaggle."""
-    notebook = nbformat.read(_copy([name], cwd)[0], as_version=4)
+    notebook = _with_parameters(nbformat.read(_copy([name], cwd)[0], as_version=4), **parameters)
     with monkeypatch.context() as patch:  # the kernel inherits this environment
         patch.delenv("PYTHONPATH", raising=False)
         patch.setenv("EMA_KIT_SMOKE", "1")
@@ -199,11 +237,25 @@ def _competition(folder: Path) -> Path:
     return folder
 
 
-def _printed(notebook: nbformat.NotebookNode, index: int) -> str:
-    return "".join(output.get("text", "") for output in notebook.cells[index].get("outputs", []))
+def _printed(notebook: nbformat.NotebookNode, index: int | None = None) -> str:
+    """What cell ``index`` printed, or every cell when None."""
+    cells = notebook.cells if index is None else [notebook.cells[index]]
+    return "".join(output.get("text", "") for cell in cells for output in cell.get("outputs", []))
+
+
+def _ema_kit_dataset(kaggle: Path, mount: str, ship: str) -> Path:
+    """The ema-kit dataset attached at ``input/<mount>``, holding the single file or the wheel."""
+    dataset = kaggle / "input" / mount
+    dataset.mkdir(parents=True)
+    if ship == "wheel":
+        return build.build_wheel(build.read_package(), dataset)
+    shipped = dataset / "ema_kit_single.py"
+    shipped.write_text(build.single_file(build.read_package(), build.package_version()))
+    return shipped
 
 
 @pytest.mark.slow
+@pytest.mark.kaggle_stack
 @pytest.mark.parametrize(
     "layout",
     [
@@ -222,20 +274,14 @@ def test_on_kaggle_02_trains_and_04_submits_from_the_attached_inputs(
 ):
     kaggle = tmp_path / "kaggle"
     competition = _competition(kaggle / "input" / layout["competition"])
-    dataset = kaggle / "input" / layout["ema_kit"]
-    dataset.mkdir(parents=True)
-    if layout["ship"] == "wheel":
-        shipped = build.build_wheel(build.read_package(), dataset)
-    else:
-        shipped = dataset / "ema_kit_single.py"
-        shipped.write_text(build.single_file(build.read_package(), build.package_version()))
+    shipped = _ema_kit_dataset(kaggle, layout["ema_kit"], layout["ship"])
     (kaggle / "working").mkdir()
 
     training = _run_on_kaggle(
         "02_kaggle_digit_recognizer", kaggle, tmp_path / "a", kernel_without_ema_kit, monkeypatch
     )
     assert _printed(training, 1) == f"ema_kit from {shipped}\n"
-    assert f"digit-recognizer: the attached Kaggle input {competition}" in _printed(training, 4)
+    assert f"digit-recognizer: the attached Kaggle input {competition}" in _printed(training)
     trained = pd.read_csv(kaggle / "working" / "submission.csv")
     assert len(trained) == TEST_ROWS
     # Kaggle mounts a notebook's output as an input of the notebooks that attach it.
@@ -244,7 +290,7 @@ def test_on_kaggle_02_trains_and_04_submits_from_the_attached_inputs(
     inference = _run_on_kaggle(
         "04_inference_submission", kaggle, tmp_path / "b", kernel_without_ema_kit, monkeypatch
     )
-    assert f"Loaded {kaggle / 'input' / layout['output'] / 'model_ema.pth'}" in _printed(inference, 6)
+    assert f"Loaded {kaggle / 'input' / layout['output'] / 'model_ema.pth'}" in _printed(inference)
 
     submission = pd.read_csv(kaggle / "working" / "submission.csv")
     sample = pd.read_csv(competition / "sample_submission.csv")
@@ -257,6 +303,7 @@ def test_on_kaggle_02_trains_and_04_submits_from_the_attached_inputs(
 
 
 @pytest.mark.slow
+@pytest.mark.kaggle_stack
 @pytest.mark.parametrize(
     "notebook, competition",
     [("02_kaggle_digit_recognizer", "digit-recognizer"),
@@ -266,11 +313,7 @@ def test_on_kaggle_without_the_competition_attached_a_notebook_stops_naming_it_a
     tmp_path, kernel_without_ema_kit, monkeypatch, notebook, competition
 ):
     kaggle = tmp_path / "kaggle"
-    dataset = kaggle / "input" / "datasets" / "tester" / "ema-kit"
-    dataset.mkdir(parents=True)
-    (dataset / "ema_kit_single.py").write_text(
-        build.single_file(build.read_package(), build.package_version())
-    )
+    _ema_kit_dataset(kaggle, "datasets/tester/ema-kit", "single file")
     (kaggle / "working").mkdir()
     with pytest.raises(CellExecutionError) as error:
         _run_on_kaggle(notebook, kaggle, tmp_path / "a", kernel_without_ema_kit, monkeypatch)
@@ -280,3 +323,74 @@ def test_on_kaggle_without_the_competition_attached_a_notebook_stops_naming_it_a
     assert "Attached under" in message and "datasets/tester/ema-kit" in message
     assert list((kaggle / "working").iterdir()) == []
     assert [p.name for p in (tmp_path / "a").iterdir()] == [f"{notebook}.ipynb"]  # no stand-in data
+
+
+def _aptos(folder: Path) -> Path:
+    """APTOS 2019's layout (train_images/, test_images/, id_code and diagnosis), from the digits 0-4."""
+    return write_image_folder(folder, size=(20, 40), classes=5, columns=("id_code", "diagnosis"),
+                              folders=("train_images", "test_images"))  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.kaggle_stack
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # classic: a CNN, its weights a file in a dataset mounted under its slug
+        {"competition": "aptos2019-blindness-detection", "ema_kit": "ema-kit", "model": "resnet18",
+         "slug": "timm-resnet18", "weights": "timm-resnet18", "file": "resnet18.pth"},
+        # today's: a ViT, its weights a Kaggle Model's file in <framework>/<variation>/<version>/
+        {"competition": "competitions/aptos2019-blindness-detection", "ema_kit": "datasets/tester/ema-kit",
+         "model": "vit_tiny_patch16_224", "slug": "vit-tiny",
+         "weights": "models/tester/vit-tiny/pytorch/default/1", "file": "model.safetensors"},
+    ],
+    ids=["classic-cnn", "current-vit"],
+)  # fmt: skip
+def test_on_kaggle_03_trains_a_timm_cnn_or_vit_from_attached_pretrained_weights(
+    tmp_path, kernel_without_ema_kit, monkeypatch, layout
+):
+    import timm
+    from safetensors.torch import save_file
+
+    kaggle = tmp_path / "kaggle"
+    _aptos(kaggle / "input" / layout["competition"])
+    _ema_kit_dataset(kaggle, layout["ema_kit"], "single file")
+    weights = kaggle / "input" / layout["weights"] / layout["file"]
+    weights.parent.mkdir(parents=True)
+    state = timm.create_model(layout["model"]).state_dict()  # as timm publishes it: ImageNet's 1000 classes
+    if weights.suffix == ".pth":
+        torch.save(state, weights)
+    else:
+        save_file({key: value.contiguous() for key, value in state.items()}, weights)
+    (kaggle / "working").mkdir()
+
+    parameters = {"MODEL": layout["model"], "PRETRAINED": (layout["slug"], layout["file"])}
+    notebook = _run_on_kaggle("03_image_folder_classification", kaggle, tmp_path / "a",
+                              kernel_without_ema_kit, monkeypatch, **parameters)  # fmt: skip
+    assert f"pretrained weights: {weights}\n" in _printed(notebook)
+    output = kaggle / "working"
+    spec = json.loads((output / "model.json").read_text())
+    assert spec == {"name": layout["model"], "num_classes": 5, "img_size": 32}
+    log = pd.read_csv(output / "history.csv")
+    assert len(log) == 2 and {"live_qwk", "ema_qwk", "live_accuracy", "ema_accuracy"} <= set(log.columns)
+    submission = pd.read_csv(output / "submission.csv")
+    assert list(submission.columns) == ["id_code", "diagnosis"]
+    assert submission["diagnosis"].between(0, 4).all()
+
+
+@pytest.mark.slow
+@pytest.mark.kaggle_stack
+def test_on_kaggle_without_the_pretrained_weights_attached_03_stops_naming_them_and_writes_nothing(
+    tmp_path, kernel_without_ema_kit, monkeypatch
+):
+    kaggle = tmp_path / "kaggle"
+    _aptos(kaggle / "input" / "competitions" / "aptos2019-blindness-detection")
+    _ema_kit_dataset(kaggle, "datasets/tester/ema-kit", "wheel")
+    (kaggle / "working").mkdir()
+    with pytest.raises(CellExecutionError) as error:
+        _run_on_kaggle("03_image_folder_classification", kaggle, tmp_path / "a", kernel_without_ema_kit,
+                       monkeypatch, PRETRAINED=("timm-resnet18", "model.safetensors"))  # fmt: skip
+    assert error.value.ename == "FileNotFoundError"
+    assert error.value.evalue.startswith("model.safetensors is in no input attached to this Kaggle notebook")
+    assert "Attach 'timm-resnet18'" in error.value.evalue
+    assert list((kaggle / "working").iterdir()) == []

@@ -1,7 +1,13 @@
 """Shadows (ema_kit/_shadows.py): K shadow sets of one live model, against a float64 per-tensor formula."""
 
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from helpers import count_plans
 from torch import nn
 
 from ema_kit._shadows import Shadows
@@ -133,3 +139,123 @@ def test_small_shadows_replaced_by_hand_are_gathered_again_and_still_averaged():
         want = expected[name] + 0.25 * (getattr(model, name).double() - expected[name])
         assert torch.allclose(getattr(module, name).double(), want, atol=1e-6), name
     assert len({getattr(module, name).untyped_storage().data_ptr() for name in small}) == 1
+
+
+# -- following the model: the check reads the model alone -------------------------------------------------
+
+
+def test_importing_ema_kit_installs_no_global_registration_hook():
+    # A fresh process: torch keeps these hooks process-wide, and a hook there would make anything that builds
+    # a module (a loss per step) look like a change to every EMA's model.
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import helpers\n"  # the ema_kit under test
+        "import ema_kit, ema_kit.training, ema_kit.kaggle, ema_kit.examples\n"
+        "from torch.nn.modules import module\n"
+        "kinds = ('module', 'parameter', 'buffer')\n"
+        "print([len(getattr(module, f'_global_{kind}_registration_hooks')) for kind in kinds])"
+    )
+    tests = str(Path(__file__).resolve().parent)
+    result = subprocess.run([sys.executable, "-c", code, tests], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[0, 0, 0]"
+
+
+def elsewhere(how: str, averaged) -> None:
+    """What a training step does beside the model: each of these fires torch's registration hooks."""
+    if how == "loss module built":
+        nn.CrossEntropyLoss()(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    elif how == "layer built":
+        nn.Linear(4, 4)
+    elif how == "AveragedModel updated":
+        averaged.update_parameters(averaged.module)  # assigns its n_averaged buffer
+    else:
+        averaged.register_buffer("scratch", torch.zeros(2))  # a buffer assigned, as some forwards do
+
+
+@pytest.mark.parametrize(
+    "how", ["loss module built", "layer built", "AveragedModel updated", "buffer assigned in another module"]
+)
+@pytest.mark.parametrize("count", [1, 3])
+def test_modules_built_or_changed_elsewhere_between_two_updates_make_no_replan(monkeypatch, how, count):
+    calls = count_plans(monkeypatch)
+    averaged = torch.optim.swa_utils.AveragedModel(nn.Linear(3, 3))
+    model = mixed_model()
+    shadows = Shadows(model, count, average_buffers=True, dtype=None, device=None)
+    for step in range(3):
+        elsewhere(how, averaged)
+        perturb(model, step)
+        shadows.follow(model)
+        shadows.blend([0.5] * count)
+    assert len(calls) == 1  # when it was built
+
+
+def layered() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4)), nn.Sequential(), nn.Identity(), nn.Linear(4, 2)
+    )
+
+
+def test_a_layer_put_straight_into_modules_is_averaged_not_the_detached_one(monkeypatch):
+    model = layered()
+    built_earlier = nn.Linear(4, 2)  # the same shape, so only the objects tell the two apart
+    shadows = Shadows(model, 1, average_buffers=True, dtype=torch.float64, device=None)
+    calls = count_plans(monkeypatch)
+    expected = {key: value.double() for key, value in model.state_dict().items()}
+    model._modules["3"] = built_earlier  # fires no hook
+    for step in range(3):
+        perturb(model, step)
+        shadows.follow(model)
+        shadows.blend([0.25])
+        for key, live in model.state_dict().items():
+            expected[key] = expected[key] + 0.25 * (live.double() - expected[key])
+    assert len(calls) == 1
+    for key, shadow in shadows.modules[0].state_dict().items():
+        assert torch.allclose(shadow, expected[key], atol=1e-12), key
+
+
+def test_tensors_put_straight_into_their_dicts_are_followed():
+    model = layered()
+    model[3].register_buffer("scale", torch.zeros(2))
+    shadows = Shadows(model, 1, average_buffers=True, dtype=None, device=None)
+    model[3]._parameters["weight"] = nn.Parameter(torch.full((2, 4), 3.0))  # no hook fires for either
+    model[3]._buffers["scale"] = torch.full((2,), 5.0)
+    shadows.follow(model)
+    shadows.copy()
+    assert torch.equal(shadows.modules[0][3].weight, model[3].weight)
+    assert torch.equal(shadows.modules[0][3].scale, model[3].scale)
+
+
+def rearrange(model: nn.Module, how: str) -> None:
+    """Changes to the module tree made through ``_modules``, which fire no hook."""
+    if how == "the last child renamed":
+        model._modules["head"] = model._modules.pop("3")  # the same objects in the same order: only names
+    elif how == "a child moved to its sibling":
+        model[1]._modules["0"] = model[0]._modules.pop("1")  # the children in the same order, other parents
+    elif how == "a leaf given a child":
+        model[3]._modules["extra"] = nn.Linear(1, 1)
+    elif how == "a child deleted":
+        del model._modules["3"]
+    else:
+        model._modules["3"] = nn.Linear(4, 3)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "the last child renamed",
+        "a child moved to its sibling",
+        "a leaf given a child",
+        "a child deleted",
+        "a child of another shape",
+    ],
+)
+def test_module_tree_changed_through_modules_is_a_clear_error_before_any_change(how):
+    model = layered()
+    shadows = Shadows(model, 2, average_buffers=True, dtype=None, device=None)
+    before = [copy.deepcopy(module.state_dict()) for module in shadows.modules]
+    rearrange(model, how)
+    with pytest.raises(ValueError, match="does not match the model this EMA was built for.*undo the change"):
+        shadows.follow(model)
+    for module, state in zip(shadows.modules, before):
+        assert all(torch.equal(value, state[key]) for key, value in module.state_dict().items())

@@ -1,1 +1,1 @@
-"""Examples, not the library: the demo (``python -m ema_kit demo``), its model, the digits, a ResNet."""
+"""Examples, not the library: the demo (``python -m ema_kit demo``), its model, and the digits."""

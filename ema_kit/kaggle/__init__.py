@@ -1,7 +1,9 @@
-"""Kaggle helpers: finding inputs in either mount layout, the smoke switch, prediction and submissions."""
+"""Kaggle helpers: finding inputs in either mount layout, the smoke switch, timm models with offline
+weights, prediction and submissions."""
 
-from .datasets import ImageFolderDataset, PixelCSVDataset, RandomAffine
+from .datasets import PixelCSVDataset
 from .inputs import find_file, input_dir, kaggle_root, on_kaggle, smoke, working_dir
+from .models import timm_model
 from .submission import predict, write_submission
 
 __all__ = [
@@ -11,9 +13,8 @@ __all__ = [
     "kaggle_root",
     "on_kaggle",
     "smoke",
+    "timm_model",
     "predict",
     "write_submission",
     "PixelCSVDataset",
-    "ImageFolderDataset",
-    "RandomAffine",
 ]

@@ -1,9 +1,9 @@
-"""What the notebooks share: where inputs and outputs live, the two common Kaggle data layouts as datasets,
-flip-TTA prediction, and a submission checked against the sample submission before it is written.
+"""Where a notebook's inputs and outputs live, on Kaggle and elsewhere, and the smoke switch.
 
 Kaggle mounts an attached input in one of two layouts: classic, ``/kaggle/input/<slug>/``, or today's,
-``/kaggle/input/competitions/<slug>/``, ``/kaggle/input/datasets/<owner>/<slug>/`` and
-``/kaggle/input/notebooks/<owner>/<slug>/`` (an earlier notebook's output). ``input_dir`` and ``find_file``
+``/kaggle/input/competitions/<slug>/``, ``/kaggle/input/datasets/<owner>/<slug>/``,
+``/kaggle/input/models/<owner>/<slug>/`` and ``/kaggle/input/notebooks/<owner>/<slug>/`` (an earlier
+notebook's output). ``input_dir`` and ``find_file``
 find an input in either, by its slug or, when it was mounted under another slug, by the files it holds.
 On Kaggle a missing input is an error that names what to attach; only off Kaggle do the notebooks write
 stand-in files from the built-in digits (``data/<name>/``) and their outputs to ``runs/<notebook>/``.
@@ -24,10 +24,14 @@ SMOKE_VARIABLE = "EMA_KIT_SMOKE"
 ROOT_VARIABLE = "EMA_KIT_KAGGLE_ROOT"
 # Set by Kaggle in every kernel, "Interactive" or "Batch" (Save & Run All).
 RUN_TYPE_VARIABLE = "KAGGLE_KERNEL_RUN_TYPE"
-# Today's layout: input/competitions/<slug>/, input/datasets/<owner>/<slug>/, input/notebooks/<owner>/<slug>/.
+# Today's layout: input/competitions/<slug>/, input/datasets/<owner>/<slug>/, input/notebooks/<owner>/<slug>/,
+# input/models/<owner>/<slug>/.
 _GROUPS = {"competitions": "{}", "datasets": "*/{}", "notebooks": "*/{}", "models": "*/{}"}
 # How deep under input/ a folder holding an input's files may lie: datasets/<owner>/<slug>/<subfolder>.
 _SEARCH_DEPTH = 4
+# How deep under an input found by its slug: a subfolder of a zip, or a Kaggle Model's files in
+# <framework>/<variation>/<version>/ (e.g. pytorch/default/1/).
+_NAMED_DEPTH = 3
 # Left by input_dir in a local folder that make= wrote, so that later runs still say it holds stand-ins.
 _STAND_IN_MARKER = ".ema_kit-stand-in"
 
@@ -163,10 +167,12 @@ def find_file(
 ) -> Path:
     """``filename`` from an earlier run: e.g. the ``model_ema.pth`` a training notebook wrote.
 
-    On Kaggle that notebook's output (or a dataset holding the file) is attached as an input: the file is
-    looked for in the inputs named ``inputs`` (slugs, in either mount layout, as ``input_dir``), then in
-    the one attached input that holds it, then in ``<root>/working``. Off Kaggle it is looked for in the
-    ``local`` folders (e.g. the training notebook's ``runs/`` folder). The error says what to attach or run.
+    On Kaggle that notebook's output (or a dataset or Kaggle Model holding the file, such as pretrained
+    weights) is attached as an input: the file is looked for in the inputs named ``inputs`` (slugs, in
+    either mount layout, as ``input_dir``; a Kaggle Model's ``<framework>/<variation>/<version>/``
+    included), then in the one attached input that holds it, then in ``<root>/working``. Off Kaggle it is
+    looked for in the ``local`` folders (e.g. the training notebook's ``runs/`` folder). The error says what
+    to attach or run.
 
     Example:
         >>> import tempfile
@@ -211,8 +217,9 @@ def _names(argument: str, values: Iterable[str]) -> list[str]:
 def _locate(names: list[str], files: list[str], root: Path) -> Path | None:
     """The attached folder of an input named in ``names`` (holding ``files``), else the one holding ``files``.
 
-    An input found by name may keep its files one or two folders down (a dataset made from a zip); found
-    by its files alone, it must be the only attached folder that holds them: two would be a guess.
+    An input found by name may keep its files up to three folders down (a dataset made from a zip, a Kaggle
+    Model's ``<framework>/<variation>/<version>/``); found by its files alone, it must be the only
+    attached folder that holds them: two would be a guess.
     """
     base = root / "input"
     for name in names:
@@ -222,7 +229,7 @@ def _locate(names: list[str], files: list[str], root: Path) -> Path | None:
         for mount in (m for m in mounts if m.is_dir()):
             if not files:
                 return mount
-            holding = [folder for folder in _folders(mount, 2) if _holds(folder, files)]
+            holding = [folder for folder in _folders(mount, _NAMED_DEPTH) if _holds(folder, files)]
             if holding:
                 return holding[0]
     if not files:

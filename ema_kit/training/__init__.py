@@ -2,7 +2,7 @@
 
 from .callbacks import Callback, EarlyStopping, FitState, GradientClip, ValidateEvery
 from .ema_bn import RecomputeEMABatchNorm
-from .evaluate import accuracy, evaluate
+from .evaluate import accuracy, evaluate, whole_set
 from .livelog import LiveLog
 from .loop import fit
 from .plot import plot_history, plot_scan
@@ -12,6 +12,7 @@ __all__ = [
     "fit",
     "evaluate",
     "accuracy",
+    "whole_set",
     "LiveLog",
     "Callback",
     "FitState",
