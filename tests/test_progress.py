@@ -28,7 +28,7 @@ def run_epoch(progress: Progress, batches: int = 100) -> None:
 def test_a_short_epoch_in_a_log_is_one_line():
     stream = io.StringIO()
     run_epoch(Progress("text", epochs=1, stream=stream, train_loss=lambda: 0.5))
-    assert stream.getvalue().count("\n") == 1 and "ema_loss 0.3" in stream.getvalue()
+    assert stream.getvalue().count("\n") == 1 and "ema_loss 0.3000" in stream.getvalue()
 
 
 def test_a_long_epoch_in_a_log_also_reports_at_its_quarters(monkeypatch):
@@ -111,7 +111,7 @@ def test_a_cell_that_ends_however_it_ends_leaves_the_bars_last_line_not_a_widget
     assert len(notebook["shown"]) == 2
 
 
-def test_the_table_shows_rounded_scores_without_an_index_and_the_log_keeps_full_precision(notebook):
+def test_the_table_shows_four_decimals_without_an_index_and_the_log_keeps_full_precision(notebook):
     log = pd.DataFrame({"epoch": [1, 1.5], "train_loss": [0.123456789, 0.0001234567],
                         "ema_accuracy": [0.98765, 1.0], "lr": [3e-4, 1e-5],
                         "seconds": [12.345, 0.5]})  # fmt: skip
@@ -122,7 +122,10 @@ def test_the_table_shows_rounded_scores_without_an_index_and_the_log_keeps_full_
     html = table._repr_html_()
     assert "<th></th>" not in html and "<th>0</th>" not in html  # no index column
     cells = [[td.strip() for td in re.findall(r"<td>(.*?)</td>", row)] for row in html.split("<tr")[2:]]
-    assert cells == [["1", "0.1235", "0.9877", "0.0003", "12.3"], ["1.5", "0.0001235", "1", "1e-05", "0.5"]]
+    assert cells == [
+        ["1", "0.1235", "0.9877", "3.000e-04", "12.3"],
+        ["1.5", "1.235e-04", "1.0000", "1.000e-05", "0.5"],  # a column's decimals line up: 1.0000, not 1
+    ]
     assert repr(table).splitlines()[0].split() == ["epoch", "train_loss", "ema_accuracy", "lr", "seconds"]
     assert log["train_loss"].iloc[0] == 0.123456789
 
@@ -137,7 +140,7 @@ def test_a_loader_without_length_counts_batches_up(monkeypatch):
     progress.show_row(LOG)
     lines = stream.getvalue().splitlines()
     assert [line.split()[2:4] for line in lines[:3]] == [["batch", "1"], ["batch", "2"], ["batch", "4"]]
-    assert len(lines) == 4 and "ema_loss 0.3" in lines[3]
+    assert len(lines) == 4 and "ema_loss 0.3000" in lines[3]
 
 
 # -- which front end (ema_kit/_env.py) -------------------------------------------------------------------

@@ -26,23 +26,24 @@ _TABLE_ROWS = 30  # the notebook table shows the latest rows; the whole log is f
 
 
 def format_value(column: str, value) -> str:
-    """A log value as the table, the bar and the text lines show it: 4 significant digits for a score
-    (``0.9833``, ``1.516``, ``0.0005123``), ``epoch`` as ``3`` or ``1.5``, ``seconds`` to a tenth.
-    The log itself (fit's return value, ``history.csv``) keeps full precision.
+    """A log value as the table, the bar and the text lines show it: 4 decimals (``0.9833``, ``1.0000``,
+    as Keras prints), a value under 0.001 in scientific notation (``5.123e-04``), ``epoch`` as ``3`` or
+    ``1.5``, ``seconds`` to a tenth. So a column's decimals line up, and the bar's ``train_loss`` is the
+    table's. The log itself (fit's return value, ``history.csv``) keeps full precision.
 
     Example:
-        >>> format_value("ema_loss", 0.051234), format_value("epoch", 2.0), format_value("seconds", 12.345)
-        ('0.05123', '2', '12.3')
+        >>> format_value("ema_loss", 0.051234), format_value("lr", 3e-4), format_value("epoch", 2.0)
+        ('0.0512', '3.000e-04', '2')
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return str(value)
     if column == "epoch":
-        return f"{float(value):g}"
+        return f"{round(float(value), 4):g}"
     if column == "seconds":
         return f"{value:.1f}"
     if isinstance(value, numbers.Integral):
         return str(value)
-    return f"{value:.4g}"
+    return f"{value:.4f}" if value == 0 or not abs(value) < 1e-3 else f"{value:.3e}"
 
 
 class _Table:
@@ -73,7 +74,7 @@ class Progress:
         ...     progress.batch(images=32)
         >>> log = pd.DataFrame({"epoch": [1], "train_loss": [0.5], "live_loss": [0.4], "ema_loss": [0.45]})
         >>> progress.show_row(log)  # doctest: +ELLIPSIS
-        epoch 1/2  train_loss 0.5  live_loss 0.4  ema_loss 0.45  ... img/s  ... s
+        epoch 1/2  train_loss 0.5000  live_loss 0.4000  ema_loss 0.4500  ... img/s  ... s
     """
 
     def __init__(
@@ -210,4 +211,3 @@ class Progress:
             self._label.value = f"{self._prefix()}  {self._status(now)}"
         else:
             print(f"\r\033[K{self._prefix()}  {self._status(now)}", end="", file=self.stream, flush=True)
-
