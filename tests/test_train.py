@@ -173,8 +173,8 @@ def test_the_stop_button_keeps_the_finished_epochs_then_stops_the_caller_with_wh
         fit(model, train, val, epochs=5, optimizer=optimizer, out_dir=tmp_path,
             callbacks=[live_log, StopButton()])  # fmt: skip
     assert str(stopped.value) == (
-        f"Stopped by the user during epoch 3 of 5: kept 2 finished epochs; {tmp_path} holds them, with a "
-        "checkpoint of epoch 2 to resume from."
+        "Stopped by the user during epoch 3 of 5: kept 2 finished epochs (the last kept: epoch 2); "
+        f"{tmp_path} holds them, with a checkpoint of epoch 2 to resume from."
     )
     assert stopped.value.__suppress_context__  # the message, not fit's insides, is what the user reads
     assert live_log.history["epoch"].tolist() == [1, 2]
@@ -200,7 +200,8 @@ def test_the_stop_button_while_an_epoch_is_shown_lands_after_its_plot_table_and_
     live_log = LiveLog(progress="off")
     press_stop_during(monkeypatch, LivePlot, "update", lambda: len(live_log.history) == 2)  # epoch 2's plot
     press_stop_during(monkeypatch, Progress, "show_row", lambda: tables.append(len(live_log.history)))
-    with pytest.raises(KeyboardInterrupt, match="after epoch 2 of 4: kept 2 finished epochs;"):
+    said = r"after epoch 2 of 4: kept 2 finished epochs \(the last kept: epoch 2\);"
+    with pytest.raises(KeyboardInterrupt, match=said):
         fit(model, train, val, epochs=4, optimizer=optimizer, out_dir=tmp_path, callbacks=[live_log])
     assert tables == [1, 2]  # the table showed epoch 2: the plot, the table and the message agree
     assert len(pd.read_csv(tmp_path / "history.csv")) == 2
@@ -212,7 +213,8 @@ def test_the_stop_button_while_an_epoch_is_scored_keeps_the_epoch_before(tmp_pat
     live_log = LiveLog(progress="off", plot=False)
     calls = []
     press_stop_during(monkeypatch, loop, "evaluate", lambda: calls.append(1) or len(calls) == 4)
-    with pytest.raises(KeyboardInterrupt, match="during epoch 2 of 3: kept 1 finished epoch;"):
+    said = r"during epoch 2 of 3: kept 1 finished epoch \(the last kept: epoch 1\);"
+    with pytest.raises(KeyboardInterrupt, match=said):
         fit(model, train, val, epochs=3, optimizer=optimizer, out_dir=tmp_path, callbacks=[live_log])
     assert len(live_log.history) == len(pd.read_csv(tmp_path / "history.csv")) == 1
 
@@ -227,7 +229,8 @@ def test_a_second_press_of_the_stop_button_stops_at_once_even_inside_an_epochs_e
             os.kill(os.getpid(), signal.SIGINT)
             raise AssertionError("not stopped")
 
-    with pytest.raises(KeyboardInterrupt, match="after epoch 1 of 2: kept 1 finished epoch in the log"):
+    said = r"after epoch 1 of 2: kept 1 finished epoch \(the last kept: epoch 1\) in the log"
+    with pytest.raises(KeyboardInterrupt, match=said):
         fit(model, train, val, epochs=2, optimizer=optimizer, callbacks=[live_log, Hangs()])
 
 
@@ -255,7 +258,8 @@ def test_an_error_mid_epoch_says_where_the_finished_epochs_are(tmp_path):
     with pytest.raises(RuntimeError, match="unreachable") as caught:
         quiet_fit(model, train, val, epochs=3, optimizer=optimizer, metrics={"m": (whole_set(flaky), "max")},
                   out_dir=tmp_path)  # fmt: skip
-    assert any(f"kept 1 finished epoch; {tmp_path} holds them" in note for note in caught.value.__notes__)
+    said = f"kept 1 finished epoch (the last kept: epoch 1); {tmp_path} holds them"
+    assert any(said in note for note in caught.value.__notes__)
     assert len(pd.read_csv(tmp_path / "history.csv")) == 1
 
 
@@ -1237,6 +1241,6 @@ def test_the_stop_button_after_a_row_within_an_epoch_says_so(tmp_path):
         quiet_fit(model, train, val, epochs=3, optimizer=optimizer, out_dir=tmp_path,
                   callbacks=[ValidateEvery(epochs=0.5), StopButton()])  # fmt: skip
     assert str(stopped.value) == (
-        "Stopped by the user during epoch 2 of 3: kept 1 finished epoch and 1 row scored within epoch 2; "
-        f"{tmp_path} holds them, with a checkpoint of epoch 1 to resume from."
+        "Stopped by the user during epoch 2 of 3: kept 1 finished epoch and 1 row scored within epoch 2 "
+        f"(the last kept: epoch 1.5); {tmp_path} holds them, with a checkpoint of epoch 1 to resume from."
     )

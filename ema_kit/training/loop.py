@@ -30,6 +30,7 @@ from .checkpoint import Checkpoint, loader_generators, rng_state, set_rng_state
 from .evaluate import accuracy, check_metrics, cross_entropy, evaluate, resolve_amp, resolve_device
 from .history import append_row, best_row, direction, score_row
 from .livelog import LiveLog
+from .progress import format_value
 
 # Schedulers stepped after every optimizer step by default; any other after every epoch.
 _PER_STEP_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
@@ -109,10 +110,12 @@ def fit(
     The stop button (Jupyter's interrupt, Ctrl-C: KeyboardInterrupt) keeps every finished row: a row, its
     table and plot, the best weights and the epoch's checkpoint are one unit that the stop lands before or
     after, never inside (a second press stops at once). Then ``on_fit_end`` runs and the KeyboardInterrupt
-    propagates, its message saying what was kept ("Stopped by the user during epoch 3 of 10: kept 2
-    finished epochs; runs/exp1 holds them, with a checkpoint to resume from"), so that a notebook's Run
-    All stops there as the user asked, and a script ends. The log so far is in ``history.csv`` and in
-    your ``LiveLog``'s ``history`` (pass one in ``callbacks`` to keep a handle on it).
+    is raised again, its message saying what was kept ("Stopped by the user during epoch 3 of 10: kept 2
+    finished epochs (the last kept: epoch 2); runs/exp1 holds them, with a checkpoint of epoch 2 to resume
+    from"). Raised, not returned: a user who pressed stop expects the notebook to stop, so Run All stops
+    at this cell and a script ends, instead of going on to the next cells with a short run. The log so far
+    is in ``history.csv`` and in your ``LiveLog``'s ``history`` (pass one in ``callbacks`` to keep a
+    handle on it); ``resume="auto"`` goes on from the checkpoint.
 
     ``accumulate=n`` steps the optimizer once every n batches, each group's gradients the mean of its
     batches' (the last, shorter group of an epoch too). Each optimizer step reads one value from the
@@ -234,12 +237,14 @@ def _stopped(state: FitState, out_dir: Path | None) -> str:
 
 
 def _kept(history: pd.DataFrame, out_dir: Path | None) -> str:
-    """"kept 2 finished epochs; runs/x holds them, with a checkpoint of epoch 2 to resume from"."""
+    """What is kept, in words: "kept 2 finished epochs (the last kept: epoch 2); runs/x holds them, with a
+    checkpoint of epoch 2 to resume from"."""
     finished = _finished_epochs(history)
     within = int((history["epoch"].astype(float) > finished).sum())  # rows of the epoch cut short
     kept = "kept " + _count(finished, "finished epoch")
     if within:
         kept += f" and {_count(within, 'row')} scored within epoch {finished + 1}"
+    kept += f" (the last kept: epoch {format_value('epoch', history['epoch'].iloc[-1])})"
     if out_dir is None:
         return kept + " in the log (out_dir= would write them, with a checkpoint to resume from)."
     resume = f"a checkpoint of epoch {finished} to resume from" if finished else "no checkpoint yet"
