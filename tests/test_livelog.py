@@ -308,3 +308,17 @@ def test_a_log_read_back_from_history_csv_shows_what_fit_showed(tmp_path, monkey
     pd.testing.assert_frame_equal(watcher.history, log, check_dtype=False)
     written = [(tmp_path / folder / "history.csv").read_text() for folder in ("run", "watched")]
     assert written[0] == written[1]
+
+
+def test_a_row_added_within_a_tracked_epoch_sits_at_the_fraction_of_the_epoch_done():
+    live_log = LiveLog(progress="off", plot=False)
+    batches = [(torch.zeros(2, 1), torch.zeros(2))] * 4
+    for _ in range(2):
+        for batch, _ in enumerate(live_log.track(batches), start=1):
+            live_log.add_loss(float(batch))
+            if batch == 2:  # scored inside the loop body of batch 2 of 4: half the epoch is done
+                live_log.add(live={"loss": 0.5})
+        live_log.add(live={"loss": 0.4})
+    live_log.add(live={"loss": 0.3})  # after the loop: the epochs tracked
+    assert live_log.history["epoch"].tolist() == [0.5, 1, 1.5, 2, 2]
+    assert live_log.history["train_loss"].tolist()[:2] == [1.5, 3.5]  # each row's loss since the row before

@@ -33,19 +33,24 @@ class LiveLog(Callback):
 
     It keeps ``history`` (a pandas DataFrame), redraws the live plot in place, shows a progress bar (an
     ipywidgets bar where a notebook front end shows one, text otherwise) and the table, and with
-    ``out_dir`` writes ``history.csv`` and ``history.png`` after every row. A row is one unit: the stop
-    button (KeyboardInterrupt) lands before it or after its table, plot and files, never between. Within a
-    long epoch the plot's training loss moves every few seconds, up to the batch just counted. When the
-    notebook cell ends, the bar becomes a plain line (a saved notebook shows that, not a dead widget).
-    ``fit`` runs one (pass your own in ``callbacks=`` to set its options); in a loop of your own, three
-    calls give the same view:
+    ``out_dir`` writes ``history.csv`` and ``history.png`` after every row. Within a long epoch the plot's
+    training loss moves every few seconds, up to the batch just counted. When the notebook cell ends, the
+    bar becomes a plain line (a saved notebook shows that, not a dead widget). ``fit`` runs one (pass your
+    own in ``callbacks=`` to set its options); in a loop of your own, three calls give the same view:
 
     - ``track(train_loader)``: the loader's batches, one epoch, counted on the progress bar;
-    - ``add_loss(loss)`` (optional): a training batch's loss, for the bar and the row's ``train_loss``
-      (a tensor is read only when the bar is drawn, so the loop gains no GPU sync per step);
+    - ``add_loss(loss)`` (optional): a training batch's loss, for the bar and the row's ``train_loss``,
+      the mean per sample since the last row, as ``fit``'s (a tensor is read only when the bar is drawn,
+      so the loop gains no GPU sync per step);
     - ``add(live=scores, ema=scores, **columns)``: a row. Each dict of scores (``evaluate``'s) becomes
       ``<name>_<quantity>`` columns; other values are columns as they are. ``epoch`` defaults to the
-      epochs tracked (pass a fraction, 1.5, for a row scored mid-epoch); ``seconds`` since the last row.
+      epochs tracked, and within a tracked epoch to the fraction done (called in the loop body of batch 6
+      of 11 of epoch 2: ``1.5455``), so scoring inside long epochs is an ``if`` in the loop; ``seconds``
+      since the last row.
+
+    The stop button (KeyboardInterrupt) is not caught: it stops your loop, and a notebook's Run All, where
+    it lands. A row is one unit for it: it lands before the row or after its table, plot and files, never
+    between, so what the log shows is what ``history.csv`` holds.
 
     Args:
         out_dir: the folder for ``history.csv`` and ``history.png`` (in ``fit``: fit's ``out_dir``).
@@ -96,6 +101,7 @@ class LiveLog(Callback):
         self._live_plot: LivePlot | None = None
         self._state: FitState | None = None  # fit's, while fit runs this log
         self._epoch = 0  # epochs tracked
+        self._batch: int | None = None  # the batch of the tracked epoch being trained (1-based), if any
         self._rows = 1  # rows of the batch being trained, which weigh its loss
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_rows = 0
@@ -112,10 +118,13 @@ class LiveLog(Callback):
         with it."""
         self._epoch += 1
         self._start_epoch(self._epoch, _length(loader))
-        for batch in loader:
-            self._rows = _rows(batch)
-            yield batch
-            self._batch_done(self._rows)
+        try:
+            for self._batch, batch in enumerate(loader, start=1):
+                self._rows = _rows(batch)
+                yield batch
+                self._batch_done(self._rows)
+        finally:
+            self._batch = None
 
     def add_loss(self, loss: torch.Tensor | float) -> None:
         """Count one training batch's (mean) loss, weighted by the rows of the batch being tracked."""
@@ -123,6 +132,13 @@ class LiveLog(Callback):
             loss = loss.detach().float()  # summed on its device; read only when the bar or a row needs it
         self._loss_sum = self._loss_sum + loss * self._rows
         self._loss_rows += self._rows
+
+    def _epoch_now(self) -> float:
+        """Where a row added now sits: the epochs tracked, less what is left of the tracked epoch."""
+        batches = self.progress.batches
+        if self._batch is None or not batches or self._batch >= batches:  # between epochs, or at an end
+            return self._epoch or len(self.history) + 1
+        return self._epoch - 1 + self._batch / batches
 
     @property
     def train_loss(self) -> float:
@@ -143,7 +159,7 @@ class LiveLog(Callback):
         columns = {**(row or {}), **columns}
         scores = {name: value for name, value in columns.items() if isinstance(value, Mapping)}
         others = {name: value for name, value in columns.items() if name not in scores}
-        new = {"epoch": others.pop("epoch", self._epoch or len(self.history) + 1)}
+        new = {"epoch": others.pop("epoch", self._epoch_now())}
         if "train_loss" in others or self._loss_rows:
             new["train_loss"] = others.pop("train_loss", self.train_loss)
         new |= score_row(scores) | others
