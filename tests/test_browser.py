@@ -432,10 +432,12 @@ def test_fit_shows_the_bar_the_plot_and_the_table_in_that_order(fit_run):
     assert fit_run.final["kinds"] == FINAL_LAYOUT
 
 
-def test_fit_shows_the_table_with_one_row_per_finished_epoch_rounded_to_read(fit_run):
+def test_fit_shows_the_table_with_one_row_per_finished_epoch_and_four_decimals(fit_run):
     assert fit_run.table()["epoch"].tolist() == list(range(1, EPOCHS + 1))
+    scores = [value for row in fit_run.final["table"] for value in row[1:-1]]  # not epoch, nor seconds
+    assert all(re.fullmatch(r"\d+\.\d{4}|\d\.\d{3}e-\d\d", value) for value in scores), scores
     saved = pd.read_csv(fit_run.folder / "runs" / "digits" / "history.csv")  # at full precision
-    assert [row[1] for row in fit_run.final["table"]] == [f"{loss:.4g}" for loss in saved["train_loss"]]
+    assert [row[1] for row in fit_run.final["table"]] == [f"{loss:.4f}" for loss in saved["train_loss"]]
     assert fit_run.prompts[-1] != "[ ]:"  # Run All went on after fit finished
 
 
@@ -484,10 +486,11 @@ def test_the_stop_button_after_an_epoch_keeps_the_finished_epochs_and_stops_run_
     assert final["kinds"][:3] == FINAL_LAYOUT and not final["bars"]  # the bar's last line, not a widget
     if name == "fit_digits.ipynb":  # the message agrees too, in words
         said = " ".join(final["text"] + final["stderr"])
-        finished = "1 finished epoch;" if rows == 1 else f"{rows} finished epochs;"
+        finished = "1 finished epoch" if rows == 1 else f"{rows} finished epochs"
         message = (
             rf"KeyboardInterrupt: Stopped by the user (during|after) epoch \d of {EPOCHS}: kept {finished} "
-            rf"runs/digits holds them, with a checkpoint of epoch {rows} to resume from"
+            rf"\(the last kept: epoch {rows}\); runs/digits holds them, with a checkpoint of epoch {rows} to "
+            "resume from"
         )
         assert re.search(message, said), said
     assert "after" not in next_cell and prompts[-1] == "[ ]:", (prompts, next_cell)  # Run All stopped
