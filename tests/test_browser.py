@@ -521,4 +521,6 @@ def test_within_a_long_epoch_the_training_loss_moves_on_the_plot_before_the_epoc
 def test_a_hand_written_loop_with_the_live_log_looks_like_fit(jupyter, artifacts):
     run = _run(jupyter, artifacts, "loop_digits.ipynb", "lab")
     assert not _problems(run), _problems(run)
-    assert (run.folder / "runs" / "loop" / "history.csv").exists()
+    saved = pd.read_csv(run.folder / "runs" / "loop" / "history.csv")
+    bar = re.search(r"train_loss (\S+)", run.final["text"][0]).group(1)
+    assert bar == run.final["table"][-1][1] == f"{saved['train_loss'].iloc[-1]:.4f}"  # one train_loss
