@@ -322,3 +322,15 @@ def test_a_row_added_within_a_tracked_epoch_sits_at_the_fraction_of_the_epoch_do
     live_log.add(live={"loss": 0.3})  # after the loop: the epochs tracked
     assert live_log.history["epoch"].tolist() == [0.5, 1, 1.5, 2, 2]
     assert live_log.history["train_loss"].tolist()[:2] == [1.5, 3.5]  # each row's loss since the row before
+
+
+def test_a_row_added_within_an_epoch_of_unknown_length_needs_its_epoch():
+    live_log = LiveLog(progress="off", plot=False)
+    batches = iter([(torch.zeros(2, 1), torch.zeros(2))] * 4)  # no len(): where is the middle?
+    for batch, _ in enumerate(live_log.track(batches), start=1):
+        if batch == 2:
+            with pytest.raises(ValueError, match=r"loader without len\(\).*pass epoch="):
+                live_log.add(live={"loss": 0.5})
+            live_log.add(epoch=0.5, live={"loss": 0.5})
+    live_log.add(live={"loss": 0.4})
+    assert live_log.history["epoch"].tolist() == [0.5, 1]

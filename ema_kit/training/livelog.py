@@ -136,8 +136,13 @@ class LiveLog(Callback):
     def _epoch_now(self) -> float:
         """Where a row added now sits: the epochs tracked, less what is left of the tracked epoch."""
         batches = self.progress.batches
-        if self._batch is None or not batches or self._batch >= batches:  # between epochs, or at an end
+        if self._batch is None or (batches is not None and self._batch >= batches):  # between epochs, an end
             return self._epoch or len(self.history) + 1
+        if not batches:
+            raise ValueError(
+                f"add() was called within epoch {self._epoch} of a loader without len(), so where the row "
+                "sits in the epoch is unknown; pass epoch= (e.g. epoch=1.5), or add the row after the loop."
+            )
         return self._epoch - 1 + self._batch / batches
 
     @property
@@ -159,7 +164,7 @@ class LiveLog(Callback):
         columns = {**(row or {}), **columns}
         scores = {name: value for name, value in columns.items() if isinstance(value, Mapping)}
         others = {name: value for name, value in columns.items() if name not in scores}
-        new = {"epoch": others.pop("epoch", self._epoch_now())}
+        new = {"epoch": others.pop("epoch") if "epoch" in others else self._epoch_now()}
         if "train_loss" in others or self._loss_rows:
             new["train_loss"] = others.pop("train_loss", self.train_loss)
         new |= score_row(scores) | others
