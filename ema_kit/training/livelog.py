@@ -45,8 +45,8 @@ class LiveLog(Callback):
     - ``add(live=scores, ema=scores, **columns)``: a row. Each dict of scores (``evaluate``'s) becomes
       ``<name>_<quantity>`` columns; other values are columns as they are. ``epoch`` defaults to the
       epochs tracked, and within a tracked epoch to the fraction done (called in the loop body of batch 6
-      of 11 of epoch 2: ``1.5455``), so scoring inside long epochs is an ``if`` in the loop; ``seconds``
-      since the last row.
+      of 11 of epoch 2: ``1.5455``; a loader without a length needs ``epoch=``), so scoring inside long
+      epochs is an ``if`` in the loop; ``seconds`` since the last row.
 
     The stop button (KeyboardInterrupt) is not caught: it stops your loop, and a notebook's Run All, where
     it lands. A row is one unit for it: it lands before the row or after its table, plot and files, never
