@@ -25,10 +25,15 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_module
-from ._lowp import lerp_stochastic_
-from ._tensors import Slot, layout_mismatch, saved_slots
+from ._lowp import SEED, STOCHASTIC_BF16, lerp_stochastic_, reseeded, shadow_dtype
+from ._tensors import Slot, check_layout, model_device, saved_slots
 
 SMALL = 16_384  # elements: smaller contiguous tensors are gathered, one cat for all of them (see _Gather)
+_MISMATCH = "The model does not match the model this EMA was built for"
+_FIX = (
+    "An EMA averages one fixed set of tensors: undo the change to the model, or build a new EMA for the new "
+    "architecture."
+)
 
 
 class Shadows:
@@ -43,7 +48,8 @@ class Shadows:
         count: the number of shadow sets.
         average_buffers: average floating-point buffers like weights, or copy them.
         dtype: the shadows' floating-point dtype; by default float32 for lower-precision weights, else the
-            weight's own (complex weights take the matching complex dtype).
+            weight's own (complex weights take the matching complex dtype). ``"bfloat16-stochastic"``:
+            bfloat16 shadows blended with stochastic rounding (``_lowp``), from a generator of their own.
         device: where the shadows live; None follows the model's device.
 
     Example:
@@ -58,8 +64,9 @@ class Shadows:
     """
 
     def __init__(self, model: nn.Module, count: int, *, average_buffers: bool, dtype, device):
-        self.average_buffers, self.dtype, self.device = average_buffers, dtype, device
-        self.generator: torch.Generator | None = None  # set_generator: stochastic rounding's noise
+        self.average_buffers, self.device = average_buffers, device
+        self.stochastic, self.dtype = dtype == STOCHASTIC_BF16, shadow_dtype(dtype)
+        self.generator: torch.Generator | None = None  # the rounding noise's, on the shadows' device (_bind)
         live = check_module("model", model)
         slots = _checked_slots(live, "The model")
         if not any(_averageable(slot.tensor) for slot in slots):
@@ -151,23 +158,35 @@ class Shadows:
         live = check_module("model", model)
         lives = {slot.key: slot.tensor.detach() for slot in _checked_slots(live, "The model")}
         shadows = {slot.key: slot.tensor for slot in saved_slots(self.modules[k])}
-        _check_layout(lives, shadows)
+        check_layout(lives, shadows, _MISMATCH, _FIX)
         return [lives[key] for key in shadows], list(shadows.values())
-
-    def set_generator(self, generator: torch.Generator | None) -> None:
-        """Blend bfloat16 shadows with stochastic rounding (``_lowp``) from ``generator``; None: nearest.
-
-        The generator must be on the shadows' device (``ModelEMA`` keeps it there).
-        """
-        replan = (generator is None) != (self.generator is None)
-        self.generator = generator
-        if replan:
-            self._bind(self._model)
 
     def relayout(self, *, average_buffers: bool, dtype) -> None:
         """Apply restored settings: the averaged buffers and the shadow dtype (values kept, then cast)."""
-        self.average_buffers, self.dtype = average_buffers, dtype
+        self.average_buffers = average_buffers
+        self.stochastic, self.dtype = dtype == STOCHASTIC_BF16, shadow_dtype(dtype)
         self._bind(self._model)
+
+    # -- the rounding noise of stochastic shadows, kept beside them -------------------------------------
+
+    def noise_state(self) -> dict | None:
+        """Where the noise is, for a state dict (plain values and a tensor); None when rounding to nearest."""
+        if self.generator is None:
+            return None
+        return {"device": str(self.generator.device), "state": self.generator.get_state()}
+
+    def load_noise_state(self, state: dict | None) -> None:
+        """Put back what ``noise_state`` returned (checked by ``_lowp.check_noise_state``).
+
+        On the device it was saved on the stream goes on bit-exact; elsewhere it is reseeded from that state.
+        """
+        if not self.stochastic:
+            return
+        device = self.generator.device
+        if state["device"] != str(device):
+            self.generator = reseeded(device, state["state"])
+        else:
+            self.generator.set_state(state["state"])
 
     # -- binding ----------------------------------------------------------------------------------------
 
@@ -176,7 +195,8 @@ class Shadows:
         live = check_module("model", model)
         slots = _checked_slots(live, "The model")
         sets = [{slot.key: slot for slot in saved_slots(module)} for module in self.modules]
-        _check_layout({slot.key: slot.tensor for slot in slots}, {k: s.tensor for k, s in sets[0].items()})
+        lives = {slot.key: slot.tensor for slot in slots}
+        check_layout(lives, {key: shadow.tensor for key, shadow in sets[0].items()}, _MISMATCH, _FIX)
         shadow_slots = [[shadows[slot.key] for slot in slots] for shadows in sets]  # [set][tensor]
         placements: dict[tuple, tuple] = {}
         with torch.no_grad():  # keep the EMA's values; only where and how they are laid out may change
@@ -188,11 +208,22 @@ class Shadows:
                 for shadow in shadows:
                     if not _laid_out(shadow.tensor, tensor, *placements[kind]):
                         _replace(shadow, self._new_shadow(tensor, shadow.tensor))
+        self._follow_noise(model_device(self.modules[0]))
         self._plan(live, slots, shadow_slots)
         self._model = model
         # One shadow per set is watched too: a set moved or cast by hand (ema.module.half()) is laid out anew.
         first = next(i for i, slot in enumerate(slots) if _averageable(slot.tensor))
         self._watch = _Watch(live, slots + [set_slots[first] for set_slots in shadow_slots])
+
+    def _follow_noise(self, device: torch.device) -> None:
+        """Stochastic shadows draw their noise on their own device: seeded at first, and when the shadows
+        moved, reseeded there from the old generator's state (deterministic, though not the same stream)."""
+        if not self.stochastic:
+            self.generator = None
+        elif self.generator is None:
+            self.generator = torch.Generator(device).manual_seed(SEED)
+        elif self.generator.device != device:
+            self.generator = reseeded(device, self.generator.get_state())
 
     def _plan(self, live: nn.Module, slots: list[Slot], shadow_slots: list[list[Slot]]) -> None:
         """Build the op lists: live tensors grouped by kind, device and dtypes, each with its K shadows."""
@@ -215,13 +246,13 @@ class Shadows:
         for i, (source, shadow) in enumerate(zip(sources, firsts)):
             same = source.dtype == shadow.dtype
             kind = "copy" if not averaged[i] else "lerp" if same else "cast"
-            if kind != "copy" and self.generator is not None and shadow.dtype == torch.bfloat16:
+            if kind != "copy" and self.stochastic and shadow.dtype == torch.bfloat16:
                 kind = "stochastic"  # rounded at random (_lowp), one op list per set
                 if not shadow.is_contiguous():  # _lowp blends through flat views
                     raise ValueError(
-                        f"rounding='stochastic' blends contiguous shadows only, but {slots[i].key} has "
+                        f"dtype={STOCHASTIC_BF16!r} blends contiguous shadows only, but {slots[i].key} has "
                         f"strides {shadow.stride()} (channels_last?); build the EMA from a contiguous model "
-                        "(model.to(memory_format=torch.contiguous_format)) or use rounding='nearest'."
+                        "(model.to(memory_format=torch.contiguous_format)) or use dtype=torch.bfloat16."
                     )
             elif kind != "cast" and same and source.numel() < SMALL and source.is_contiguous():
                 kind = "gather" if kind == "lerp" else "gather copy"  # see _Gather
@@ -481,15 +512,3 @@ def _checked_slots(module: nn.Module, what: str) -> list[Slot]:
                 "Keep a dense copy of it in the model (tensor.to_dense()), or leave it out of the EMA."
             )
     return slots
-
-
-def _check_layout(given: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
-    same_sizes = list(map(Tensor.size, given.values())) == list(map(Tensor.size, expected.values()))
-    if same_sizes and list(given) == list(expected):  # the usual case, without a Python loop per tensor
-        return
-    problems = layout_mismatch(given, expected)
-    if problems:
-        raise ValueError(
-            f"The model does not match the model this EMA was built for ({problems}). An EMA averages one "
-            "fixed set of tensors: undo the change to the model, or build a new EMA for the new architecture."
-        )

@@ -13,15 +13,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from ._lowp import (
-    STOCHASTIC_BF16,
-    check_noise_state,
-    follow_noise,
-    load_noise_state,
-    noise_state,
-    shadow_dtype,
-    start_noise,
-)
+from ._lowp import STOCHASTIC_BF16, check_noise_state
 from ._shadows import Shadows
 from ._tensors import check_layout, cpu_state
 from .bn import recompute_bn
@@ -237,7 +229,7 @@ class ModelEMA:
     @property
     def dtype(self) -> torch.dtype | str | None:
         """The shadow's dtype as given: a torch dtype, ``"bfloat16-stochastic"``, or None (the default)."""
-        return STOCHASTIC_BF16 if self._shadows.generator is not None else self._shadows.dtype
+        return STOCHASTIC_BF16 if self._shadows.stochastic else self._shadows.dtype
 
     @property
     def device(self) -> torch.device | None:
@@ -255,7 +247,6 @@ class ModelEMA:
         one of the same shape; a model whose layout no longer matches is a ValueError, before any change.
         """
         self._shadows.follow(model)
-        follow_noise(self._shadows)
         weights: list[float | None] = [None] * len(self._shadows.modules)
         weights[self._index] = self._schedule.advance(self._shadows.all_finite)
         self._shadows.blend(weights)
@@ -318,7 +309,7 @@ class ModelEMA:
             **self._schedule.counters(),
             "settings": {name: getattr(self, name) for name in _SETTINGS}
             | {"dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch.")},
-            "generator": noise_state(self._shadows),
+            "generator": self._shadows.noise_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -341,15 +332,13 @@ class ModelEMA:
 
 def new_shadows(model: nn.Module, count: int, settings: dict, device) -> Shadows:
     """``count`` shadow sets of ``model``, laid out as the checked ``settings`` say, on ``device``."""
-    shadows = Shadows(
+    return Shadows(
         model,
         count,
         average_buffers=settings["buffers"] == "average",
-        dtype=shadow_dtype(settings["dtype"]),
+        dtype=settings["dtype"],
         device=_checks.check_device("device", device),
     )
-    start_noise(shadows, settings["dtype"] == STOCHASTIC_BF16)
-    return shadows
 
 
 def member(shadows: Shadows, index: int, schedule: Schedule) -> ModelEMA:
@@ -418,12 +407,10 @@ def checked_load(ema: ModelEMA, state) -> Callable[[], None]:
     def load() -> None:
         ema._schedule.load(settings, counters)
         if layout != {"buffers": ema.buffers, "dtype": ema.dtype}:
-            shadows.relayout(
-                average_buffers=settings["buffers"] == "average", dtype=shadow_dtype(settings["dtype"])
-            )
+            shadows.relayout(average_buffers=settings["buffers"] == "average", dtype=settings["dtype"])
         with torch.no_grad():
             ema.module.load_state_dict(weights)
-        load_noise_state(shadows, noise)
+        shadows.load_noise_state(noise)
 
     return load
 

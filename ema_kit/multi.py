@@ -9,7 +9,6 @@ import torch  # noqa: F401  (the doctest uses it)
 from torch import nn
 
 from . import _checks
-from ._lowp import follow_noise
 from .ema import ModelEMA, Schedule, check_settings, checked_load, member, new_shadows
 
 _FORMAT = "ema_kit.MultiEMA/1"
@@ -82,7 +81,6 @@ class MultiEMA:
     def update(self, model: nn.Module) -> None:
         """Fold the model's current weights into every EMA; call it after each optimizer step."""
         self._shadows.follow(model)
-        follow_noise(self._shadows)
         finite: list[bool] = []
 
         def all_finite() -> bool:  # checked at most once per step, however many EMAs ask
