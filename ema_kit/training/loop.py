@@ -198,10 +198,10 @@ def fit(
             started, steps_before = time.perf_counter(), state.step
             hooks.call("on_epoch_start", state)
             train_loss, lr = trainer.train_epoch(state)
-            state.scored = {name: e.module for name, e in emas.items()}
+            state.scored = {name: e if e.sharded else e.module for name, e in emas.items()}
             hooks.call("on_validation_start", state)
             scores = {
-                prefix: evaluate(scored, val_loader, **scoring)
+                prefix: _score(scored, model, val_loader, scoring)
                 for prefix, scored in [("live", model), *state.scored.items()]
             }
             per_epoch = steps_per_epoch or max(1, state.step - steps_before)  # no len(): as measured
@@ -359,6 +359,14 @@ class _Trainer:
         if kind not in self.warned:
             self.warned.add(kind)
             warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def _score(scored: nn.Module | ModelEMA, model: nn.Module, val_loader: Iterable, scoring: dict) -> dict:
+    """A module's scores; a sharded EMA has no module of its own: the sharded model runs with its weights."""
+    if isinstance(scored, ModelEMA):
+        with scored.applied_to(model):
+            return evaluate(model, val_loader, **scoring)
+    return evaluate(scored, val_loader, **scoring)
 
 
 def _sanity_pass(model: nn.Module, val_loader: Iterable, scoring: dict) -> None:

@@ -1,0 +1,287 @@
+"""ModelEMA of a model sharded by FSDP2 (ema_kit/_sharded.py): two CPU processes, gloo, under torchrun.
+
+Each test launches ``torchrun --nproc_per_node=2`` on this file, whose ``__main__`` part is the per-rank
+program (``worker``), then checks what the ranks wrote against a single-process float64 reference.
+"""
+
+import contextlib
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ReferenceEMA, max_error
+from torch import nn
+
+from ema_kit import Callback, ModelEMA, MultiEMA
+from ema_kit._sharded import check_supported, is_sharded
+from ema_kit.files import load_weights
+
+WORLD_SIZE, STEPS, DECAY, LR, BATCH = 2, 6, 0.8, 0.05, 8
+COLLECTIVE = ("c10d::", "gloo:")  # how the profiler names collectives: c10d::allreduce_, gloo:broadcast
+
+
+def sharded_cnn() -> nn.Module:
+    """A small CNN with BatchNorm, 9 classes: the last layer's 9 rows split unevenly (5 and 4) over 2 ranks."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, 9),
+    )
+
+
+def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each rank's half of a step's global batch."""
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(BATCH, 1, 8, 8, generator=generator), torch.randint(0, 9, (BATCH,), generator=generator)
+
+
+def probe() -> torch.Tensor:
+    return torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+
+
+def torchrun(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """This file's worker on two CPU processes; their output goes to tmp_path/torchrun.txt."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    with open(tmp_path / "torchrun.txt", "a") as out:
+        done = subprocess.run(
+            [*command, __file__, *args], env=env, stdout=out, stderr=subprocess.STDOUT, timeout=300
+        )
+    if check and done.returncode != 0:
+        raise AssertionError(f"torchrun failed:\n{(tmp_path / 'torchrun.txt').read_text()[-6000:]}")
+    return done
+
+
+# -- the per-rank programs ------------------------------------------------------------------------------
+
+
+def shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def train_step(model, optimizer, rank: int, step: int) -> None:
+    x, y = batch(rank, step)
+    loss = nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def average(out: Path, rank: int, warmup: str, buffers: str) -> None:
+    """Train in float64 with an EMA (or a MultiEMA) of the sharded model; write what the test checks."""
+    from torch.distributed.tensor import DTensor
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = shard(sharded_cnn().double())
+    settings = dict(warmup=warmup == "warmup", buffers=buffers)
+    ema = ModelEMA(model, decay=DECAY, **settings)
+    multi = MultiEMA(model, decays=(DECAY, 0.5), **settings)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    collectives = set()
+    for step in range(STEPS):
+        train_step(model, optimizer, rank, step)
+        with profile(activities=[ProfilerActivity.CPU]) as updating:
+            ema.update(model)
+            multi.update(model)
+        collectives |= {event.name for event in updating.events() if event.name.startswith(COLLECTIVE)}
+    weights = ema.state_dict()["weights"]
+    local = sum(v.to_local().numel() for v in weights.values() if isinstance(v, DTensor))
+    whole = sum(v.numel() for v in weights.values() if isinstance(v, DTensor))
+    before = {k: v.full_tensor() for k, v in model.state_dict().items() if isinstance(v, DTensor)}
+    with ema.applied_to(model) as applied:
+        applied.eval()
+        scored = applied(probe().double())
+    after = {k: v.full_tensor() for k, v in model.state_dict().items() if isinstance(v, DTensor)}
+    ema.save(out / "ema.pth")
+    multi.emas[DECAY].save(out / "multi.pth")
+    torch.save(
+        {
+            "buffers": {k: v for k, v in weights.items() if not isinstance(v, DTensor)},
+            "collectives": sorted(collectives),
+            "elements": [local, whole],
+            "scored": scored.detach(),
+            "restored": all(torch.equal(before[k], after[k]) for k in before),
+        },
+        out / f"rank{rank}.pth",
+    )
+
+
+class Kill(Callback):
+    """Ends every rank at the start of an epoch, as a lost machine would (no cleanup, no files)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_start(self, state) -> None:
+        if state.epoch == self.epoch:
+            os._exit(3)
+
+
+def train(out: Path, rank: int, kill_at: str) -> None:
+    """fit an FSDP2 model for 3 epochs with an EMA, resuming the run in ``out`` if there is one."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from ema_kit import LiveLog, fit
+    from ema_kit.examples.digits import digits
+
+    images, labels = digits()
+    labels = labels % 9
+    train_set = TensorDataset(images[:256], labels[:256])
+    train_loader = DataLoader(train_set, batch_size=32, sampler=DistributedSampler(train_set, seed=0))
+    val_loader = DataLoader(TensorDataset(images[256:384], labels[256:384]), batch_size=64)
+    torch.manual_seed(0)
+    model = shard(sharded_cnn())
+    ema = ModelEMA(model, decay=0.9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    kill = Kill(int(kill_at))
+    with open(out / f"stdout{rank}.txt", "a") as printed, contextlib.redirect_stdout(printed):
+        log = fit(model, train_loader, val_loader, epochs=3, optimizer=optimizer, ema=ema, device="cpu",
+                  out_dir=out / "run", resume="auto", callbacks=[LiveLog(progress="text"), kill])  # fmt: skip
+    ema.save(out / "final_ema.pth")
+    if rank == 0:
+        log.drop(columns="seconds").to_csv(out / "log.csv", index=False)
+
+
+def worker(program: str, out: str, *args: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        {"average": average, "train": train}[program](Path(out), dist.get_rank(), *args)
+    finally:
+        dist.destroy_process_group()
+
+
+# -- the tests --------------------------------------------------------------------------------------------
+
+
+def float64_reference(warmup: bool, buffers: str, decay: float = DECAY) -> list[dict]:
+    """The same training in float64 in one process, and each rank's EMA of it.
+
+    The gradient is the mean of the ranks' gradients (FSDP2 reduce-scatters their mean). BatchNorm's
+    running stats are each rank's own: FSDP2 leaves buffers alone, and each rank updates its from its batch.
+    """
+    torch.manual_seed(0)
+    model = sharded_cnn().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    emas = [ReferenceEMA(copy.deepcopy(model)) for _ in range(WORLD_SIZE)]
+    parameters, buffers_of = list(model.parameters()), list(model.buffers())
+    rank_buffers = [[b.clone() for b in buffers_of] for _ in range(WORLD_SIZE)]
+    for step in range(STEPS):
+        gradients = []
+        for rank in range(WORLD_SIZE):
+            with torch.no_grad():
+                torch._foreach_copy_(buffers_of, rank_buffers[rank])
+            x, y = batch(rank, step)
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x.double()), y).backward()
+            gradients.append([p.grad for p in parameters])
+            rank_buffers[rank] = [b.clone() for b in buffers_of]
+        for parameter, *grads in zip(parameters, *gradients):
+            parameter.grad = sum(grads) / WORLD_SIZE
+        optimizer.step()
+        step_decay = min(decay, (1 - 1 / (step + 1)) ** 8) if warmup else decay
+        for ema, values in zip(emas, rank_buffers):
+            with torch.no_grad():
+                torch._foreach_copy_(buffers_of, values)
+            ema.update(model, step_decay, buffers)
+    return [ema.state for ema in emas]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("warmup, buffers", [("warmup", "average"), ("no-warmup", "copy")])
+def test_sharded_ema_matches_a_float64_single_process_ema_and_communicates_nothing(tmp_path, warmup, buffers):
+    torchrun(tmp_path, "average", str(tmp_path), warmup, buffers)
+    references = float64_reference(warmup == "warmup", buffers)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pth", weights_only=True) for rank in range(WORLD_SIZE)]
+    # The whole EMA, gathered by save (rank 0's buffers), and each rank's own buffers.
+    saved = load_weights(tmp_path / "ema.pth")
+    assert max_error(saved, references[0]) < 1e-12  # float64 both: the same sums in the same order
+    for rank, reference in zip(ranks, references):
+        assert max_error(rank["buffers"], {k: reference[k] for k in rank["buffers"]}) < 1e-12
+    assert not torch.equal(ranks[0]["buffers"]["1.running_mean"], ranks[1]["buffers"]["1.running_mean"])
+    # A MultiEMA's set of the same decay is the same EMA, to the bit.
+    multi = load_weights(tmp_path / "multi.pth")
+    assert all(torch.equal(multi[k], saved[k]) for k in saved)
+    # No collective inside update; each rank holds about half of the parameters' EMA (9 rows: 5 and 4).
+    for rank in ranks:
+        assert rank["collectives"] == []
+        local, whole = rank["elements"]
+        assert abs(local / whole - 1 / WORLD_SIZE) < 0.01
+    # The sharded model ran with the EMA weights inside applied_to, and got its own back after.
+    unsharded = sharded_cnn().double()
+    unsharded.load_state_dict(saved)
+    expected = unsharded.eval()(probe().double())
+    assert torch.allclose(ranks[0]["scored"], expected, rtol=0, atol=1e-12)
+    assert all(rank["restored"] for rank in ranks)
+
+
+@pytest.mark.slow
+def test_fit_trains_a_sharded_model_and_a_killed_run_resumes_to_the_same_ema(tmp_path):
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "killed").mkdir()
+    torchrun(tmp_path / "whole", "train", str(tmp_path / "whole"), "0")
+    killed = torchrun(tmp_path / "killed", "train", str(tmp_path / "killed"), "3", check=False)
+    assert killed.returncode != 0 and not (tmp_path / "killed" / "final_ema.pth").exists()
+    torchrun(tmp_path / "killed", "train", str(tmp_path / "killed"), "0")  # resume="auto" continues epoch 3
+
+    whole, resumed = tmp_path / "whole", tmp_path / "killed"
+    assert (whole / "log.csv").read_text() == (resumed / "log.csv").read_text()
+    for name in ("final_ema.pth", "run/model_ema.pth"):
+        a, b = load_weights(whole / name), load_weights(resumed / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    # The files are plain state dicts of the whole model: they load into the unsharded one.
+    for name in ("final_ema.pth", "run/model_ema.pth"):
+        sharded_cnn().load_state_dict(torch.load(whole / name, weights_only=True))
+    assert "epoch 3/3" in (whole / "stdout0.txt").read_text()
+    assert (whole / "stdout1.txt").read_text() == ""  # one process shows, one writes
+
+
+def test_unsharded_models_take_the_usual_path():
+    model = nn.Linear(2, 1)
+    assert not is_sharded(model) and not ModelEMA(model).sharded
+    check_supported(model)  # nothing to refuse
+
+
+def test_fsdp1_is_refused_by_name_with_what_to_use(monkeypatch):
+    import torch.distributed.fsdp as fsdp
+
+    class Wrapped(fsdp.FullyShardedDataParallel):  # an instance without a process group
+        def __init__(self):
+            nn.Module.__init__(self)
+
+    with pytest.raises(TypeError, match=r"FullyShardedDataParallel \(FSDP1\).*fully_shard"):
+        ModelEMA(nn.Sequential(Wrapped(), nn.Linear(2, 1)))
+
+
+def test_deepspeed_is_refused_by_name_with_what_to_use():
+    engine = type("DeepSpeedEngine", (nn.Module,), {"__module__": "deepspeed.runtime.engine"})()
+    engine.module = nn.Linear(2, 1)
+    with pytest.raises(TypeError, match=r"DeepSpeed engine.*ModelEMA\(engine.module\).*fully_shard"):
+        ModelEMA(engine)
+    zero3 = nn.Linear(2, 1)
+    zero3.weight.ds_id = 0  # how ZeRO stage 3 marks a partitioned parameter
+    with pytest.raises(TypeError, match=r"weight is partitioned by DeepSpeed ZeRO stage 3"):
+        ModelEMA(zero3)
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:])
