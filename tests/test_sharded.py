@@ -21,7 +21,9 @@ from ema_kit._sharded import check_supported, is_sharded
 from ema_kit.files import load_weights
 
 WORLD_SIZE, STEPS, DECAY, LR, BATCH = 2, 6, 0.8, 0.05, 8
-COLLECTIVE = ("c10d::", "gloo:")  # how the profiler names collectives: c10d::allreduce_, gloo:broadcast
+COLLECTIVE = ("c10d::", "gloo:", "nccl:")  # how the profiler names collectives: c10d::allreduce_, ...
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cpu")  # the ranks' device: set by worker from TEST_DEVICE
 
 
 def sharded_cnn() -> nn.Module:
@@ -51,11 +53,17 @@ def probe() -> torch.Tensor:
     return torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(7))
 
 
-def torchrun(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """This file's worker on two CPU processes; their output goes to tmp_path/torchrun.txt."""
+def torchrun(
+    tmp_path: Path, *args: str, check: bool = True, processes: int = WORLD_SIZE, device: str = "cpu"
+) -> subprocess.CompletedProcess:
+    """This file's worker on two CPU processes (gloo), or on CUDA (NCCL); output in tmp_path/torchrun.txt."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command.append(f"--nproc-per-node={WORLD_SIZE}")
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    command.append(f"--nproc-per-node={processes}")
+    env = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).parent),
+        "TEST_DEVICE": device,
+    }
     with open(tmp_path / "torchrun.txt", "a") as out:
         done = subprocess.run(
             [*command, __file__, *args], env=env, stdout=out, stderr=subprocess.STDOUT, timeout=300
@@ -79,7 +87,8 @@ def shard(model: nn.Module) -> nn.Module:
 
 def train_step(model, optimizer, rank: int, step: int) -> None:
     x, y = batch(rank, step)
-    loss = nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)), y)
+    x, y = x.to(DEVICE, next(model.parameters()).dtype), y.to(DEVICE)
+    loss = nn.functional.cross_entropy(model(x), y)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -91,7 +100,7 @@ def average(out: Path, rank: int, warmup: str, buffers: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    model = shard(sharded_cnn().double())
+    model = shard(sharded_cnn().double().to(DEVICE))
     settings = dict(warmup=warmup == "warmup", buffers=buffers)
     ema = ModelEMA(model, decay=DECAY, **settings)
     multi = MultiEMA(model, decays=(DECAY, 0.5), **settings)
@@ -109,16 +118,16 @@ def average(out: Path, rank: int, warmup: str, buffers: str) -> None:
     before = {k: v.full_tensor() for k, v in model.state_dict().items() if isinstance(v, DTensor)}
     with ema.applied_to(model) as applied:
         applied.eval()
-        scored = applied(probe().double())
+        scored = applied(probe().double().to(DEVICE))
     after = {k: v.full_tensor() for k, v in model.state_dict().items() if isinstance(v, DTensor)}
     ema.save(out / "ema.pth")
     multi.emas[DECAY].save(out / "multi.pth")
     torch.save(
         {
-            "buffers": {k: v for k, v in weights.items() if not isinstance(v, DTensor)},
+            "buffers": {k: v.cpu() for k, v in weights.items() if not isinstance(v, DTensor)},
             "collectives": sorted(collectives),
             "elements": [local, whole],
-            "scored": scored.detach(),
+            "scored": scored.detach().cpu(),
             "restored": all(torch.equal(before[k], after[k]) for k in before),
         },
         out / f"rank{rank}.pth",
@@ -197,8 +206,12 @@ def resume(out: Path, rank: int) -> None:
 def worker(program: str, out: str, *args: str) -> None:
     import torch.distributed as dist
 
+    global DEVICE
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    if os.environ["TEST_DEVICE"] == "cuda":
+        DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
     try:
         {"average": average, "train": train, "resume": resume}[program](Path(out), dist.get_rank(), *args)
     finally:
@@ -208,7 +221,7 @@ def worker(program: str, out: str, *args: str) -> None:
 # -- the tests --------------------------------------------------------------------------------------------
 
 
-def float64_reference(warmup: bool, buffers: str, decay: float = DECAY) -> list[dict]:
+def float64_reference(warmup: bool, buffers: str, world: int = WORLD_SIZE) -> list[dict]:
     """The same training in float64 in one process, and each rank's EMA of it.
 
     The gradient is the mean of the ranks' gradients (FSDP2 reduce-scatters their mean). BatchNorm's
@@ -217,12 +230,12 @@ def float64_reference(warmup: bool, buffers: str, decay: float = DECAY) -> list[
     torch.manual_seed(0)
     model = sharded_cnn().double()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    emas = [ReferenceEMA(copy.deepcopy(model)) for _ in range(WORLD_SIZE)]
+    emas = [ReferenceEMA(copy.deepcopy(model)) for _ in range(world)]
     parameters, buffers_of = list(model.parameters()), list(model.buffers())
-    rank_buffers = [[b.clone() for b in buffers_of] for _ in range(WORLD_SIZE)]
+    rank_buffers = [[b.clone() for b in buffers_of] for _ in range(world)]
     for step in range(STEPS):
         gradients = []
-        for rank in range(WORLD_SIZE):
+        for rank in range(world):
             with torch.no_grad():
                 torch._foreach_copy_(buffers_of, rank_buffers[rank])
             x, y = batch(rank, step)
@@ -231,9 +244,9 @@ def float64_reference(warmup: bool, buffers: str, decay: float = DECAY) -> list[
             gradients.append([p.grad for p in parameters])
             rank_buffers[rank] = [b.clone() for b in buffers_of]
         for parameter, *grads in zip(parameters, *gradients):
-            parameter.grad = sum(grads) / WORLD_SIZE
+            parameter.grad = sum(grads) / world
         optimizer.step()
-        step_decay = min(decay, (1 - 1 / (step + 1)) ** 8) if warmup else decay
+        step_decay = min(DECAY, (1 - 1 / (step + 1)) ** 8) if warmup else DECAY
         for ema, values in zip(emas, rank_buffers):
             with torch.no_grad():
                 torch._foreach_copy_(buffers_of, values)
@@ -269,6 +282,22 @@ def test_sharded_ema_matches_a_float64_single_process_ema_and_communicates_nothi
     assert all(rank["restored"] for rank in ranks)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_sharded_ema_on_cuda_with_nccl_matches_a_float64_single_process_ema(tmp_path):
+    # One process: NCCL refuses two ranks on one GPU. The shards then are whole tensors, but every path
+    # (DTensor shadows on CUDA, NCCL gathers for save and applied_to) runs.
+    torchrun(tmp_path, "average", str(tmp_path), "warmup", "average", processes=1, device="cuda")
+    (reference,) = float64_reference(True, "average", world=1)
+    rank = torch.load(tmp_path / "rank0.pth", weights_only=True)
+    saved = load_weights(tmp_path / "ema.pth")
+    assert max_error(saved, reference) < 1e-9  # CUDA's float64 kernels round otherwise than the CPU's
+    assert rank["collectives"] == [] and rank["restored"]
+    unsharded = sharded_cnn().double()
+    unsharded.load_state_dict(saved)
+    assert torch.allclose(rank["scored"], unsharded.eval()(probe().double()), rtol=0, atol=1e-9)
+
+
 @pytest.mark.slow
 def test_fit_trains_a_sharded_model_and_a_killed_run_resumes_to_the_same_ema(tmp_path):
     (tmp_path / "whole").mkdir()
@@ -298,6 +327,66 @@ def test_a_hand_written_loop_resumes_from_the_sharded_state_saved_with_torch_dis
     assert ranks[0]["differ"] == []  # bit-exact: every shard, and the buffers save() and fit write
     # Rank 1 resumed with rank 0's BatchNorm statistics, the one copy saved; its shards are its own.
     assert set(ranks[1]["differ"]) <= {f"{i}.running_{s}" for i in (1, 4) for s in ("mean", "var")}
+
+
+@pytest.fixture
+def one_process(tmp_path):
+    """A process group of one (gloo), so that fully_shard works in this process; taken down after."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def sharded_model() -> nn.Module:
+    torch.manual_seed(0)
+    return shard(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)))
+
+
+def test_a_sharded_ema_has_no_module_and_says_what_to_use(one_process):
+    ema = ModelEMA(sharded_model())
+    assert ema.sharded and "module=FSDPSequential" in repr(ema)
+    with pytest.raises(AttributeError, match=r"no module of its own.*applied_to\(model\).*ema.save"):
+        _ = ema.module
+
+
+def test_what_a_sharded_ema_cannot_do_is_refused_before_anything_is_built(one_process):
+    from ema_kit import PostHocEMA
+
+    model = sharded_model()
+    with pytest.raises(ValueError, match="bfloat16-stochastic.*not supported on a sharded model"):
+        ModelEMA(model, dtype="bfloat16-stochastic")
+    with pytest.raises(ValueError, match="keeps whole copies of the model; ModelEMA and MultiEMA"):
+        PostHocEMA(model, snapshot_every=10)
+
+
+def test_sharding_the_model_after_building_its_ema_is_refused_by_update(one_process):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    ema = ModelEMA(model)
+    shard(model)
+    with pytest.raises(ValueError, match=r"sharded after this EMA was built.*after sharding the model"):
+        ema.update(model)
+
+
+def test_a_sharded_ema_loads_a_whole_state_and_refuses_another_sharding(one_process):
+    from torch.distributed.tensor import Replicate
+
+    model = sharded_model()
+    ema, other = ModelEMA(model), ModelEMA(model, decay=0.5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    ema.update(model)
+    state = ema.state_dict()
+    whole = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state["weights"].items()}
+    other.load_state_dict(state | {"weights": whole})  # a gathered state: each rank keeps its part
+    loaded, saved = other.state_dict()["weights"], state["weights"]
+    assert all(torch.equal(loaded[k].to_local(), saved[k].to_local()) for k in ("0.weight", "2.bias"))
+    replicated = saved["0.weight"].redistribute(placements=[Replicate()])
+    with pytest.raises(ValueError, match=r"0.weight is sharded as .*Replicate.*the model's as .*Shard"):
+        other.load_state_dict(state | {"weights": whole | {"0.weight": replicated}})
 
 
 def test_unsharded_models_take_the_usual_path():
