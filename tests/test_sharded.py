@@ -389,6 +389,37 @@ def test_a_sharded_ema_loads_a_whole_state_and_refuses_another_sharding(one_proc
         other.load_state_dict(state | {"weights": whole | {"0.weight": replicated}})
 
 
+def test_resuming_an_unsharded_run_with_a_sharded_model_is_refused_before_anything_loads(
+    one_process, tmp_path
+):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ema_kit import LiveLog, fit
+
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randn(32, 4, generator=generator), torch.randint(0, 2, (32,), generator=generator)
+    )
+    loader = DataLoader(data, batch_size=16)
+
+    def run(model, **options):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        quiet = [LiveLog(progress="off", plot=False)]
+        return fit(model, loader, loader, epochs=1, optimizer=optimizer, ema=0.5, callbacks=quiet, **options)
+
+    torch.manual_seed(0)
+    run(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)), out_dir=tmp_path / "run")
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    model = sharded_model()
+    weights = {k: v.full_tensor() for k, v in model.state_dict().items() if hasattr(v, "full_tensor")}
+    with pytest.raises(ValueError, match="model was not sharded, and this run's is sharded by FSDP2"):
+        run(model, out_dir=tmp_path / "run", resume=True)
+    assert all(
+        torch.equal(v.full_tensor(), weights[k]) for k, v in model.state_dict().items() if k in weights
+    )
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
 def test_unsharded_models_take_the_usual_path():
     model = nn.Linear(2, 1)
     assert not is_sharded(model) and not ModelEMA(model).sharded

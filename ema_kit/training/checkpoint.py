@@ -163,7 +163,8 @@ class Checkpoint(Callback):
         if self.path is None:
             return
         path, saved = self.path, load_checkpoint(self.path)
-        missing = {"optimizer_type", "scheduler_type", "amp", "callbacks", "steps_per_epoch"} - saved.keys()
+        parts = {"optimizer_type", "scheduler_type", "amp", "callbacks", "steps_per_epoch", "sharded"}
+        missing = parts - saved.keys()
         if missing:
             raise ValueError(
                 f"{path} was written by an older ema_kit (it lacks {sorted(missing)}); start a new run, or "
@@ -206,7 +207,7 @@ class Checkpoint(Callback):
                 f"{sorted(callbacks)} with a state to resume; pass the same callbacks as the run that "
                 "wrote it (a callback's state is kept under its state_key)."
             )
-        was, now = saved.get("sharded", False), is_sharded(state.model)
+        was, now = saved["sharded"], is_sharded(state.model)
         if was != now:
             how = {True: "sharded by FSDP2", False: "not sharded"}
             raise ValueError(
