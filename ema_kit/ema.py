@@ -440,9 +440,14 @@ def checked_load(ema: ModelEMA, state) -> Callable[[], None]:
         "The state does not match the model this EMA was built for",
         "Build a new ModelEMA for a different architecture.",
     )
+    stochastic = settings["dtype"] == STOCHASTIC_BF16
     if shadows.sharded:
         shadows.check_state(weights)
-    stochastic = settings["dtype"] == STOCHASTIC_BF16
+        if stochastic:
+            raise ValueError(
+                f"The state holds dtype={STOCHASTIC_BF16!r} shadows, which an EMA of a sharded model does "
+                "not support; load it into an EMA of the unsharded model."
+            )
     noise = state.get("generator") if stochastic else None
     check_noise_state(noise, stochastic)
     layout = {"buffers": settings["buffers"], "dtype": settings["dtype"]}

@@ -384,6 +384,9 @@ def test_a_sharded_ema_loads_a_whole_state_and_refuses_another_sharding(one_proc
     other.load_state_dict(state | {"weights": whole})  # a gathered state: each rank keeps its part
     loaded, saved = other.state_dict()["weights"], state["weights"]
     assert all(torch.equal(loaded[k].to_local(), saved[k].to_local()) for k in ("0.weight", "2.bias"))
+    stochastic = state["settings"] | {"dtype": "bfloat16-stochastic"}
+    with pytest.raises(ValueError, match="bfloat16-stochastic.* shadows, which an EMA of a sharded model"):
+        other.load_state_dict(state | {"settings": stochastic})
     replicated = saved["0.weight"].redistribute(placements=[Replicate()])
     with pytest.raises(ValueError, match=r"0.weight is sharded as .*Replicate.*the model's as .*Shard"):
         other.load_state_dict(state | {"weights": whole | {"0.weight": replicated}})
