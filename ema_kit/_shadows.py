@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ._checks import check_module
 from ._lowp import SEED, STOCHASTIC_BF16, lerp_stochastic_, reseeded, shadow_dtype
-from ._sharded import check_supported, gathered, is_dtensor, local, reshard, shard_of
+from ._sharded import check_supported, gathered, is_dtensor, local, on_every_rank, reshard, shard_of
 from ._tensors import Slot, check_layout, model_device, saved_slots
 
 SMALL = 16_384  # elements: smaller contiguous tensors are gathered, one cat for all of them (see _Gather)
@@ -176,13 +176,18 @@ class Shadows:
         self._copy_extra_state(range(self.count))
 
     def all_finite(self) -> bool:
-        """Whether every averaged live tensor is free of NaN and Inf (one sync per device on a GPU)."""
-        return all(
+        """Whether every averaged live tensor is free of NaN and Inf (one sync per device on a GPU).
+
+        Of a sharded model, on every rank: each sees only its shards, and all must skip the same updates
+        (one all-reduce of one number).
+        """
+        finite = all(
             bool(
                 torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))]).isfinite().all()
             )
             for tensors in self._finite_checks
         )
+        return on_every_rank(finite, self._device) if self.sharded else finite
 
     # -- other uses of the live model -----------------------------------------------------------------
 
@@ -404,6 +409,7 @@ class Shadows:
             if average and tensor.numel():
                 by_device.setdefault(tensor.device, []).append(tensor)
         self._finite_checks = list(by_device.values())
+        self._device = lives[0].device  # for a sharded model's all-reduce (a rank may hold no element)
         own = nn.Module.get_extra_state
         self._extra = [
             (name, module)

@@ -60,6 +60,13 @@ def rank() -> int:
     return distributed.get_rank() if distributed.is_available() and distributed.is_initialized() else 0
 
 
+def on_every_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank of the default process group (one all-reduce of one number)."""
+    value = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value)
+
+
 def gathered(state):
     """``state`` (a state dict, or dicts and lists of them) whole, on the CPU, on rank 0; None elsewhere.
 

@@ -140,7 +140,8 @@ class ModelEMA:
     after each optimizer step, then evaluate or save ``ema.module``.
 
     A model sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``) is not copied: build the EMA on every
-    rank, and each keeps the EMA of its own shards (``sharded``), updated with no communication. It has no
+    rank, and each keeps the EMA of its own shards (``sharded``), updated with no communication (but for
+    one all-reduce of a flag with ``skip_non_finite``, so that every rank skips the same updates). It has no
     ``module``: evaluate with ``applied_to(model)``; ``save`` gathers the whole weights to rank 0 (every
     rank calls it), ``state_dict()`` holds this rank's shards as DTensors (docs/distributed.md).
 

@@ -203,6 +203,25 @@ def resume(out: Path, rank: int) -> None:
     )  # fmt: skip
 
 
+def nonfinite(out: Path, rank: int) -> None:
+    """skip_non_finite with a NaN in one rank's shard only: every rank skips that update."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = shard(sharded_cnn())
+    ema = ModelEMA(model, decay=DECAY, skip_non_finite=True)
+    ema.update(model)
+    if rank == 1:
+        with torch.no_grad():
+            model[9].weight.to_local()[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ema.update(model)
+    counts = [ema.num_updates, ema.num_skipped, len(caught)]
+    finite = bool(ema.state_dict()["weights"]["9.weight"].full_tensor().isfinite().all())
+    torch.save({"counts": counts, "finite": finite}, out / f"rank{rank}.pth")
+
+
 def worker(program: str, out: str, *args: str) -> None:
     import torch.distributed as dist
 
@@ -213,7 +232,9 @@ def worker(program: str, out: str, *args: str) -> None:
         torch.cuda.set_device(DEVICE)
     dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
     try:
-        {"average": average, "train": train, "resume": resume}[program](Path(out), dist.get_rank(), *args)
+        {"average": average, "train": train, "resume": resume, "nonfinite": nonfinite}[program](
+            Path(out), dist.get_rank(), *args
+        )
     finally:
         dist.destroy_process_group()
 
@@ -280,6 +301,14 @@ def test_sharded_ema_matches_a_float64_single_process_ema_and_communicates_nothi
     expected = unsharded.eval()(probe().double())
     assert torch.allclose(ranks[0]["scored"], expected, rtol=0, atol=1e-12)
     assert all(rank["restored"] for rank in ranks)
+
+
+@pytest.mark.slow
+def test_with_skip_non_finite_every_rank_skips_an_update_that_one_rank_s_shard_makes_non_finite(tmp_path):
+    torchrun(tmp_path, "nonfinite", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{rank}.pth", weights_only=True) for rank in range(WORLD_SIZE)]
+    assert [rank["counts"] for rank in ranks] == [[1, 1, 1]] * WORLD_SIZE  # one update, one skip, warned
+    assert all(rank["finite"] for rank in ranks)
 
 
 @pytest.mark.cuda
