@@ -1,7 +1,8 @@
 """ModelEMA of a model sharded by FSDP2 (ema_kit/_sharded.py): two CPU processes, gloo, under torchrun.
 
-Each test launches ``torchrun --nproc_per_node=2`` on this file, whose ``__main__`` part is the per-rank
-program (``worker``), then checks what the ranks wrote against a single-process float64 reference.
+The slow tests launch ``torchrun --nproc-per-node=2`` on this file, whose ``__main__`` part is the per-rank
+program (``worker``), then check what the ranks wrote against a single-process float64 reference. The
+others run in this process, on a process group of one (``one_process``), or need no group at all.
 """
 
 import contextlib
@@ -458,7 +459,7 @@ def test_unsharded_models_take_the_usual_path():
     check_supported(model)  # nothing to refuse
 
 
-def test_fsdp1_is_refused_by_name_with_what_to_use(monkeypatch):
+def test_fsdp1_is_refused_by_name_with_what_to_use():
     import torch.distributed.fsdp as fsdp
 
     class Wrapped(fsdp.FullyShardedDataParallel):  # an instance without a process group
