@@ -101,7 +101,8 @@ class FitState:
     loss: torch.Tensor | None = None  # this batch's loss; replaceable in on_before_backward
     train_loss: float = float("nan")  # the mean training loss per sample since the last row (steps taken)
     # Per validation (on_validation_start .. on_epoch_end).
-    scored: dict[str, nn.Module] = field(default_factory=dict)  # EMA name -> the module scored for it
+    # EMA name -> the module scored for it; a sharded EMA (FSDP2) is itself, scored through applied_to
+    scored: dict[str, nn.Module | ModelEMA] = field(default_factory=dict)
     row: dict = field(default_factory=dict)  # the log row being built; add columns in on_validation_end
     monitor: str | None = None  # the column the best epoch is picked by (the best decay's, with several)
     best_epoch: float | None = None  # the best row's epoch: 3, or 2.5 for a row within an epoch

@@ -280,10 +280,10 @@ class _Scoring:
         self.hooks = hooks
 
     def __call__(self, state: FitState, trainer: _Trainer, *, epoch: float) -> None:
-        state.scored = {name: e.module for name, e in state.emas.items()}
+        state.scored = {name: e if e.sharded else e.module for name, e in state.emas.items()}
         self.hooks.call("on_validation_start", state)
         scores = {
-            prefix: evaluate(scored, self.val_loader, **self.scoring)
+            prefix: _score(scored, self.model, self.val_loader, self.scoring)
             for prefix, scored in [("live", self.model), *state.scored.items()]
         }
         per_epoch = self.steps_per_epoch or max(1, state.step - trainer.first_step)  # no len(): as measured
@@ -455,6 +455,14 @@ class _Trainer:
         if kind not in self.warned:
             self.warned.add(kind)
             warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def _score(scored: nn.Module | ModelEMA, model: nn.Module, val_loader: Iterable, scoring: dict) -> dict:
+    """A module's scores; a sharded EMA has no module of its own: the sharded model runs with its weights."""
+    if isinstance(scored, ModelEMA):
+        with scored.applied_to(model):
+            return evaluate(model, val_loader, **scoring)
+    return evaluate(scored, val_loader, **scoring)
 
 
 def _sanity_pass(model: nn.Module, val_loader: Iterable, scoring: dict) -> None:
