@@ -40,6 +40,7 @@ import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import pandas as pd
 import torch
@@ -59,6 +60,7 @@ BENCHMARK_MIN_S = 60  # what the stages before it leave to the benchmark at leas
 DECAY = 0.999
 FLOOR = "floor (one flat lerp_)"
 OURS = "ema_kit ModelEMA"
+AB = "ema_kit ModelEMA without the gather (A/B)"  # every tensor in the _foreach_ lists, none gathered
 REFERENCE = "reference: bare _foreach_lerp_"
 
 
@@ -293,10 +295,13 @@ def update_functions(model, device: torch.device) -> tuple[dict[str, Callable[[]
     moved = sum(3 * t.numel() * t.element_size() for t in floats)  # read live, read shadow, write shadow
     flat_live, flat_shadow = torch.randn(count, device=device), torch.randn(count, device=device)
     ours = ModelEMA(model, DECAY, warmup=False)
+    with mock.patch("ema_kit._shadows.SMALL", 0):
+        plain = ModelEMA(model, DECAY, warmup=False)
     bare = [t.clone() for t in floats]
     functions = {
         FLOOR: lambda: flat_shadow.lerp_(flat_live, 1 - DECAY),
         OURS: lambda: ours.update(model),
+        AB: lambda: plain.update(model),
         REFERENCE: lambda: torch._foreach_lerp_(bare, floats, 1 - DECAY),
     }
     built, missing = peers(model)

@@ -32,7 +32,7 @@ from ._lowp import SEED, STOCHASTIC_BF16, lerp_stochastic_, reseeded, shadow_dty
 from ._sharded import check_supported, gathered, is_dtensor, local, on_every_rank, reshard, shard_of
 from ._tensors import Slot, check_layout, model_device, saved_slots
 
-SMALL = 16_384  # elements: smaller contiguous tensors are gathered, one cat for all of them (see _Gather)
+SMALL = 16_384  # elements: smaller contiguous CPU tensors are gathered, one cat for all of them (see _Gather)
 _MISMATCH = "The model does not match the model this EMA was built for"
 _FIX = (
     "An EMA averages one fixed set of tensors: undo the change to the model, or build a new EMA for the new "
@@ -375,7 +375,7 @@ class Shadows:
                         f"strides {shadow.stride()} (channels_last?); build the EMA from a contiguous model "
                         "(model.to(memory_format=torch.contiguous_format)) or use dtype=torch.bfloat16."
                     )
-            elif kind != "cast" and same and source.numel() < SMALL and source.is_contiguous():
+            elif kind != "cast" and same and source.device.type == "cpu" and _small(source):
                 kind = "gather" if kind == "lerp" else "gather copy"  # see _Gather
             groups.setdefault((kind, shadow.device, shadow.dtype, source.dtype), []).append(i)
         self._gathers = []
@@ -515,6 +515,10 @@ class _Watch:
         )
 
 
+def _small(tensor: Tensor) -> bool:
+    return tensor.numel() < SMALL and tensor.is_contiguous()
+
+
 class _Stage:
     """Live tensors on one device, copied each step into one buffer on the shadows' device.
 
@@ -547,8 +551,9 @@ class _Gather:
 
     Their shadows are views into one flat region per set. A step reads the live tensors with one ``cat``
     into a buffer and blends each set with one ``lerp_`` over its region, rather than one op per tensor:
-    the one path here beyond the plain idiom, kept because it pays where small tensors are many (the A/B
-    rows of benchmarks/ema_update.py: ema_kit with and without it).
+    the one path here beyond the plain idiom, kept because it pays on the CPU where small tensors are many
+    (the A/B rows of benchmarks/ema_update.py: ema_kit with and without it). On CUDA it does not pay (the
+    A/B row of benchmarks/RESULTS_gpu.md): the ``_foreach_`` kernels already batch small tensors there.
     """
 
     def __init__(self, lives: list[Tensor], regions: list[Tensor], averaged: bool):

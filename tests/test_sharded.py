@@ -62,7 +62,9 @@ def torchrun(
     command.append(f"--nproc-per-node={processes}")
     env = os.environ | {
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(Path(__file__).parent),
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
         "TEST_DEVICE": device,
     }
     with open(tmp_path / "torchrun.txt", "a") as out:
