@@ -53,7 +53,7 @@ def one_seed(seed: int, *, k: int, epochs: int, folder: Path) -> list[dict]:
     images, labels = digits()
     pool, held = train_test_split(range(len(labels)), test_size=HELD_OUT, stratify=labels, random_state=seed)
     pool, held = torch.tensor(pool), torch.tensor(held)
-    live_models = {}
+    live_models, last_emas = {}, {}
 
     def train_fold(fold):
         rows_train, rows_val = pool[fold.train], pool[fold.val]
@@ -66,7 +66,7 @@ def one_seed(seed: int, *, k: int, epochs: int, folder: Path) -> list[dict]:
         ema = ModelEMA(model, decay=DECAY)
         fit(model, train_loader, val_loader, epochs=epochs, optimizer=optimizer, ema=ema,
             out_dir=fold.out_dir, resume="auto", callbacks=[LiveLog(progress="off", plot=False)])  # fmt: skip
-        live_models[fold.index] = model
+        live_models[fold.index], last_emas[fold.index] = model, ema.module  # both after the last epoch
         return model, val_loader
 
     table = fit_folds(train_fold, labels[pool], out_dir=folder, k=k, seed=seed)
@@ -75,11 +75,13 @@ def one_seed(seed: int, *, k: int, epochs: int, folder: Path) -> list[dict]:
     targets = labels[held]
     live = [predict(live_models[i], test) for i in range(k)]
     ema = [predict(model, test) for model in emas]
+    last = [predict(last_emas[i], test) for i in range(k)]
     rows = []
     for i in range(k):
         rows.append({"seed": seed, "model": "live", "fold": i, **scores(live[i], targets)})
         rows.append({"seed": seed, "model": "ema", "fold": i, **scores(ema[i], targets)})
-    for model, probabilities in (("live", live), ("ema", ema)):
+        rows.append({"seed": seed, "model": "last_ema", "fold": i, **scores(last[i], targets)})
+    for model, probabilities in (("live", live), ("ema", ema), ("last_ema", last)):
         ensemble = scores(torch.stack(probabilities).mean(0), targets)
         rows.append({"seed": seed, "model": model, "fold": "ensemble", **ensemble})
     for model in ("live", "ema"):
@@ -102,33 +104,39 @@ def report(results: pd.DataFrame, *, k: int) -> list[str]:
         return (f"| {label} | " + " | ".join(cells)
                 + f" | {per_seed['accuracy'].mean():.4f} | {per_seed['loss'].mean():.4f} |")  # fmt: skip
 
-    for model, name in (("live", "live"), ("ema", "EMA")):
+    names = {"live": "live model", "ema": "EMA (best epoch)", "last_ema": "EMA at the last epoch"}
+    for model, name in names.items():
         part = single[single["model"] == model]
-        lines.append(row(f"(a) one fold's {name} model (mean of the {k} folds)", part))
-    for model, name in (("live", "live models"), ("ema", "EMAs")):
+        lines.append(row(f"(a) one fold's {name} (mean of the {k} folds)", part))
+    ensembles = {"live": "live models", "ema": "EMAs (best epoch)", "last_ema": "EMAs at the last epoch"}
+    for (model, name), label in zip(ensembles.items(), "bcd"):
         part = results[(results["model"] == model) & (results["fold"] == "ensemble")]
-        lines.append(row(f"({'b' if model == 'live' else 'c'}) {k}-fold ensemble of the {name}", part))
+        lines.append(row(f"({label}) {k}-fold ensemble of the {name}", part))
     for model, name in (("live", "live"), ("ema", "EMA")):
         part = results[(results["model"] == model) & (results["fold"] == "oof")]
-        lines.append(row(f"OOF score of the {name} models (on the {k}-fold rows, not held out)", part))
-    live = single[single["model"] == "live"].set_index(["seed", "fold"])
-    ema = single[single["model"] == "ema"].set_index(["seed", "fold"])
+        lines.append(row(f"OOF score of the {name} models (on the {k} folds' own rows, not held out)", part))
+    by_model = {model: single[single["model"] == model].set_index(["seed", "fold"]) for model in names}
+    live = by_model["live"]
+    lines.append("")
+    for model in ("ema", "last_ema"):
+        ema = by_model[model]
+        lines.append(
+            f"Each fold's {names[model]} against its live model, over {len(live)} (seed, fold) models: lower "
+            f"held-out loss in {int((ema['loss'] < live['loss']).sum())}, higher accuracy in "
+            f"{int((ema['accuracy'] > live['accuracy']).sum())}, lower in "
+            f"{int((ema['accuracy'] < live['accuracy']).sum())}."
+        )
     lines += [
-        "",
-        f"Each fold's EMA against its live model, over {len(live)} (seed, fold) models: lower held-out loss "
-        f"in {int((ema['loss'] < live['loss']).sum())}, higher accuracy in "
-        f"{int((ema['accuracy'] > live['accuracy']).sum())}, equal accuracy in "
-        f"{int((ema['accuracy'] == live['accuracy']).sum())}.",
         "",
         "Per fold, on the held-out rows (accuracy / loss):",
         "",
-        "| seed | fold | live | EMA |",
-        "| ---: | ---: | ---: | ---: |",
+        "| seed | fold | live | EMA (best epoch) | EMA at the last epoch |",
+        "| ---: | ---: | ---: | ---: | ---: |",
     ]
-    for (seed, fold), values in live.iterrows():
-        other = ema.loc[(seed, fold)]
-        lines.append(f"| {seed} | {fold} | {values['accuracy']:.4f} / {values['loss']:.4f} | "
-                     f"{other['accuracy']:.4f} / {other['loss']:.4f} |")  # fmt: skip
+    for seed, fold in live.index:
+        cells = [by_model[m].loc[(seed, fold)] for m in names]
+        pairs = [f"{c['accuracy']:.4f} / {c['loss']:.4f}" for c in cells]
+        lines.append(f"| {seed} | {fold} | " + " | ".join(pairs) + " |")
     return lines
 
 
@@ -160,8 +168,9 @@ def main() -> None:
             f"{args.seeds} --folds {args.folds} --epochs {args.epochs}` ({seconds:.0f} s). Per seed: "
             f"{HELD_OUT} held-out digits no fold trained on, {args.folds} stratified folds over the other "
             f"{1797 - HELD_OUT}; SmallCNN, SGD lr 0.05, batch 32, {args.epochs} epochs per fold, EMA decay "
-            f"{DECAY} (with warmup). A fold's live model is its last epoch's weights; its EMA is "
-            "`model_ema.pth`, the epoch whose EMA scored best on that fold. An ensemble averages the "
+            f"{DECAY} (with warmup). A fold's live model is its last epoch's weights; its EMA (best epoch) "
+            "is `model_ema.pth`, the epoch whose EMA scored best on that fold's rows (what a submission "
+            "ships); its EMA at the last epoch is the EMA when training ended. An ensemble averages the "
             f"{args.folds} models' class probabilities. Loss: mean negative log-probability of the true "
             "class (lower is better); the last two columns are means over the seeds.",
             "",

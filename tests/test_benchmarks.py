@@ -123,3 +123,14 @@ def test_evaluate_memory_benchmark_measures_each_way_of_scoring_with_the_same_sc
     ]
     assert all(cells[0].endswith(" MiB") and ratio(cells[1]) for cells in rows.values())
     assert len({tuple(cells[3:]) for name, cells in rows.items() if not name.startswith("forward")}) == 1
+
+
+@pytest.mark.slow
+def test_folds_benchmark_scores_each_fold_and_each_ensemble_on_held_out_rows():
+    columns, rows = table(run("folds_digits.py"), "| model |")
+    assert columns == ["seed 0: accuracy / loss", "accuracy", "loss"]
+    assert [name[:3] for name in rows] == ["(a)", "(a)", "(a)", "(b)", "(c)", "(d)", "OOF", "OOF"]
+    for cells in rows.values():
+        accuracy, loss = (float(value) for value in cells[0].split(" / "))
+        assert 0 <= accuracy <= 1 and math.isfinite(loss) and loss > 0
+        assert (float(cells[1]), float(cells[2])) == (accuracy, loss)  # one seed: its mean is itself
