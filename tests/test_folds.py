@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ema_kit.examples.digits import digits
 from ema_kit.files import load_weights, save_weights
 from ema_kit.kaggle import fit_folds, fold_models, plot_folds, predict, stratified_folds
-from ema_kit.training import LiveLog, fit
+from ema_kit.training import Callback, LiveLog, fit
 
 ROWS = 240  # of the digits: each fold trains in a fraction of a second
 
@@ -29,7 +29,7 @@ def data():
     return images[:ROWS], labels[:ROWS]
 
 
-def _trainer(data, *, epochs=2, calls=None, shuffle_val=False, val_rows=None, out_dir=None):
+def _trainer(data, *, epochs=2, calls=None, shuffle_val=False, val_rows=None, out_dir=None, extra=()):
     """A train_fold over the digits: a linear model, fit into fold.out_dir with resume="auto"."""
     images, labels = data
 
@@ -41,9 +41,10 @@ def _trainer(data, *, epochs=2, calls=None, shuffle_val=False, val_rows=None, ou
         val_index = fold.val if val_rows is None else fold.val[:val_rows]
         val_loader = DataLoader(TensorDataset(images[val_index], labels[val_index]), batch_size=64,
                                 shuffle=shuffle_val)  # fmt: skip
+        quiet = LiveLog(progress="off", plot=False)
         fit(model, DataLoader(train, batch_size=32, shuffle=True), val_loader, epochs=epochs, ema=0.8,
             optimizer=torch.optim.Adam(model.parameters(), lr=1e-2), out_dir=out_dir or fold.out_dir,
-            resume="auto", callbacks=[LiveLog(progress="off", plot=False)])  # fmt: skip
+            resume="auto", callbacks=[quiet, fold.callback, *extra])  # fmt: skip
         return model, val_loader
 
     return train_fold
@@ -172,8 +173,46 @@ def test_a_val_loader_over_other_rows_than_the_fold_is_refused(data, tmp_path):
 
 
 def test_a_fit_that_wrote_elsewhere_is_an_error_saying_to_pass_fold_out_dir(data, tmp_path):
-    with pytest.raises(FileNotFoundError, match="out_dir=fold.out_dir"):
+    with pytest.raises(ValueError, match="fold 0: fit wrote to .*elsewhere.*pass out_dir=fold.out_dir"):
         fit_folds(_trainer(data, out_dir=tmp_path / "elsewhere"), data[1], out_dir=tmp_path / "run", k=3)
+
+
+def test_a_fit_without_the_folds_callback_is_an_error_saying_to_pass_it(data, tmp_path):
+    images, labels = data
+
+    def train_fold(fold):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        loader = DataLoader(TensorDataset(images[fold.val], labels[fold.val]), batch_size=16)
+        fit(model, loader, loader, epochs=1, ema=0.5, optimizer=torch.optim.Adam(model.parameters()),
+            out_dir=fold.out_dir, callbacks=[LiveLog(progress="off", plot=False)])  # fmt: skip
+        return model, loader
+
+    with pytest.raises(ValueError, match=r"callbacks=\[fold.callback\]"):
+        fit_folds(train_fold, labels, out_dir=tmp_path, k=3)
+    assert not (tmp_path / "fold_0" / "oof.csv").exists()
+
+
+def test_the_stop_button_in_a_fold_stops_the_folds_and_leaves_the_fold_unfinished(data, tmp_path):
+    class StopButton(Callback):  # as Jupyter's stop button: a KeyboardInterrupt mid-epoch 2 of fold 1
+        def on_step_end(self, state):
+            if fold_now[0] == 1 and state.epoch == 2:
+                raise KeyboardInterrupt
+
+    fold_now, calls = [None], []
+    train = _trainer(data, epochs=3, calls=calls, extra=[StopButton()])
+
+    def train_fold(fold):
+        fold_now[0] = fold.index
+        return train(fold)
+
+    with pytest.raises(KeyboardInterrupt, match="fold 1 was stopped after 1 of 3 epochs"):
+        fit_folds(train_fold, data[1], out_dir=tmp_path, k=3)
+    assert calls == [0, 1] and not (tmp_path / "fold_1" / "oof.csv").exists()
+    calls.clear()
+    fold_now[0] = None  # the rerun: nobody presses stop
+    fit_folds(lambda fold: train(fold), data[1], out_dir=tmp_path, k=3)
+    assert calls == [1, 2]
+    assert len(pd.read_csv(tmp_path / "fold_1" / "history.csv")) == 3
 
 
 def test_train_fold_must_return_the_model_and_the_val_loader(data, tmp_path):
@@ -271,7 +310,7 @@ _SCRIPT = textwrap.dedent(
                               nn.Flatten(), nn.Dropout(0.2), nn.Linear(8 * 64, 10))
         train = DataLoader(TensorDataset(images[fold.train], labels[fold.train]), batch_size=16, shuffle=True)
         val = DataLoader(TensorDataset(images[fold.val], labels[fold.val]), batch_size=64)
-        callbacks = [LiveLog(progress="off", plot=False)]
+        callbacks = [LiveLog(progress="off", plot=False), fold.callback]
         if pause and fold.index == 3:
             callbacks.append(PauseInFold3())
         fit(model, train, val, epochs=3, ema=0.9, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3),

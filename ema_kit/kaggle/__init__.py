@@ -2,7 +2,7 @@
 weights, K-fold training, prediction and submissions."""
 
 from .datasets import PixelCSVDataset
-from .folds import Fold, fit_folds, fold_models, plot_folds, stratified_folds
+from .folds import Fold, FoldEnd, fit_folds, fold_models, plot_folds, stratified_folds
 from .inputs import find_file, input_dir, kaggle_root, on_kaggle, smoke, working_dir
 from .models import timm_model
 from .submission import predict, write_submission
@@ -21,6 +21,7 @@ __all__ = [
     "stratified_folds",
     "fit_folds",
     "Fold",
+    "FoldEnd",
     "fold_models",
     "plot_folds",
 ]

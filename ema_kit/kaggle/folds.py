@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_write_bytes, atomic_write_text, load_weights
+from ..training.callbacks import Callback, FitState
 from ..training.evaluate import accuracy, check_metrics, metric_value
 from ..training.plot import EMA_COLORS, LIVE_COLOR, NotebookFigure
 from .submission import predict
@@ -35,6 +36,21 @@ from .submission import predict
 # A probability saved as 0 would make the OOF loss infinite: its log is floored here (float32's smallest).
 _SMALLEST_PROBABILITY = float(torch.finfo(torch.float32).tiny)
 _FOLD_FOLDER = re.compile(r"fold_(\d+)")
+
+
+class FoldEnd(Callback):
+    """Tells ``fit_folds`` how the fold's ``fit`` ended: pass it in ``fit``'s callbacks (``fold.callback``).
+
+    fit returns normally after the stop button (the last finished epoch kept); only this tells a fold that
+    ran all its epochs (or stopped early on purpose) from one the user stopped, which must not be marked
+    finished and must stop the folds after it too.
+    """
+
+    def __init__(self):
+        self.state: FitState | None = None
+
+    def on_fit_end(self, state: FitState) -> None:
+        self.state = state
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,7 @@ class Fold:
     val: np.ndarray  # positions of this fold's rows: validated on, and predicted out of fold
     out_dir: Path  # <out_dir>/fold_<index>: pass it to fit with resume="auto"
     seed: int  # torch's global generator is seeded with it just before train_fold is called
+    callback: FoldEnd  # pass it to fit: callbacks=[fold.callback]
 
 
 def stratified_folds(labels, *, k: int = 5, seed: int = 0) -> np.ndarray:
@@ -88,17 +105,19 @@ def fit_folds(
     """Train a model per stratified fold of ``labels``, each with ``fit``, and predict every row out of fold.
 
     ``train_fold(fold)`` builds the fold's model, loaders and optimizer, calls ``fit(...,
-    out_dir=fold.out_dir, resume="auto")`` (an EMA included, so that it writes ``model_ema.pth``) and
-    returns ``(model, val_loader)``: the trained live model, and the unshuffled loader over exactly the
-    rows ``fold.val``, in that order. ``fit_folds`` then predicts those rows with the live model (its
-    weights after the last epoch) and with the EMA fit saved (``model_ema.pth``, its best epoch's: the
-    weights that ship), and writes them to ``fold_<i>/oof.csv``, which marks the fold finished.
+    out_dir=fold.out_dir, resume="auto", callbacks=[fold.callback])`` (an EMA included, so that it writes
+    ``model_ema.pth``) and returns ``(model, val_loader)``: the trained live model, and the unshuffled
+    loader over exactly the rows ``fold.val``, in that order. ``fit_folds`` then predicts those rows with
+    the live model (its weights after the last epoch) and with the EMA fit saved (``model_ema.pth``, its
+    best epoch's: the weights that ship), and writes them to ``fold_<i>/oof.csv``, which marks the fold
+    finished.
 
     Rerun after a kernel restart or Kaggle's time limit, it skips the finished folds and calls
     ``train_fold`` for the rest: fit resumes the interrupted one from its checkpoint. Torch's generator is
     seeded with ``fold.seed`` before each fold, so fold i trains the same whether the folds before it ran
     in this process or were skipped. A rerun with other labels, ``k`` or ``seed`` is refused: its folds
-    would mix two splits.
+    would mix two splits. The stop button ends the folds too (a ``KeyboardInterrupt`` after fit has kept
+    the fold's last finished epoch), and the stopped fold is not marked finished.
 
     Returns the table of the folds and of all rows out of fold (``folds.csv``): per row, ``rows``, the
     cross-entropy ``live_loss`` and ``ema_loss`` of the predicted probabilities, and each metric for the
@@ -118,7 +137,8 @@ def fit_folds(
         ...     val_loader = torch.utils.data.DataLoader(val, batch_size=256)
         ...     fit(model, torch.utils.data.DataLoader(train, batch_size=64, shuffle=True), val_loader,
         ...         epochs=2, ema=0.9, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
-        ...         out_dir=fold.out_dir, resume="auto", callbacks=[LiveLog(progress="off", plot=False)])
+        ...         out_dir=fold.out_dir, resume="auto",
+        ...         callbacks=[LiveLog(progress="off", plot=False), fold.callback])
         ...     return model, val_loader
         >>> table = fit_folds(train_fold, labels, out_dir=tempfile.mkdtemp(), k=3)  # doctest: +ELLIPSIS
         fold 0 of 3: ...
@@ -140,6 +160,7 @@ def fit_folds(
             val=np.flatnonzero(folds == index),
             out_dir=out_dir / f"fold_{index}",
             seed=seed + index,
+            callback=FoldEnd(),
         )
         finished = fold.out_dir / "oof.csv"
         if finished.is_file():
@@ -286,6 +307,22 @@ def _predict_fold(fold: Fold, trained, labels: np.ndarray, *, tta: bool) -> None
             f"fold {fold.index} returned {type(trained).__name__}."
         )
     model, val_loader = trained
+    ended = fold.callback.state
+    if ended is None:
+        raise ValueError(
+            f"fold {fold.index}: train_fold must call fit(..., out_dir=fold.out_dir, resume='auto', "
+            "callbacks=[fold.callback]): fold.callback tells fit_folds how the fold's fit ended."
+        )
+    if ended.out_dir is None or Path(ended.out_dir).resolve() != fold.out_dir.resolve():
+        raise ValueError(
+            f"fold {fold.index}: fit wrote to out_dir={ended.out_dir}, not to fold.out_dir ({fold.out_dir}), "
+            "where fit_folds looks for the fold's files and checkpoint: pass out_dir=fold.out_dir."
+        )
+    if not ended.stop and len(ended.history) < ended.epochs:
+        raise KeyboardInterrupt(
+            f"fit_folds: fold {fold.index} was stopped after {len(ended.history)} of {ended.epochs} epochs; "
+            "run the cell again to resume it (the finished folds are skipped)."
+        )
     sampler = getattr(val_loader, "sampler", None)
     if isinstance(sampler, torch.utils.data.RandomSampler):
         raise ValueError(
@@ -295,8 +332,8 @@ def _predict_fold(fold: Fold, trained, labels: np.ndarray, *, tta: bool) -> None
     weights = fold.out_dir / "model_ema.pth"
     if not weights.is_file():
         raise FileNotFoundError(
-            f"fold {fold.index}: {weights} does not exist: train_fold must call fit(..., "
-            "out_dir=fold.out_dir, resume='auto') with an EMA (fit's ema=, on by default)."
+            f"fold {fold.index}: {weights} does not exist: fit writes it when it trains an EMA (fit's ema=, "
+            "on by default; not None)."
         )
     ema_model = copy.deepcopy(model)
     ema_model.load_state_dict(load_weights(weights))
