@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 from ..files import atomic_write_bytes, atomic_write_text, load_weights
@@ -274,6 +275,7 @@ def plot_folds(run: str | os.PathLike) -> NotebookFigure:
         emas = [c for c in history.columns if re.fullmatch(rf"ema[\d.e-]*_{re.escape(logged)}", c)]
         for column in emas:
             curves.plot(history["epoch"], history[column], "-", color=color, label=f"fold {index}")
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.2, 1.4, ...
     curves.set_xlabel("epoch")
     curves.set_ylabel(f"validation {logged}")
     curves.set_title("each fold: live (dashed) and EMA (solid)")
