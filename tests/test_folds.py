@@ -192,6 +192,33 @@ def test_a_fit_without_the_folds_callback_is_an_error_saying_to_pass_it(data, tm
     assert not (tmp_path / "fold_0" / "oof.csv").exists()
 
 
+def test_dict_batches_and_outputs_are_read_as_the_folds_fit_read_them(data, tmp_path):
+    images, labels = data
+
+    class Named(nn.Module):  # takes dict batches' "pixels", returns {"logits": ...}
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(64, 10)
+
+        def forward(self, pixels):
+            return {"logits": self.linear(pixels.flatten(1))}
+
+    def batches(rows, **options):
+        items = [{"pixels": images[i], "labels": labels[i]} for i in rows]
+        return DataLoader(items, batch_size=32, **options)
+
+    def train_fold(fold):
+        model, val_loader = Named(), batches(fold.val)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        fit(model, batches(fold.train, shuffle=True), val_loader, epochs=2, ema=0.8, target_key="labels",
+            output_key="logits", optimizer=optimizer, out_dir=fold.out_dir, resume="auto",
+            callbacks=[LiveLog(progress="off", plot=False), fold.callback])  # fmt: skip
+        return model, val_loader
+
+    table = fit_folds(train_fold, labels, out_dir=tmp_path, k=3)
+    assert table.loc["oof", "rows"] == ROWS and table.loc["oof", "ema_accuracy"] > 0.5
+
+
 def test_the_stop_button_in_a_fold_stops_the_folds_and_leaves_the_fold_unfinished(data, tmp_path):
     class StopButton(Callback):  # as Jupyter's stop button: a KeyboardInterrupt mid-epoch 2 of fold 1
         def on_step_end(self, state):

@@ -339,7 +339,9 @@ def _predict_fold(fold: Fold, trained, labels: np.ndarray, *, tta: bool) -> None
         )
     ema_model = copy.deepcopy(model)
     ema_model.load_state_dict(load_weights(weights))
-    live, ema = predict(model, val_loader, tta=tta), predict(ema_model, val_loader, tta=tta)
+    # Batches and outputs read as the fold's fit read them (dict batches, tuple or dict outputs).
+    reading = dict(tta=tta, target_key=ended.target_key, output_key=ended.output_key)
+    live, ema = predict(model, val_loader, **reading), predict(ema_model, val_loader, **reading)
     if len(live) != len(fold.val):
         raise ValueError(
             f"fold {fold.index}: the val_loader gave {len(live)} rows, but the fold holds {len(fold.val)}: "
