@@ -63,9 +63,9 @@ def one_seed(seed: int, *, k: int, epochs: int, folder: Path) -> list[dict]:
         val_loader = DataLoader(TensorDataset(images[rows_val], labels[rows_val]), batch_size=256)
         model = SmallCNN()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        ema = ModelEMA(model, decay=DECAY)
+        ema, quiet = ModelEMA(model, decay=DECAY), LiveLog(progress="off", plot=False)
         fit(model, train_loader, val_loader, epochs=epochs, optimizer=optimizer, ema=ema,
-            out_dir=fold.out_dir, resume="auto", callbacks=[LiveLog(progress="off", plot=False)])  # fmt: skip
+            out_dir=fold.out_dir, resume="auto", callbacks=[quiet, fold.callback])  # fmt: skip
         live_models[fold.index], last_emas[fold.index] = model, ema.module  # both after the last epoch
         return model, val_loader
 
