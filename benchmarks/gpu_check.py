@@ -201,11 +201,11 @@ def notebook(dry_run: bool, limit_s: float, scratch: Path) -> Stage:
         return Stage(name, False, f"timed out after {seconds:.0f} s", tail(output))
     if code != 0:
         return Stage(name, False, f"FAILED (nbmake exit code {code}) after {seconds:.0f} s", tail(output, 60))
-    histories = sorted(folder.glob("runs/*/history.csv"))
+    histories = sorted(folder.glob("runs/*/fold_0/history.csv"))  # 02 trains K folds: the first one's log
     if len(histories) != 1:
         found = [str(p.relative_to(folder)) for p in histories]
         return Stage(
-            name, False, f"ran in {seconds:.0f} s but left {len(histories)} runs/*/history.csv {found}"
+            name, False, f"ran in {seconds:.0f} s but left {len(histories)} runs/*/fold_0/history.csv {found}"
         )
     figure = histories[0].with_name("history.png")
     if not figure.is_file():

@@ -140,3 +140,14 @@ def test_sharded_memory_benchmark_measures_each_rank_and_finds_no_collective_in_
     assert 0.45 < ratio(rows["2"][4]) < 0.55  # the tiny CNN: its shards are half of each tensor
     ratio(rows["2"][2])  # resident memory: noisy at this size, but measured
     assert all(cells[-1] == "none" for cells in rows.values())
+
+
+@pytest.mark.slow
+def test_folds_benchmark_scores_each_fold_and_each_ensemble_on_held_out_rows():
+    columns, rows = table(run("folds_digits.py"), "| model |")
+    assert columns == ["seed 0: accuracy / loss", "accuracy", "loss"]
+    assert [name[:3] for name in rows] == ["(a)", "(a)", "(a)", "(b)", "(c)", "(d)", "OOF", "OOF"]
+    for cells in rows.values():
+        accuracy, loss = (float(value) for value in cells[0].split(" / "))
+        assert 0 <= accuracy <= 1 and math.isfinite(loss) and loss > 0
+        assert (float(cells[1]), float(cells[2])) == (accuracy, loss)  # one seed: its mean is itself

@@ -375,6 +375,11 @@ def test_predict_returns_softmax_in_loader_order_and_restores_mode():
     assert model.training
 
 
+def test_predict_builds_no_graph():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    assert not predict(model, [torch.zeros(5, 1, 2, 2)]).requires_grad
+
+
 def test_predict_flip_tta_averages_the_mirror_image():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))

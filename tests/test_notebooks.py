@@ -162,8 +162,10 @@ def test_the_torch_only_notebooks_run_in_order_at_smoke_size(tmp_path):
 def test_the_kaggle_notebooks_run_in_order_at_smoke_size(tmp_path):
     _nbmake(_copy(KAGGLE_NOTEBOOKS, tmp_path), tmp_path, EMA_KIT_KAGGLE_ROOT=str(tmp_path / "no-kaggle-here"))
     runs = tmp_path / "runs"
-    for run in KAGGLE_NOTEBOOKS[:2]:
-        assert (runs / run / "model_ema.pth").is_file()
+    for run in KAGGLE_NOTEBOOKS[:2]:  # K=2 folds at smoke size
+        assert json.loads((runs / run / "folds.json").read_text())["k"] == 2
+        assert all((runs / run / f"fold_{i}" / "model_ema.pth").is_file() for i in range(2))
+        assert pd.read_csv(runs / run / "folds.csv")["fold"].tolist() == ["0", "1", "oof"]
     assert json.loads((runs / KAGGLE_NOTEBOOKS[0] / "model.json").read_text()) == {
         "name": "resnet18", "num_classes": 10, "img_size": 28}  # fmt: skip
     submission = pd.read_csv(runs / "04_inference_submission" / "submission.csv")
@@ -172,8 +174,12 @@ def test_the_kaggle_notebooks_run_in_order_at_smoke_size(tmp_path):
     assert list(submission.columns) == ["ImageId", "Label"] and len(submission) == len(sample)
     images = pd.read_csv(runs / "03_image_folder_classification" / "submission.csv")
     assert list(images.columns) == ["id_code", "diagnosis"] and images["diagnosis"].between(0, 4).all()
-    log = pd.read_csv(runs / "03_image_folder_classification" / "history.csv")
+    log = pd.read_csv(runs / "03_image_folder_classification" / "fold_1" / "history.csv")
     assert {"live_qwk", "ema_qwk"} <= set(log.columns) and log["ema_qwk"].between(-1, 1).all()
+    table = pd.read_csv(runs / "03_image_folder_classification" / "folds.csv", index_col="fold")
+    assert table.loc["oof", "rows"] == 300 and table["ema_qwk"].between(-1, 1).all()
+    oof = pd.read_csv(runs / "03_image_folder_classification" / "oof.csv")
+    assert oof["row"].tolist() == list(range(300))
 
 
 # -- on Kaggle: "Save & Run All" in a kernel without ema_kit installed -----------------------------
@@ -290,7 +296,8 @@ def test_on_kaggle_02_trains_and_04_submits_from_the_attached_inputs(
     inference = _run_on_kaggle(
         "04_inference_submission", kaggle, tmp_path / "b", kernel_without_ema_kit, monkeypatch
     )
-    assert f"Loaded {kaggle / 'input' / layout['output'] / 'model_ema.pth'}" in _printed(inference)
+    output = kaggle / "input" / layout["output"]
+    assert f"Loaded the EMA weights of 2 folds from {output}:" in _printed(inference)
 
     submission = pd.read_csv(kaggle / "working" / "submission.csv")
     sample = pd.read_csv(competition / "sample_submission.csv")
@@ -371,7 +378,7 @@ def test_on_kaggle_03_trains_a_timm_cnn_or_vit_from_attached_pretrained_weights(
     output = kaggle / "working"
     spec = json.loads((output / "model.json").read_text())
     assert spec == {"name": layout["model"], "num_classes": 5, "img_size": 32}
-    log = pd.read_csv(output / "history.csv")
+    log = pd.read_csv(output / "fold_0" / "history.csv")
     assert len(log) == 2 and {"live_qwk", "ema_qwk", "live_accuracy", "ema_accuracy"} <= set(log.columns)
     submission = pd.read_csv(output / "submission.csv")
     assert list(submission.columns) == ["id_code", "diagnosis"]
@@ -393,4 +400,52 @@ def test_on_kaggle_without_the_pretrained_weights_attached_03_stops_naming_them_
     assert error.value.ename == "FileNotFoundError"
     assert error.value.evalue.startswith("model.safetensors is in no input attached to this Kaggle notebook")
     assert "Attach 'timm-resnet18'" in error.value.evalue
+    assert list((kaggle / "working").iterdir()) == []
+
+
+def _trained_folds(folder: Path, k: int, spec: dict) -> Path:
+    """A finished fit_folds run of ``k`` folds as 02 writes it, its weights those of a fresh model."""
+    from ema_kit.files import save_weights
+    from ema_kit.kaggle import timm_model
+
+    folder.mkdir(parents=True)
+    (folder / "model.json").write_text(json.dumps(spec))
+    (folder / "folds.json").write_text(json.dumps({"k": k, "seed": 0, "folds": [0, 1] * 5}))
+    for i in range(k):
+        save_weights(timm_model(**spec).state_dict(), folder / f"fold_{i}" / "model_ema.pth")
+        (folder / f"fold_{i}" / "oof.csv").write_text("row\n")
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.kaggle_stack
+@pytest.mark.parametrize(
+    "spoil, error, message",
+    [
+        ("missing", "FileNotFoundError", "fold 1 of 2 is missing or unfinished"),
+        ("unfinished", "FileNotFoundError", "fold 1 of 2 is missing or unfinished"),
+        ("mismatched", "ValueError", "fold 1 of 2: "),
+    ],
+)  # fmt: skip
+def test_on_kaggle_04_stops_on_a_missing_unfinished_or_mismatched_fold_naming_it_and_writes_nothing(
+    tmp_path, kernel_without_ema_kit, monkeypatch, spoil, error, message
+):
+    from ema_kit.files import save_weights
+    from ema_kit.kaggle import timm_model
+
+    kaggle = tmp_path / "kaggle"
+    _competition(kaggle / "input" / "competitions" / "digit-recognizer")
+    _ema_kit_dataset(kaggle, "datasets/tester/ema-kit", "wheel")
+    spec = {"name": "resnet18", "num_classes": 10, "img_size": 28}
+    run = _trained_folds(kaggle / "input" / "notebooks" / "tester" / "my-digits-run", 2, spec)
+    if spoil == "missing":
+        (run / "fold_1" / "model_ema.pth").unlink()
+    elif spoil == "unfinished":
+        (run / "fold_1" / "oof.csv").unlink()
+    else:  # trained for another class count
+        save_weights(timm_model(**spec | {"num_classes": 5}).state_dict(), run / "fold_1" / "model_ema.pth")
+    (kaggle / "working").mkdir()
+    with pytest.raises(CellExecutionError) as raised:
+        _run_on_kaggle("04_inference_submission", kaggle, tmp_path / "a", kernel_without_ema_kit, monkeypatch)
+    assert raised.value.ename == error and raised.value.evalue.startswith(message), raised.value.evalue
     assert list((kaggle / "working").iterdir()) == []

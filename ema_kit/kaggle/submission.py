@@ -16,6 +16,7 @@ from ..files import atomic_write_text
 from ..training.evaluate import resolve_amp
 
 
+@torch.no_grad()  # no graph: a test set's activations are not kept for a backward pass
 def predict(
     model: nn.Module,
     loader: Iterable,
