@@ -29,6 +29,7 @@ from .checkpoint import Checkpoint, loader_generators, rng_state, set_rng_state
 from .evaluate import accuracy, check_metrics, cross_entropy, evaluate, resolve_amp, resolve_device
 from .history import append_row, best_row, direction, score_row
 from .livelog import LiveLog
+from .status import RunStatus
 
 # Schedulers stepped after every optimizer step by default; any other after every epoch.
 _PER_STEP_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
@@ -162,7 +163,8 @@ def fit(
             f"mode={mode!r}; build it with mode={mode!r}, or pass monitor= for the quantity it should watch."
         )
     live_log = _live_log(callbacks, out_dir)
-    callbacks = ([] if live_log in callbacks else [live_log]) + callbacks + ([files] if files else [])
+    status = RunStatus(out_dir) if out_dir is not None and is_main_process() else None  # status.json
+    callbacks = ([] if live_log in callbacks else [live_log]) + callbacks + [c for c in (files, status) if c]
     hooks = CallbackList(callbacks)  # the live log first, the files last: they see every change of the epoch
     # evaluate's options, for the sanity pass and then every validation
     scoring = dict(loss_fn=loss_fn, metrics=metrics, amp=amp, target_key=target_key, output_key=output_key)
@@ -237,6 +239,8 @@ def fit(
                 f"\nStopped by the user during epoch {state.epoch}: kept {finished} finished epochs{where}."
             )
     except Exception as error:
+        if status is not None:
+            status.failed(error)
         if out_dir and len(state.history):
             error.add_note(
                 f"ema_kit.fit: the {len(state.history)} finished epochs are kept in "
