@@ -5,6 +5,7 @@ a notebook (which stays free to ``watch`` the run).
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -76,7 +77,7 @@ def launch(
     ``processes="auto"``: one per CUDA GPU (two on Kaggle's "GPU T4 x2"), or one where there is a single
     GPU or none (the CPU); a number starts that many (on the CPU they talk over gloo). It says in one
     line what it started and why. The output of torchrun and of every process goes to
-    ``out_dir/launch.log``; the processes import the same ema_kit and packages as this one (the
+    ``out_dir/launch.log`` (appended to); the processes import the same ema_kit and packages as this one (the
     notebook's ``sys.path``). Returns a ``Job`` at once: ``watch(out_dir, job=job)`` shows the run live.
     Interrupting the notebook does not stop the run (it runs in its own session): ``job.stop()`` does.
 
@@ -105,7 +106,9 @@ def launch(
         "PYTHONPATH": os.pathsep.join(entry for entry in sys.path if entry),
         "PYTHONUNBUFFERED": "1",  # the log shows each line as it is printed
     }
-    with open(log, "w") as output:
+    with open(log, "a") as output:  # appended: a resumed run's log follows the one it resumes
+        output.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
+        output.flush()
         process = subprocess.Popen(
             command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,

@@ -12,6 +12,8 @@ import socket
 import time
 from pathlib import Path
 
+import torch
+
 from .. import _batches
 from ..files import atomic_write_text
 from .callbacks import Callback, FitState
@@ -26,8 +28,8 @@ class RunStatus(Callback):
     The fields: ``state`` (``"running"``, ``"finished"``, ``"stopped"`` by the user with epochs left,
     ``"failed"`` with the ``error``), ``pid`` and ``host`` of the writing process, ``started`` and
     ``time`` (the heartbeat, Unix seconds), ``epoch`` (in progress, or the last), ``epochs``, ``batch``
-    and ``batches`` (None for a loader without a length) and ``rows`` of the epoch so far,
-    ``saved_epoch`` (the last epoch whose row, weights and checkpoint are in the folder; 0 for none)
+    and ``batches`` (None for a loader without a length) and ``rows`` of the epoch so far (on every
+    process of a distributed run), ``saved_epoch`` (the last epoch whose row, weights and checkpoint are in the folder; 0 for none)
     and ``best_epoch``. It is rewritten (atomically) at every epoch's start and end, and at most every
     ``every`` seconds in between. ``fit(out_dir=...)`` runs one, after its files; it needs no state.
 
@@ -55,7 +57,7 @@ class RunStatus(Callback):
 
     def on_batch_end(self, state: FitState) -> None:
         self.fields["batch"] = self.fields.get("batch", 0) + 1
-        self.fields["rows"] = self.fields.get("rows", 0) + _batches.size(state.targets)
+        self.fields["rows"] = self.fields.get("rows", 0) + _batches.size(state.targets) * _processes()
         if time.time() - self._written >= self.every:
             self._write(state)
 
@@ -98,3 +100,8 @@ def _length(loader) -> int | None:
         return len(loader)
     except TypeError:
         return None
+
+
+def _processes() -> int:
+    """The processes of a distributed run (each trains on its own rows of a batch), else 1."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
