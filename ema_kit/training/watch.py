@@ -58,11 +58,11 @@ def watch(
     while True:
         ended = job is not None and not job.running  # before the files: a finished job wrote them all
         status = read_status(folder)
-        if status is not None and job is not None and status["started"] < job.started - 1:
+        if status is not None and job is not None and status["started"] < job.started:
             status = None  # an earlier run's, in a folder this job reuses (a resume)
         follower.show(_read_history(folder), status)
         if status is not None and status["state"] != "running":
-            return follower.end(status)
+            return follower.end(status, job)
         if status is not None:
             gone = _gone(status, job, ended, stale_after)
         elif ended:
@@ -107,10 +107,10 @@ class _Follower:
             progress.batch(images=status["rows"] - self.rows if index == new - 1 else 0)
         self.batch, self.rows = status["batch"], status["rows"]
 
-    def end(self, status: dict) -> pd.DataFrame:
+    def end(self, status: dict, job) -> pd.DataFrame:
         state, saved, epochs = status["state"], status.get("saved_epoch", 0), status["epochs"]
         if state == "failed":
-            raise RuntimeError(self.died(f"fit raised {status['error']}", status, None))
+            raise RuntimeError(self.died(f"fit raised {status['error']}", status, job))
         if state == "stopped":
             print(
                 f"The run in {self.folder} was stopped by its user after epoch {saved} of {epochs}; "
