@@ -29,9 +29,10 @@ class RunStatus(Callback):
     ``"failed"`` with the ``error``), ``pid`` and ``host`` of the writing process, ``started`` and
     ``time`` (the heartbeat, Unix seconds), ``epoch`` (in progress, or the last), ``epochs``, ``batch``
     and ``batches`` (None for a loader without a length) and ``rows`` of the epoch so far (on every
-    process of a distributed run), ``saved_epoch`` (the last epoch whose row, weights and checkpoint are in the folder; 0 for none)
-    and ``best_epoch``. It is rewritten (atomically) at every epoch's start and end, and at most every
-    ``every`` seconds in between. ``fit(out_dir=...)`` runs one, after its files; it needs no state.
+    process of a distributed run), ``saved_epoch`` (the last epoch whose row, weights and checkpoint are
+    in the folder; 0 for none) and ``best_epoch``. It is rewritten (atomically) at every epoch's start
+    and end, and at most every ``every`` seconds in between. ``fit(out_dir=...)`` runs one, after its
+    files; it keeps no state in the checkpoint.
 
     Example:
         >>> import tempfile
