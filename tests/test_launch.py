@@ -3,8 +3,12 @@
 The DDP runs train tests/ddp_train.py (global batch 64 whatever the number of processes, no BatchNorm).
 """
 
+import importlib.util
 import os
 import signal
+import subprocess
+import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from ema_kit import launch, watch
 from ema_kit.training import read_status
 
 SCRIPT = Path(__file__).with_name("ddp_train.py")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(folder: Path, processes: int, *args: str) -> pd.DataFrame:
@@ -123,3 +128,44 @@ def test_killing_a_process_ends_the_job_and_resume_finishes_it_as_if_uninterrupt
     for rank, (after, before) in enumerate(zip(_emas(tmp_path, 2), _emas(two_processes, 2))):
         assert all(torch.equal(after[name], before[name]) for name in before), rank
     assert "Resumed from" in (tmp_path / "run" / "launch.log").read_text()
+
+
+def _python_without_ema_kit(folder: Path) -> Path:
+    """A Python that sees every package installed here but ema_kit (as a Kaggle kernel does)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", folder / "venv"], check=True)
+    python = folder / "venv" / "bin" / "python"
+    site = subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"])
+    packages = folder / "packages"
+    packages.mkdir()
+    for entry in Path(sysconfig.get_path("purelib")).iterdir():
+        if not entry.name.lower().startswith(("ema_kit", "__editable__")):
+            (packages / entry.name).symlink_to(entry)
+    Path(site.decode().strip(), "packages.pth").write_text(f"{packages}\n")
+    return python
+
+
+@pytest.mark.slow
+def test_processes_import_the_single_file_copy_the_notebook_imported(tmp_path):
+    """On Kaggle the first cell imports ema_kit from the dataset's ema_kit_single.py; torchrun's processes
+    must find it too, though nothing installed it."""
+    spec = importlib.util.spec_from_file_location("kaggle_build", REPO / "kaggle" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "ema_kit_single.py").write_text(build.single_file(build.read_package(), "0.1.0"))
+    (tmp_path / "show.py").write_text(
+        "import os, ema_kit\nprint('rank', os.environ['RANK'], ema_kit.__file__)\n"
+    )
+    notebook = (
+        f"import sys; sys.path.insert(0, {str(dataset)!r}); import ema_kit_single\n"
+        "from ema_kit import launch\n"
+        f"job = launch({str(tmp_path / 'show.py')!r}, out_dir={str(tmp_path / 'run')!r}, processes=2)\n"
+        "sys.exit(job.wait(timeout=120))\n"
+    )
+    python = _python_without_ema_kit(tmp_path)
+    result = subprocess.run([python, "-c", notebook], capture_output=True, text=True, timeout=180)
+    log = (tmp_path / "run" / "launch.log").read_text()
+    assert result.returncode == 0, result.stderr + log
+    bundled = f"{dataset / 'ema_kit_single.py'}/ema_kit/__init__.py"
+    assert f"rank 0 {bundled}" in log and f"rank 1 {bundled}" in log
