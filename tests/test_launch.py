@@ -130,6 +130,20 @@ def test_killing_a_process_ends_the_job_and_resume_finishes_it_as_if_uninterrupt
     assert "Resumed from" in (tmp_path / "run" / "launch.log").read_text()
 
 
+@pytest.mark.slow
+def test_stop_ends_every_process_and_watch_names_the_epoch_to_resume_from(tmp_path):
+    job = launch(SCRIPT, tmp_path / "run", "--pause", "0.3", out_dir=tmp_path / "run", processes=2)
+    deadline = time.time() + 120
+    while (read_status(tmp_path / "run") or {}).get("saved_epoch") != 1:
+        assert time.time() < deadline and job.running, job.log_tail()
+        time.sleep(0.05)
+    workers = [_rank_pid(job, rank) for rank in (0, 1)]
+    assert job.stop() != 0 and not job.running
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    with pytest.raises(RuntimeError, match="The last epoch saved is 1 of 3"):
+        watch(tmp_path / "run", job=job, progress="off", plot=False)
+
+
 def _python_without_ema_kit(folder: Path) -> Path:
     """A Python that sees every package installed here but ema_kit (as a Kaggle kernel does)."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", folder / "venv"], check=True)

@@ -68,9 +68,9 @@ class Job:
 
 def launch(
     script: str | os.PathLike,
-    *args: str,
-    out_dir: str | os.PathLike,
-    processes: int | str = "auto",
+    *args: str,  # the script's own arguments
+    out_dir: str | os.PathLike,  # the run folder: launch.log goes there (the script's fit writes it too)
+    processes: int | str = "auto",  # "auto": one per GPU, or 1; or a number
 ) -> Job:
     """Start ``torchrun --standalone --nproc-per-node=<processes> script *args`` in the background.
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import _checks
+from .launch import Job
 from .livelog import LiveLog
 from .status import read_status
 
@@ -20,11 +21,11 @@ from .status import read_status
 def watch(
     out_dir: str | os.PathLike,
     *,
-    job=None,
-    every: float = 2.0,
-    stale_after: float = 600.0,
-    progress: str = "auto",
-    plot: bool = True,
+    job: Job | None = None,  # launch's: the run ends when it does
+    every: float = 2.0,  # seconds between two looks at the folder
+    stale_after: float = 600.0,  # seconds without a heartbeat after which a run on another machine is dead
+    progress: str = "auto",  # LiveLog's: "widget", "text", "off"; "auto": a widget where one shows
+    plot: bool = True,  # the live plot
 ) -> pd.DataFrame:
     """Show the run in ``out_dir`` as it grows, until it ends; returns its log (``history.csv``).
 
