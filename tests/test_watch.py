@@ -125,6 +125,14 @@ def test_an_earlier_runs_status_is_not_taken_for_the_jobs(tmp_path):
         watch(tmp_path / "run", job=job, every=0.01, progress="off", plot=False)
 
 
+def test_a_log_without_status_json_is_followed_until_it_is_quiet_for_stale_after(tmp_path, capsys):
+    log = LiveLog(out_dir=tmp_path, progress="off", plot=False)  # a loop of one's own: no status.json
+    log.add(live={"loss": 0.5}, ema={"loss": 0.4})
+    shown = watch(tmp_path, every=0.01, stale_after=0.2, progress="off", plot=False)
+    pd.testing.assert_frame_equal(shown, pd.read_csv(tmp_path / "history.csv"))
+    assert "has no status.json (a LiveLog's log, not fit's?)" in capsys.readouterr().out
+
+
 def test_a_folder_where_no_run_starts_is_reported_after_stale_after(tmp_path):
     with pytest.raises(RuntimeError, match="no run started in .* within 0.05 s"):
         watch(tmp_path, every=0.01, stale_after=0.05, progress="off", plot=False)

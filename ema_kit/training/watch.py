@@ -35,7 +35,9 @@ def watch(
     its user), and on a finished run at once, having drawn it. It raises ``RuntimeError`` when the run
     ends without finishing, naming the last epoch saved (to ``resume`` from): the run failed (its error),
     ``job`` (``launch``'s) ended, the writing process is gone (same machine), or, from another machine,
-    no heartbeat came for ``stale_after`` seconds. Interrupting ``watch`` leaves the run running.
+    no heartbeat came for ``stale_after`` seconds. A log without ``status.json`` (a ``LiveLog``'s, in a
+    loop of your own) is followed until it has been quiet for ``stale_after`` seconds. Interrupting
+    ``watch`` leaves the run running.
 
     Example:
         >>> import tempfile, torch
@@ -68,10 +70,14 @@ def watch(
             gone = _gone(status, job, ended, stale_after)
         elif ended:
             gone = f"torchrun ended (exit status {job.returncode}) before fit started in {folder}"
-        elif job is None and time.time() - waited_since > stale_after:
-            if len(follower.log.history):  # a run without status.json (written by hand): as it stands
-                print(f"{folder} has no status.json: its log is drawn as it stands.")
+        elif job is None and len(follower.log.history):  # a log without status.json: a LiveLog's
+            quiet = time.time() - (folder / "history.csv").stat().st_mtime
+            if quiet > stale_after:
+                print(f"{folder} has no status.json (a LiveLog's log, not fit's?), and its log was last "
+                      f"written {quiet:.0f} s ago: drawn as it stands.")  # fmt: skip
                 return follower.log.history
+            gone = None
+        elif job is None and time.time() - waited_since > stale_after:
             gone = f"no run started in {folder} within {stale_after:g} s (no status.json)"
         else:
             gone = None
