@@ -77,8 +77,8 @@ def launch(
     ``processes="auto"``: one per CUDA GPU (two on Kaggle's "GPU T4 x2"), or one where there is a single
     GPU or none (the CPU); a number starts that many (on the CPU they talk over gloo). It says in one
     line what it started and why. The output of torchrun and of every process goes to
-    ``out_dir/launch.log`` (appended to); the processes import the same ema_kit and packages as this one (the
-    notebook's ``sys.path``). Returns a ``Job`` at once: ``watch(out_dir, job=job)`` shows the run live.
+    ``out_dir/launch.log`` (appended to); the processes import the same ema_kit and packages as this one
+    (the notebook's ``sys.path``). Returns a ``Job`` at once: ``watch(out_dir, job=job)`` shows the run live.
     Interrupting the notebook does not stop the run (it runs in its own session): ``job.stop()`` does.
 
     The script is an ordinary DDP script (``torch.distributed.init_process_group``, a
@@ -119,18 +119,20 @@ def launch(
 
 
 def _processes(processes: int | str) -> tuple[int, str]:
-    """How many processes, and why, in words."""
+    """How many processes, and why, in words. Only counts GPUs: asking their names would start CUDA in
+    this process (the notebook's), which would hold memory on GPU 0 all through the run."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    names = ", ".join(torch.cuda.get_device_name(i) for i in range(gpus))
     if processes == "auto":
         if gpus > 1:
-            return gpus, f"one per GPU: {names}"
+            return gpus, f"one per GPU: {gpus} GPUs"
         if gpus == 1:
-            return 1, f"one GPU here, {names}: one process"
+            return 1, "one GPU here: one process"
         return 1, "no GPU here: one process on the CPU"
     if isinstance(processes, str):
         raise ValueError(f"processes must be 'auto' or a number of processes, got {processes!r}.")
     processes = _checks.check_int("processes", processes, minimum=1)
     if gpus and processes > gpus:
-        raise ValueError(f"processes={processes}, but this machine has {gpus} GPU(s) ({names}): one each.")
-    return processes, f"one per GPU: {names}" if gpus else "on the CPU, over gloo"
+        raise ValueError(
+            f"processes={processes}, but this machine has {gpus} GPU(s): at most one process each."
+        )
+    return processes, f"one per GPU, on {processes} of {gpus}" if gpus else "on the CPU, over gloo"
