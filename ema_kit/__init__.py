@@ -25,6 +25,7 @@ _TRAINING = (
     "FitState",
     "EarlyStopping",
     "GradientClip",
+    "ValidateEvery",
     "SwitchEMA",
     "RecomputeEMABatchNorm",
     "plot_history",

@@ -128,9 +128,9 @@ def _to_lists(value):
 class Checkpoint(Callback):
     """The files of ``fit(out_dir=..., resume=...)``, which builds this callback and runs it last.
 
-    After every epoch: ``model_ema.pth`` (the EMA the monitor picked, as scored, when this epoch is the
-    best; ``model.pth``, the live weights, without an EMA) and ``checkpoint.pt``, everything a resume
-    needs, each written atomically. ``history.csv`` and ``history.png`` are ``LiveLog``'s.
+    After every row that is the best so far: ``model_ema.pth`` (the EMA the monitor picked, as scored;
+    ``model.pth``, the live weights, without an EMA); after every epoch ``checkpoint.pt``, everything a
+    resume needs. Each is written atomically. ``history.csv`` and ``history.png`` are ``LiveLog``'s.
 
     ``resume``: ``False`` starts a run (an ``out_dir`` that holds one is refused), ``True`` continues the
     run in ``out_dir/checkpoint.pt``, ``"auto"`` continues it if there is one and starts fresh if not,
@@ -225,19 +225,23 @@ class Checkpoint(Callback):
             for name in RUN_FILES:
                 (self.out_dir / name).unlink(missing_ok=True)
 
+    def on_row_added(self, state: FitState) -> None:
+        """The best weights, when the row just added (an epoch's, or one within an epoch) is the best."""
+        if self.out_dir is None or not is_main_process() or state.best_epoch != state.row["epoch"]:
+            return
+        named = state.monitor.split("_", 1)[0]
+        best = named if named in state.scored else next(iter(state.scored), None)
+        if best is not None:  # the EMA the monitor names (the best decay's, with several)
+            save_module(state.scored[best], self.out_dir / "model_ema.pth")
+        else:
+            atomic_save(
+                {k: v.detach().cpu() for k, v in state.model.state_dict().items()}, self.out_dir / "model.pth"
+            )
+
     def on_epoch_end(self, state: FitState) -> None:
+        """The checkpoint, at epochs' ends only: a resume starts an epoch from its first batch."""
         if self.out_dir is None or not is_main_process():
             return
-        if state.best_epoch == state.epoch:
-            named = state.monitor.split("_", 1)[0]
-            best = named if named in state.scored else next(iter(state.scored), None)
-            if best is not None:  # the EMA the monitor names (the best decay's, with several)
-                save_module(state.scored[best], self.out_dir / "model_ema.pth")
-            else:
-                atomic_save(
-                    {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
-                    self.out_dir / "model.pth",
-                )
         scheduler = state.scheduler
         save_checkpoint(
             self.out_dir / "checkpoint.pt",
