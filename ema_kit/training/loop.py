@@ -106,7 +106,9 @@ def fit(
     one uninterrupted run, and checks that the run fits (model, batch size, EMA settings, optimizer,
     scheduler, amp, callbacks) before changing anything. Pass your own ``ModelEMA`` to keep a handle on
     the EMA model afterwards. When the train loader has a length, fit warns at the start if an EMA's
-    half-life is over half the run (``ema_kit.advice``).
+    half-life is over half the run (``ema_kit.advice``). ``out_dir/status.json`` is the run's heartbeat
+    (``RunStatus``): ``watch(out_dir)`` shows the run from another process (a ``torchrun`` job, another
+    kernel); under DDP every process runs fit and process 0 alone writes (docs/distributed.md).
 
     The stop button (Jupyter's interrupt, Ctrl-C: KeyboardInterrupt) keeps every finished row: a row, its
     table and plot, the best weights and the epoch's checkpoint are one unit that the stop lands before or
