@@ -18,6 +18,7 @@ import torch
 
 from ema_kit import launch, watch
 from ema_kit.training import read_status
+from ema_kit.training.launch import Job
 
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +54,23 @@ def test_processes_is_auto_or_a_positive_count(tmp_path, processes):
     (tmp_path / "train.py").write_text("")
     with pytest.raises((ValueError, TypeError), match="processes"):
         launch(tmp_path / "train.py", out_dir=tmp_path, processes=processes)
+
+
+def test_the_processes_error_is_their_first_exception_not_torchruns_summary(tmp_path):
+    log = tmp_path / "launch.log"
+    log.write_text("== earlier start\nKeyError: old\n")
+    printed = (
+        "[rank1]: Traceback (most recent call last):\n[rank1]: ValueError: checkpoint.pt has batch_size 64\n"
+        "[rank0]: ValueError: checkpoint.pt has batch_size 64, rank 0\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+    )
+    with open(log, "a") as output:
+        output.write("\n== 2026-12-04 16:57:36: torchrun ...\n")
+        output.flush()
+        command = [sys.executable, "-c", f"print({printed!r})"]
+        job = Job(subprocess.Popen(command, stdout=output), command, log, processes=2)
+    job.wait()
+    assert job.error() == "ValueError: checkpoint.pt has batch_size 64"
 
 
 @pytest.mark.slow

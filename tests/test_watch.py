@@ -113,7 +113,8 @@ def test_a_job_that_ends_before_fit_starts_is_reported_with_its_output(tmp_path)
         job = Job(subprocess.Popen(command, stdout=output), command, log, processes=1)
     with pytest.raises(RuntimeError, match=r"torchrun ended \(exit status 3\) before fit started") as error:
         watch(tmp_path / "run", job=job, every=0.01, progress="off", plot=False)
-    assert "No epoch was saved" in str(error.value) and "ModuleNotFoundError: no ema_kit" in str(error.value)
+    assert "No epoch was saved" in str(error.value)
+    assert "The processes' error: ModuleNotFoundError: no ema_kit" in str(error.value)
 
 
 def test_an_earlier_runs_status_is_not_taken_for_the_jobs(tmp_path):

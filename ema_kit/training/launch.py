@@ -5,6 +5,7 @@ a notebook (which stays free to ``watch`` the run).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -16,6 +17,9 @@ import torch
 from .. import _checks
 
 LOG_FILE = "launch.log"  # torchrun's and the processes' output, in the run folder
+_EXCEPTION = re.compile(
+    r"^(?:\[rank\d+\]: )?((?:\w+\.)*\w*(?:Error|Exception)\b.*)$"
+)  # "[rank0]: ValueError: ..."
 # The notebook's single-file ema_kit (Kaggle's dataset) installs itself when imported: a child imports it
 # first, then runs the script as torchrun would.
 _BUNDLED = (
@@ -60,6 +64,18 @@ class Job:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+    def error(self) -> str | None:
+        """The first Python exception the processes of this start printed ("ValueError: ..."), if any."""
+        try:
+            started = self.log.read_text(errors="replace").rpartition("\n== ")[2]  # this start's part
+        except FileNotFoundError:
+            return None
+        for line in started.splitlines():
+            found = _EXCEPTION.match(line)
+            if found and "ChildFailedError" not in line:  # torchrun's own summary of a failed process
+                return found.group(1)
+        return None
 
     def __repr__(self) -> str:
         state = "running" if self.running else f"ended with exit status {self.returncode}"

@@ -70,6 +70,7 @@ def watch(
             gone = _gone(status, job, ended, stale_after)
         elif ended:
             gone = f"torchrun ended (exit status {job.returncode}) before fit started in {folder}"
+            raise RuntimeError(follower.died(gone, None, job, resumable=False))
         elif job is None and len(follower.log.history):  # a log without status.json: a LiveLog's
             quiet = time.time() - (folder / "history.csv").stat().st_mtime
             if quiet > stale_after:
@@ -128,18 +129,20 @@ class _Follower:
         self.log.progress.close()
         return self.log.history
 
-    def died(self, why: str, status: dict | None, job) -> str:
+    def died(self, why: str, status: dict | None, job, *, resumable: bool = True) -> str:
+        """What happened, the last epoch saved, and (with a job) the processes' error and last lines."""
         saved = _saved_epoch(status, self.log.history)
         of = "" if status is None else f" of {status['epochs']}"
         if saved:
-            last = (
-                f"The last epoch saved is {saved}{of} ({self.folder / 'checkpoint.pt'}): run it again with "
-                "fit(..., resume=True) to finish it."
-            )
+            last = f"The last epoch saved is {saved}{of} ({self.folder / 'checkpoint.pt'})"
+            last += ": run it again with fit(..., resume=True) to finish it." if resumable else "."
         else:
             last = "No epoch was saved."
         said = f"The run in {self.folder} stopped without finishing: {why}. {last}"
-        tail = "" if job is None else job.log_tail()
+        if job is None:
+            return said
+        error, tail = job.error(), job.log_tail()
+        said += f"\nThe processes' error: {error}" if error else ""
         return said + (f"\nThe end of {job.log}:\n{tail}" if tail else "")
 
 
