@@ -19,6 +19,8 @@ _TRAINING = (
     "accuracy",
     "whole_set",
     "LiveLog",
+    "launch",
+    "watch",
     "Callback",
     "FitState",
     "EarlyStopping",

@@ -62,6 +62,7 @@ NOTEBOOKS = [
     ),
     ("05_choose_ema_after_training", "EMA Kit Choose EMA After Training", [], [], False),
     ("06_ema_extras", "EMA Kit EMA Extras", [], [], False),
+    ("07_all_gpus", "EMA Kit All GPUs", [], [], True),  # push --accelerator NvidiaTeslaT4: "GPU T4 x2"
 ]
 # Skipped in ema_kit/, as are dotfiles (editor swap files, .DS_Store); anything else that is not a module
 # stops the build, since neither the single file nor the wheel would carry it.

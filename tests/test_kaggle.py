@@ -26,6 +26,7 @@ NOTEBOOKS = [
     "04_inference_submission",
     "05_choose_ema_after_training",
     "06_ema_extras",
+    "07_all_gpus",
 ]
 CORE_TESTS = ["tests/test_ema.py", "tests/test_shadows.py"]
 # Kaggle's license names, from kaggle-api's docs/datasets_metadata.md.
@@ -449,6 +450,7 @@ def test_kernels_attach_their_competition_and_turn_the_gpu_on_only_to_train_on_i
         "04_inference_submission": (["digit-recognizer"], [f"{owner}/ema-kit-digit-recognizer"], False),
         "05_choose_ema_after_training": ([], [], False),
         "06_ema_extras": ([], [], False),
+        "07_all_gpus": ([], [], True),
     }
 
 

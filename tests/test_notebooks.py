@@ -13,6 +13,7 @@ kaggle_stack (the Kaggle-stack tier runs them; the light tier skips them).
 """
 
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -109,7 +110,7 @@ def _run_first_cell(tmp_path: Path) -> subprocess.CompletedProcess:
 def test_every_notebook_starts_with_the_same_cell_that_finds_the_ema_kit_dataset():
     names = sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb"))
     cells = {name: _first_code_cell(name) for name in names}
-    assert len(names) == 6 and len(set(cells.values())) == 1, cells
+    assert len(names) == 7 and len(set(cells.values())) == 1, cells
     assert "kaggle_input.glob" in cells[names[0]]
 
 
@@ -150,11 +151,57 @@ def test_the_kaggle_notebooks_have_one_parameters_cell_for_every_knob():
 @pytest.mark.slow
 def test_the_torch_only_notebooks_run_in_order_at_smoke_size(tmp_path):
     names = sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb") if path.stem not in KAGGLE_NOTEBOOKS)
-    assert names == ["01_quickstart", "05_choose_ema_after_training", "06_ema_extras"]
+    assert names == ["01_quickstart", "05_choose_ema_after_training", "06_ema_extras", "07_all_gpus"]
     _nbmake(_copy(names, tmp_path), tmp_path, EMA_KIT_KAGGLE_ROOT=str(tmp_path / "no-kaggle-here"))
     assert (tmp_path / "runs" / "01_quickstart" / "model_ema.pth").is_file()
     figures = sorted(path.name for path in (tmp_path / "runs" / "06_ema_extras").iterdir())
     assert figures == ["bn_refresh.png", "half_life.png", "lowp_shadow.png", "switch_ema.png"]
+    assert (
+        "EMA weights identical on all 1 processes: True"
+        in (tmp_path / "runs" / "07_all_gpus" / "launch.log").read_text()
+    )
+
+
+class _RecordingClient(NotebookClient):
+    """Keeps every image a cell displays or updates in place (the saved notebook keeps only the last)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.images: list[tuple[int, str, str]] = []  # (cell index, message type, PNG in base64)
+
+    def process_message(self, msg, cell, cell_index):
+        png = msg["content"].get("data", {}).get("image/png")
+        if png and msg["msg_type"] in ("display_data", "update_display_data"):
+            self.images.append((cell_index, msg["msg_type"], png))
+        return super().process_message(msg, cell, cell_index)
+
+
+@pytest.mark.slow
+def test_notebook_07_trains_on_two_processes_while_the_next_cell_watches_live(tmp_path):
+    notebook = _with_parameters(nbformat.read(NOTEBOOKS / "07_all_gpus.ipynb", as_version=4), PROCESSES=2)
+    notebook.cells.append(nbformat.v4.new_code_cell("print(history.to_json())"))  # the table watch returned
+    env = _without_kaggle(os.environ) | {"EMA_KIT_SMOKE": "1", "EMA_KIT_KAGGLE_ROOT": str(tmp_path / "none")}
+    client = _RecordingClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
+    )
+    client.execute(env=env)
+    watching = next(i for i, cell in enumerate(notebook.cells) if cell.source.startswith("history = watch("))
+    outputs = notebook.cells[watching].outputs
+    run = tmp_path / "runs" / "07_all_gpus"
+    logged = pd.read_csv(run / "history.csv")
+    # One image in the saved notebook, redrawn in place with every epoch: three different pictures.
+    assert sum("image/png" in output.get("data", {}) for output in outputs) == 1
+    shown = [png for index, kind, png in client.images if index == watching]
+    assert len(shown) == len(logged) == 3 and len(set(shown)) == 3
+    assert [kind for index, kind, _ in client.images if index == watching][1:] == ["update_display_data"] * 2
+    table = pd.read_json(io.StringIO(notebook.cells[-1].outputs[0]["text"]))
+    pd.testing.assert_frame_equal(table, logged)
+    said = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
+    assert "Started torchrun with 2 processes (on the CPU, over gloo)" in said
+    assert "EMA weights identical on all 2 processes: True" in said
+    assert f"The run in {Path('runs') / '07_all_gpus'} finished: 3 of 3 epochs." in said
+    ema = torch.load(run / "model_ema.pth", weights_only=True)
+    assert all(torch.isfinite(value.float()).all() for value in ema.values())
 
 
 @pytest.mark.slow

@@ -3,10 +3,13 @@
 from .callbacks import Callback, EarlyStopping, FitState, GradientClip, ValidateEvery
 from .ema_bn import RecomputeEMABatchNorm
 from .evaluate import accuracy, evaluate, whole_set
+from .launch import launch
 from .livelog import LiveLog
 from .loop import fit
 from .plot import plot_history, plot_scan
+from .status import RunStatus, read_status
 from .switch import SwitchEMA
+from .watch import watch
 
 __all__ = [
     "fit",
@@ -14,6 +17,10 @@ __all__ = [
     "accuracy",
     "whole_set",
     "LiveLog",
+    "launch",
+    "watch",
+    "RunStatus",
+    "read_status",
     "Callback",
     "FitState",
     "EarlyStopping",

@@ -31,6 +31,7 @@ from .evaluate import accuracy, check_metrics, cross_entropy, evaluate, resolve_
 from .history import append_row, best_row, direction, score_row
 from .livelog import LiveLog
 from .progress import format_value
+from .status import RunStatus
 
 # Schedulers stepped after every optimizer step by default; any other after every epoch.
 _PER_STEP_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
@@ -105,7 +106,9 @@ def fit(
     one uninterrupted run, and checks that the run fits (model, batch size, EMA settings, optimizer,
     scheduler, amp, callbacks) before changing anything. Pass your own ``ModelEMA`` to keep a handle on
     the EMA model afterwards. When the train loader has a length, fit warns at the start if an EMA's
-    half-life is over half the run (``ema_kit.advice``).
+    half-life is over half the run (``ema_kit.advice``). ``out_dir/status.json`` is the run's heartbeat
+    (``RunStatus``): ``watch(out_dir)`` shows the run from another process (a ``torchrun`` job, another
+    kernel); under DDP every process runs fit and process 0 alone writes (docs/distributed.md).
 
     The stop button (Jupyter's interrupt, Ctrl-C: KeyboardInterrupt) keeps every finished row: a row, its
     table and plot, the best weights and the epoch's checkpoint are one unit that the stop lands before or
@@ -175,7 +178,8 @@ def fit(
             f"mode={mode!r}; build it with mode={mode!r}, or pass monitor= for the quantity it should watch."
         )
     live_log = _live_log(callbacks, out_dir)
-    callbacks = ([] if live_log in callbacks else [live_log]) + callbacks + ([files] if files else [])
+    status = RunStatus(out_dir) if out_dir is not None and is_main_process() else None  # status.json
+    callbacks = ([] if live_log in callbacks else [live_log]) + callbacks + [c for c in (files, status) if c]
     hooks = CallbackList(callbacks)  # the live log first, the files last: they see every change of the epoch
     # evaluate's options, for the sanity pass and then every validation
     scoring = dict(loss_fn=loss_fn, metrics=metrics, amp=amp, target_key=target_key, output_key=output_key)
@@ -219,6 +223,8 @@ def fit(
             raise
         raise KeyboardInterrupt(_stopped(state, out_dir)) from None  # what was kept, not where it stopped
     except Exception as error:
+        if status is not None:
+            status.failed(error)
         if out_dir and len(state.history):
             error.add_note(f"ema_kit.fit: {_kept(state.history, out_dir)}")
         raise
