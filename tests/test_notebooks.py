@@ -116,6 +116,12 @@ def test_first_cell_imports_ema_kit_from_the_dataset_wheel_in_either_layout(tmp_
     assert result.stdout.splitlines() == [f"ema_kit from {found}", "9.9.9"], result.stderr
 
 
+def test_docs_kaggle_page_shows_the_first_cell_as_it_is():
+    code = [line for line in _first_code_cell("01_quickstart").splitlines() if line and line[0] != "#"]
+    page = (REPO / "docs" / "kaggle.md").read_text(encoding="utf-8").splitlines()
+    assert [line for line in code if line not in page] == []
+
+
 def test_first_cell_does_nothing_where_no_dataset_is_attached(tmp_path):
     (tmp_path / "kaggle" / "input" / "competitions" / "digit-recognizer").mkdir(parents=True)
     result = _run_first_cell(tmp_path)

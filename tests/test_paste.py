@@ -20,8 +20,9 @@ _spec.loader.exec_module(build)
 from paste import PasteError, paste_file  # noqa: E402
 
 # The issue asked for at most ~1,500 lines; the closure of ModelEMA (with its bf16 and CPU-shadow paths),
-# evaluate and LiveLog is ~2,050 at the first build. This bound says when it grows.
-MAX_LINES = 2_100
+# evaluate and LiveLog is ~2,050 lines at the first build (2026-12-04), ~2,200 with the live log of issue 22.
+# This bound says when it grows further.
+MAX_LINES = 2_300
 
 
 def package(**modules: str) -> dict[str, str]:
