@@ -179,15 +179,17 @@ def paste_file(sources: dict[str, str], version: str, roots: Iterable[tuple[str,
     (``obj.name``, or a string such as a hook's name), when it is a dunder, or when it is public on a root.
 
     Example:
-        >>> text = paste_file({"ema_kit/__init__.py": "", "ema_kit/a.py": "X = 1\\nY = 2\\n",
-        ...                    "ema_kit/b.py": "from .a import X\\n\\ndef f():\\n    return X\\n"},
-        ...                   "0.0", roots=[("ema_kit.b", "f")])
+        >>> package = {"ema_kit/__init__.py": "", "ema_kit/a.py": "import math\\nX = math.pi\\nY = 2\\n",
+        ...            "ema_kit/b.py": "from .a import X\\n\\ndef f():\\n    return X\\n"}
+        >>> text = paste_file(package, "0.0", roots=[("ema_kit.b", "f")])
         >>> print(text[text.index("from __future__"):])
         from __future__ import annotations
         <BLANKLINE>
+        import math
+        <BLANKLINE>
         <BLANKLINE>
         # -- ema_kit/a.py
-        X = 1
+        X = math.pi
         <BLANKLINE>
         <BLANKLINE>
         # -- ema_kit/b.py
@@ -311,8 +313,8 @@ def paste_file(sources: dict[str, str], version: str, roots: Iterable[tuple[str,
             count += 1
         parts.append(f"# -- {mod.path}\n" + "\n\n".join(chunks))
     head = HEADER.format(version=version, count=count, modules=sum(bool(k) for k in kept.values()))
-    imports = _sorted_imports(external)
-    return head + "from __future__ import annotations\n\n" + imports + "\n\n" + "\n\n\n".join(parts) + "\n"
+    top = ["from __future__ import annotations", _sorted_imports(external)]
+    return head + "\n\n".join(filter(None, top)) + "\n\n\n" + "\n\n\n".join(parts) + "\n"
 
 
 def _span(lines: list[str], node: ast.stmt) -> tuple[int, int]:
@@ -411,4 +413,4 @@ def _sorted_imports(lines: set[str]) -> str:
             f"from {module} import {', '.join(sorted(names))}" for module, names in sorted(grouped.items())
         ]
         sections.append("\n".join(sorted(plain) + froms))
-    return "\n\n".join(section for section in sections if section) + "\n"
+    return "\n\n".join(section for section in sections if section)

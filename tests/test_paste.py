@@ -1,6 +1,7 @@
 """The paste file (kaggle/paste.py, kaggle/ema_kit_paste.py): ModelEMA, evaluate and LiveLog as one cell."""
 
 import ast
+import doctest
 import importlib.util
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ sys.path.insert(0, str(REPO / "kaggle"))
 _spec = importlib.util.spec_from_file_location("kaggle_build", REPO / "kaggle" / "build.py")
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
+import paste  # noqa: E402
 from paste import PasteError, paste_file  # noqa: E402
 
 # The issue asked for at most ~1,500 lines; the closure of ModelEMA (with its bf16 and CPU-shadow paths),
@@ -63,6 +65,11 @@ def test_paste_file_defines_what_the_readme_loops_use_and_stays_one_readable_cel
 
 
 # -- how it is cut ---------------------------------------------------------------------------------
+
+
+def test_paste_docstring_examples_run():
+    result = doctest.testmod(paste)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_only_what_the_roots_reach_is_kept_across_modules():
