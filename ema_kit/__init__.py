@@ -23,6 +23,7 @@ _TRAINING = (
     "FitState",
     "EarlyStopping",
     "GradientClip",
+    "ValidateEvery",
     "SwitchEMA",
     "RecomputeEMABatchNorm",
     "plot_history",

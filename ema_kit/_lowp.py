@@ -12,8 +12,8 @@ bits to the float32 pattern and then dropping the low 16 bits carries into the k
 probability, for either sign (the sign bit sits apart from the magnitude bits).
 
 An EMA asks for such shadows with one option, ``dtype=STOCHASTIC_BF16`` (``"bfloat16-stochastic"``). The
-noise comes from a generator of the shadows' own, on their device, whose state is saved with the EMA; the
-functions at the end of this module keep it there (see their section).
+noise comes from a generator of the shadows' own (``Shadows.generator``), on their device, whose state is
+saved with the EMA.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import hashlib
 import numbers
 
 import torch
-
-from ._tensors import model_device
 
 STOCHASTIC_BF16 = "bfloat16-stochastic"  # the dtype= of ModelEMA and MultiEMA that selects these shadows
 SEED = 0  # every stochastic shadow's noise starts from this seed; its state_dict() keeps where it is
@@ -144,38 +142,12 @@ def _check(shadows, lives, weight, generator) -> None:
         )
 
 
-# -- The noise of a set of stochastic shadows, kept with the shadows. ------------------------------------
-# These act on an ``ema_kit._shadows.Shadows`` through its public ``generator`` and ``set_generator``: what
-# ModelEMA and MultiEMA (the two owners of Shadows that offer dtype=STOCHASTIC_BF16) both need, in one place.
-# They belong in Shadows itself (start in __init__ for this dtype, follow in _bind, the state beside the
-# shadows), after which the owners call none of them.
+# -- What ``ema_kit._shadows.Shadows`` keeps its stochastic shadows' noise with (it owns the generator). ----
 
 
 def shadow_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """The torch dtype the shadows are kept in: bfloat16 for ``STOCHASTIC_BF16``, else ``dtype``."""
     return torch.bfloat16 if dtype == STOCHASTIC_BF16 else dtype
-
-
-def start_noise(shadows, stochastic: bool) -> None:
-    """Blend ``shadows`` with stochastic rounding, from a generator seeded with ``SEED``; or to nearest."""
-    device = model_device(shadows.modules[0])
-    shadows.set_generator(torch.Generator(device).manual_seed(SEED) if stochastic else None)
-
-
-def follow_noise(shadows) -> None:
-    """After ``shadows.follow(model)``: when the shadows moved to another device, their noise moves too.
-
-    The generator there is seeded from the old one's state: deterministic, though not the same stream.
-    """
-    generator = shadows.generator
-    if generator is not None and generator.device != (device := model_device(shadows.modules[0])):
-        shadows.set_generator(reseeded(device, generator.get_state()))
-
-
-def noise_state(shadows) -> dict | None:
-    """The noise's place, for a state dict (plain values and a tensor); None when rounding to nearest."""
-    generator = shadows.generator
-    return None if generator is None else {"device": str(generator.device), "state": generator.get_state()}
 
 
 def check_noise_state(state, stochastic: bool, what: str = "The ModelEMA state") -> None:
@@ -192,23 +164,6 @@ def check_noise_state(state, stochastic: bool, what: str = "The ModelEMA state")
             f"{what} has dtype={STOCHASTIC_BF16!r} but no generator state to resume its rounding noise "
             "from; was it saved with state_dict()?"
         )
-
-
-def load_noise_state(shadows, state: dict | None) -> None:
-    """Put back what ``noise_state`` returned (checked by ``check_noise_state``); None: round to nearest.
-
-    On the device it was saved on the stream goes on bit-exact; elsewhere it is reseeded from that state.
-    """
-    if state is None:
-        shadows.set_generator(None)
-        return
-    device = model_device(shadows.modules[0])
-    if state["device"] != str(device):
-        shadows.set_generator(reseeded(device, state["state"]))
-        return
-    generator = torch.Generator(device)
-    generator.set_state(state["state"])
-    shadows.set_generator(generator)
 
 
 def reseeded(device: torch.device, state: torch.Tensor) -> torch.Generator:

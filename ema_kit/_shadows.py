@@ -13,6 +13,9 @@ Before each update, ``follow(model)`` checks that the lists still point at the m
 reads the model alone (``_Watch``: its tree of modules, its tensor objects, their addresses and resizable
 shapes), so nothing else in the process can make it fail. When the model changed, it is walked again: the
 shadows rebind to its current tensors, or an error names what no longer matches.
+
+A model sharded by FSDP2 (``_sharded``) cannot be copied: its shadows are plain tensors of each rank's
+local shards, kept in one dict per set instead of a module, and everything above runs on those shards.
 """
 
 from __future__ import annotations
@@ -25,10 +28,16 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_module
-from ._lowp import lerp_stochastic_
-from ._tensors import Slot, layout_mismatch, saved_slots
+from ._lowp import SEED, STOCHASTIC_BF16, lerp_stochastic_, reseeded, shadow_dtype
+from ._sharded import check_supported, gathered, is_dtensor, local, on_every_rank, reshard, shard_of
+from ._tensors import Slot, check_layout, model_device, saved_slots
 
 SMALL = 16_384  # elements: smaller contiguous tensors are gathered, one cat for all of them (see _Gather)
+_MISMATCH = "The model does not match the model this EMA was built for"
+_FIX = (
+    "An EMA averages one fixed set of tensors: undo the change to the model, or build a new EMA for the new "
+    "architecture."
+)
 
 
 class Shadows:
@@ -37,14 +46,21 @@ class Shadows:
     Each ``modules[k]`` is a copy of the model in eval mode without gradients whose tensors are set k's
     shadows. Floating-point and complex tensors are averaged (buffers only when ``average_buffers``);
     the rest (integer counters) and modules' extra state (``get_extra_state``) are copied at each update.
+    ``state(k)`` is set k's state dict, and ``load_state`` / ``gathered`` load and gather one.
+
+    A model sharded by FSDP2 (``sharded``, allowed with ``allow_sharded``) has no copy: ``modules`` is
+    empty, and each set holds this rank's shards, plain tensors of the local shapes (``state(k)`` views them
+    as DTensors laid out as the model's parameters).
 
     Args:
         model: the live model (wrappers looked through).
         count: the number of shadow sets.
         average_buffers: average floating-point buffers like weights, or copy them.
         dtype: the shadows' floating-point dtype; by default float32 for lower-precision weights, else the
-            weight's own (complex weights take the matching complex dtype).
+            weight's own (complex weights take the matching complex dtype). ``"bfloat16-stochastic"``:
+            bfloat16 shadows blended with stochastic rounding (``_lowp``), from a generator of their own.
         device: where the shadows live; None follows the model's device.
+        allow_sharded: accept a model sharded by FSDP2 (its owner handles ``modules`` being empty).
 
     Example:
         >>> model = nn.Linear(2, 1)
@@ -57,14 +73,38 @@ class Shadows:
         True
     """
 
-    def __init__(self, model: nn.Module, count: int, *, average_buffers: bool, dtype, device):
-        self.average_buffers, self.dtype, self.device = average_buffers, dtype, device
-        self.generator: torch.Generator | None = None  # set_generator: stochastic rounding's noise
+    def __init__(
+        self,
+        model: nn.Module,
+        count: int,
+        *,
+        average_buffers: bool,
+        dtype,
+        device,
+        allow_sharded: bool = False,
+    ):
+        self.average_buffers, self.device, self.count = average_buffers, device, count
+        self.stochastic, self.dtype = dtype == STOCHASTIC_BF16, shadow_dtype(dtype)
+        self.generator: torch.Generator | None = None  # the rounding noise's, on the shadows' device (_bind)
         live = check_module("model", model)
+        check_supported(live)
+        reshard(live)  # a forward under no_grad may have left FSDP2's root gathered
         slots = _checked_slots(live, "The model")
+        self.name = type(live).__name__
         if not any(_averageable(slot.tensor) for slot in slots):
-            raise ValueError(f"{type(live).__name__} has no floating-point parameters or buffers to average.")
+            raise ValueError(f"{self.name} has no floating-point parameters or buffers to average.")
+        self.sharded = any(is_dtensor(slot.tensor) for slot in slots)
         self.modules: list[nn.Module] = []
+        self._sets: list[dict[str, Tensor]] = []  # a sharded model's shadows, key -> this rank's shard
+        if self.sharded:
+            _check_shardable(live, allow_sharded, self.stochastic)
+            with torch.no_grad():
+                self._sets = [
+                    {slot.key: self._new_shadow(local(slot.tensor), slot.tensor) for slot in slots}
+                    for _ in range(count)
+                ]
+            self._bind(model)
+            return
         for _ in range(count):
             with torch.no_grad():
                 memo = {id(slot.tensor): self._new_shadow(slot.tensor, slot.tensor) for slot in slots}
@@ -129,75 +169,187 @@ class Shadows:
         """Make every set an exact copy of the live weights (also mends a shadow holding NaN)."""
         self._stage()
         for gather in self._gathers:
-            gather.blend([1.0] * len(self.modules))
+            gather.blend([1.0] * self.count)
         per_set = [pair for pairs in self._casts + self._stochastic for pair in pairs]
         for shadows, lives in self._copies + self._lerps + per_set:
             torch._foreach_copy_(shadows, lives)
-        self._copy_extra_state(range(len(self.modules)))
+        self._copy_extra_state(range(self.count))
 
     def all_finite(self) -> bool:
-        """Whether every averaged live tensor is free of NaN and Inf (one sync per device on a GPU)."""
-        return all(
+        """Whether every averaged live tensor is free of NaN and Inf (one sync per device on a GPU).
+
+        Of a sharded model, on every rank: each sees only its shards, and all must skip the same updates
+        (one all-reduce of one number).
+        """
+        finite = all(
             bool(
                 torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))]).isfinite().all()
             )
             for tensors in self._finite_checks
         )
+        return on_every_rank(finite, self._device) if self.sharded else finite
 
     # -- other uses of the live model -----------------------------------------------------------------
 
     def pair(self, model: nn.Module, k: int) -> tuple[list[Tensor], list[Tensor]]:
-        """``model``'s tensors and set k's, matched by key, for copying one into the other."""
+        """``model``'s tensors and set k's, matched by key, for copying one into the other.
+
+        A sharded model's are this rank's shards, registered again first: whatever is written into them is
+        what its next forward gathers.
+        """
         live = check_module("model", model)
-        lives = {slot.key: slot.tensor.detach() for slot in _checked_slots(live, "The model")}
-        shadows = {slot.key: slot.tensor for slot in saved_slots(self.modules[k])}
-        _check_layout(lives, shadows)
+        reshard(live)
+        lives = {slot.key: local(slot.tensor) for slot in _checked_slots(live, "The model")}
+        shadows = {slot.key: slot.tensor for slot in self._slots(k)}
+        check_layout(lives, shadows, _MISMATCH, _FIX)
         return [lives[key] for key in shadows], list(shadows.values())
 
-    def set_generator(self, generator: torch.Generator | None) -> None:
-        """Blend bfloat16 shadows with stochastic rounding (``_lowp``) from ``generator``; None: nearest.
+    # -- set k as a state dict --------------------------------------------------------------------------
 
-        The generator must be on the shadows' device (``ModelEMA`` keeps it there).
+    def state(self, k: int) -> dict:
+        """Set k's state dict: its module's, or for a sharded model its shards viewed as DTensors laid out as
+        the model's parameters (no copy, no communication; tied weights under each of their keys)."""
+        if not self.sharded:
+            return self.modules[k].state_dict()
+        from torch.distributed.tensor import DTensor
+
+        views = {
+            key: shadow
+            if key not in self._like
+            else DTensor.from_local(
+                shadow,
+                (like := self._like[key]).device_mesh,
+                like.placements,
+                run_check=False,
+                shape=like.shape,
+                stride=like.stride(),
+            )
+            for key, shadow in self._sets[k].items()
+        }
+        return {key: views[first] for key, first in self._keys.items()}
+
+    def check_state(self, weights: dict) -> None:
+        """Refuse, before anything changes, a sharded state laid out otherwise than the model's parameters.
+
+        ``weights`` has the keys and shapes of ``state(k)`` already (``check_layout``). A whole tensor (a
+        gathered state, or an unsharded EMA's) is fine: each rank takes its part.
         """
-        replan = (generator is None) != (self.generator is None)
-        self.generator = generator
-        if replan:
-            self._bind(self._model)
+        for key, like in self._like.items():
+            value, layout = weights[key], (like.placements, like.device_mesh)
+            if is_dtensor(value) and (value.placements, value.device_mesh) != layout:
+                raise ValueError(
+                    f"The state's {key} is sharded as {value.placements} over {value.device_mesh}, the "
+                    f"model's as {like.placements} over {like.device_mesh}. Load a state saved with the same "
+                    "sharding and number of processes, or one gathered whole (ModelEMA.save, or fit's "
+                    "checkpoint)."
+                )
+
+    def load_state(self, k: int, weights: dict) -> None:
+        """Copy a state dict checked against ``state(k)`` (and ``check_state``) into set k."""
+        with torch.no_grad():
+            if not self.sharded:
+                self.modules[k].load_state_dict(weights)
+                return
+            for key, shadow in self._sets[k].items():
+                value = weights[key]
+                shadow.copy_(shard_of(value, self._like[key]) if key in self._like else value)
+
+    def gathered(self, k: int) -> dict | None:
+        """Set k's state dict whole, on the CPU, on rank 0 (None on the others): every rank must call it."""
+        return gathered(self.state(k))
 
     def relayout(self, *, average_buffers: bool, dtype) -> None:
         """Apply restored settings: the averaged buffers and the shadow dtype (values kept, then cast)."""
-        self.average_buffers, self.dtype = average_buffers, dtype
+        self.average_buffers = average_buffers
+        self.stochastic, self.dtype = dtype == STOCHASTIC_BF16, shadow_dtype(dtype)
         self._bind(self._model)
+
+    # -- the rounding noise of stochastic shadows, kept beside them -------------------------------------
+
+    def noise_state(self) -> dict | None:
+        """Where the noise is, for a state dict (plain values and a tensor); None when rounding to nearest."""
+        if self.generator is None:
+            return None
+        return {"device": str(self.generator.device), "state": self.generator.get_state()}
+
+    def load_noise_state(self, state: dict | None) -> None:
+        """Put back what ``noise_state`` returned (checked by ``_lowp.check_noise_state``).
+
+        On the device it was saved on the stream goes on bit-exact; elsewhere it is reseeded from that state.
+        """
+        if not self.stochastic:
+            return
+        device = self.generator.device
+        if state["device"] != str(device):
+            self.generator = reseeded(device, state["state"])
+        else:
+            self.generator.set_state(state["state"])
 
     # -- binding ----------------------------------------------------------------------------------------
 
     def _bind(self, model: nn.Module) -> None:
         """Point the update lists at ``model``'s tensors, laying the shadows out for them where needed."""
         live = check_module("model", model)
+        reshard(live)
         slots = _checked_slots(live, "The model")
-        sets = [{slot.key: slot for slot in saved_slots(module)} for module in self.modules]
-        _check_layout({slot.key: slot.tensor for slot in slots}, {k: s.tensor for k, s in sets[0].items()})
+        if any(is_dtensor(slot.tensor) for slot in slots) != self.sharded:
+            raise ValueError(
+                f"The model was {'un' if self.sharded else ''}sharded after this EMA was built for it: an "
+                "EMA holds whole weights or this rank's shards, for good. Build the EMA after sharding the "
+                "model (fully_shard), and keep it sharded."
+            )
+        lives = [local(slot.tensor) if self.sharded else slot.tensor for slot in slots]  # what the ops read
+        sets = [{slot.key: slot for slot in self._slots(k)} for k in range(self.count)]
+        check_layout(
+            {slot.key: tensor for slot, tensor in zip(slots, lives)},
+            {key: shadow.tensor for key, shadow in sets[0].items()},
+            _MISMATCH,
+            _FIX,
+        )
         shadow_slots = [[shadows[slot.key] for slot in slots] for shadows in sets]  # [set][tensor]
         placements: dict[tuple, tuple] = {}
         with torch.no_grad():  # keep the EMA's values; only where and how they are laid out may change
-            for slot, *shadows in zip(slots, *shadow_slots):
-                tensor = slot.tensor
+            for tensor, *shadows in zip(lives, *shadow_slots):
                 kind = (tensor.dtype, tensor.device)
                 if kind not in placements:
                     placements[kind] = self._placement(tensor)
                 for shadow in shadows:
                     if not _laid_out(shadow.tensor, tensor, *placements[kind]):
                         _replace(shadow, self._new_shadow(tensor, shadow.tensor))
-        self._plan(live, slots, shadow_slots)
+        if self.sharded:
+            self._like = {slot.key: slot.tensor for slot in slots if is_dtensor(slot.tensor)}
+            self._keys = _state_keys(live, slots)
+        else:
+            self._follow_noise(model_device(self.modules[0]))
+        self._plan(live, slots, lives, shadow_slots)
         self._model = model
         # One shadow per set is watched too: a set moved or cast by hand (ema.module.half()) is laid out anew.
         first = next(i for i, slot in enumerate(slots) if _averageable(slot.tensor))
-        self._watch = _Watch(live, slots + [set_slots[first] for set_slots in shadow_slots])
+        firsts = [set_slots[first] for set_slots in shadow_slots]
+        self._watch = _Watch(live, slots + firsts, lives + [slot.tensor for slot in firsts])
 
-    def _plan(self, live: nn.Module, slots: list[Slot], shadow_slots: list[list[Slot]]) -> None:
+    def _slots(self, k: int) -> list[Slot]:
+        """Where set k's shadows are held: its module's slots, or for a sharded model its dict's."""
+        if self.sharded:
+            return [Slot(key, self._sets[k], key) for key in self._sets[k]]
+        return saved_slots(self.modules[k])
+
+    def _follow_noise(self, device: torch.device) -> None:
+        """Stochastic shadows draw their noise on their own device: seeded at first, and when the shadows
+        moved, reseeded there from the old generator's state (deterministic, though not the same stream)."""
+        if not self.stochastic:
+            self.generator = None
+        elif self.generator is None:
+            self.generator = torch.Generator(device).manual_seed(SEED)
+        elif self.generator.device != device:
+            self.generator = reseeded(device, self.generator.get_state())
+
+    def _plan(
+        self, live: nn.Module, slots: list[Slot], tensors: list[Tensor], shadow_slots: list[list[Slot]]
+    ) -> None:
         """Build the op lists: live tensors grouped by kind, device and dtypes, each with its K shadows."""
         # Plain tensors in the op lists: a list holding Parameters costs a subclass check per element.
-        lives = [slot.tensor.detach() for slot in slots]
+        lives = [tensor.detach() for tensor in tensors]
         averaged = [self._averaged(slot.tensor) for slot in slots]
         firsts = [slot.tensor for slot in shadow_slots[0]]  # each set's shadows share device and dtype
         sources = list(lives)  # what the ops read: the live tensor, or its copy on the shadows' device
@@ -215,13 +367,13 @@ class Shadows:
         for i, (source, shadow) in enumerate(zip(sources, firsts)):
             same = source.dtype == shadow.dtype
             kind = "copy" if not averaged[i] else "lerp" if same else "cast"
-            if kind != "copy" and self.generator is not None and shadow.dtype == torch.bfloat16:
+            if kind != "copy" and self.stochastic and shadow.dtype == torch.bfloat16:
                 kind = "stochastic"  # rounded at random (_lowp), one op list per set
                 if not shadow.is_contiguous():  # _lowp blends through flat views
                     raise ValueError(
-                        f"rounding='stochastic' blends contiguous shadows only, but {slots[i].key} has "
+                        f"dtype={STOCHASTIC_BF16!r} blends contiguous shadows only, but {slots[i].key} has "
                         f"strides {shadow.stride()} (channels_last?); build the EMA from a contiguous model "
-                        "(model.to(memory_format=torch.contiguous_format)) or use rounding='nearest'."
+                        "(model.to(memory_format=torch.contiguous_format)) or use dtype=torch.bfloat16."
                     )
             elif kind != "cast" and same and source.numel() < SMALL and source.is_contiguous():
                 kind = "gather" if kind == "lerp" else "gather copy"  # see _Gather
@@ -257,6 +409,7 @@ class Shadows:
             if average and tensor.numel():
                 by_device.setdefault(tensor.device, []).append(tensor)
         self._finite_checks = list(by_device.values())
+        self._device = lives[0].device  # for a sharded model's all-reduce (a rank may hold no element)
         own = nn.Module.get_extra_state
         self._extra = [
             (name, module)
@@ -267,7 +420,7 @@ class Shadows:
     def _blend_set(self, j: int, weight: float) -> None:
         lists = self._per_set[j]
         for gather in self._gathers:
-            gather.blend([weight if k == j else None for k in range(len(self.modules))])
+            gather.blend([weight if k == j else None for k in range(self.count)])
         for shadows, lives in sum(lists.values(), []) if weight == 1.0 else lists["copy"]:
             torch._foreach_copy_(shadows, lives)
         if weight != 1.0:
@@ -308,7 +461,7 @@ class Shadows:
         """A shadow for ``live``: its shape and memory layout, the EMA's device and dtype, ``value``."""
         device, dtype = self._placement(live)
         shadow = torch.empty_like(live, dtype=dtype, device=device, requires_grad=False)
-        shadow.copy_(value.detach())
+        shadow.copy_(local(value))
         return nn.Parameter(shadow, requires_grad=False) if isinstance(live, nn.Parameter) else shadow
 
 
@@ -326,28 +479,30 @@ class _Watch:
 
     Noted when the shadows bind: every module's children (names and objects: ``model[3] = layer`` and
     ``model._modules["3"] = layer`` alike), the tensor objects in the watched slots
-    (``load_state_dict(assign=True)``, buffers replaced by ``.to()``), their addresses (``.data`` swaps,
-    parameters moved or cast in place) and the shapes of those ``resize_`` can change in place. A check
-    builds each list with C-level ``map``s and compares it whole: no Python loop per module or tensor.
+    (``load_state_dict(assign=True)``, buffers replaced by ``.to()``), the addresses of ``tensors``, what
+    the update reads from each slot (``.data`` swaps, parameters moved or cast in place; a DTensor's local
+    shard), and the shapes of those ``resize_`` can change in place. A check builds each list with C-level
+    ``map``s and compares it whole: no Python loop per module or tensor.
     """
 
-    def __init__(self, live: nn.Module, slots: list[Slot]):
+    def __init__(self, live: nn.Module, slots: list[Slot], tensors: list[Tensor]):
         self._children = [module._modules for module in live.modules()]  # a leaf's too: it may gain one
         self._counts = list(map(len, self._children))  # where one module's children end: a move shows
         self._parents = [children for children in self._children if children]
         self._names = list(chain.from_iterable(self._parents))
         self._modules = list(chain.from_iterable(map(dict.values, self._parents)))
         self._holders, self._keys = [slot.holder for slot in slots], [slot.name for slot in slots]
-        self._tensors = [slot.tensor for slot in slots]
-        self._addresses = list(map(Tensor.data_ptr, self._tensors))
+        self._objects = [slot.tensor for slot in slots]
+        self._tensors = tensors
+        self._addresses = list(map(Tensor.data_ptr, tensors))
         # resize_ keeps the address when it shrinks or keeps the size; torch refuses it on tensors that
         # require grad.
-        self._resizable = [tensor for tensor in self._tensors if not tensor.requires_grad]
+        self._resizable = [tensor for tensor in tensors if not tensor.requires_grad]
         self._shapes = list(map(Tensor.size, self._resizable))
 
     def changed(self) -> bool:
         try:
-            same = all(map(operator.is_, map(operator.getitem, self._holders, self._keys), self._tensors))
+            same = all(map(operator.is_, map(operator.getitem, self._holders, self._keys), self._objects))
         except KeyError:  # a parameter or buffer was deleted
             return True
         return not (
@@ -464,6 +619,43 @@ def _replace(slot: Slot, shadow: Tensor) -> None:
         slot.holder[slot.name] = shadow
 
 
+def _check_shardable(live: nn.Module, allowed: bool, stochastic: bool) -> None:
+    """Refuse what an EMA of a sharded model cannot do, before anything is built."""
+    if not allowed:
+        raise ValueError(
+            f"{type(live).__name__} is sharded across processes (FSDP2), and this EMA keeps whole copies "
+            "of the model; ModelEMA and MultiEMA keep each rank's shard of a sharded model "
+            "(docs/distributed.md)."
+        )
+    if stochastic:
+        raise ValueError(
+            f"dtype={STOCHASTIC_BF16!r} is not supported on a sharded model (each rank's rounding noise "
+            "would need a state of its own in the saved EMA); use dtype=torch.bfloat16 or the default "
+            "float32 shadows, of which each rank keeps only its shard."
+        )
+    own = nn.Module.get_extra_state
+    extra = [name for name, m in live.named_modules() if getattr(type(m), "get_extra_state", own) is not own]
+    if extra:
+        raise ValueError(
+            f"The sharded model's modules {extra[:3]} keep extra state (get_extra_state), which an EMA of a "
+            "sharded model does not hold; build the EMA from a model without it."
+        )
+
+
+def _state_keys(live: nn.Module, slots: list[Slot]) -> dict[str, str]:
+    """Every key of ``live``'s state dict that holds a tensor, in order, with the slot key it is saved
+    under (tied weights: several keys, one slot)."""
+    first = {id(slot.tensor): slot.key for slot in slots}
+    keys = {}
+    for prefix, module in live.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for holder, skip in ((module._parameters, ()), (module._buffers, module._non_persistent_buffers_set)):
+            for name, tensor in holder.items():
+                if tensor is not None and name not in skip:
+                    keys[dot + name] = first[id(tensor)]
+    return keys
+
+
 def _checked_slots(module: nn.Module, what: str) -> list[Slot]:
     """``saved_slots(module)``, refusing tensors an EMA cannot hold: on ``meta``, or sparse."""
     slots = saved_slots(module)
@@ -481,15 +673,3 @@ def _checked_slots(module: nn.Module, what: str) -> list[Slot]:
                 "Keep a dense copy of it in the model (tensor.to_dense()), or leave it out of the EMA."
             )
     return slots
-
-
-def _check_layout(given: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
-    same_sizes = list(map(Tensor.size, given.values())) == list(map(Tensor.size, expected.values()))
-    if same_sizes and list(given) == list(expected):  # the usual case, without a Python loop per tensor
-        return
-    problems = layout_mismatch(given, expected)
-    if problems:
-        raise ValueError(
-            f"The model does not match the model this EMA was built for ({problems}). An EMA averages one "
-            "fixed set of tensors: undo the change to the model, or build a new EMA for the new architecture."
-        )

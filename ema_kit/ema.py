@@ -13,16 +13,9 @@ import torch
 from torch import nn
 
 from . import _checks
-from ._lowp import (
-    STOCHASTIC_BF16,
-    check_noise_state,
-    follow_noise,
-    load_noise_state,
-    noise_state,
-    shadow_dtype,
-    start_noise,
-)
+from ._lowp import STOCHASTIC_BF16, check_noise_state
 from ._shadows import Shadows
+from ._sharded import rank, reshard
 from ._tensors import check_layout, cpu_state
 from .bn import recompute_bn
 from .files import atomic_save, save_weights
@@ -146,8 +139,15 @@ class ModelEMA:
     Holds ``module``, a copy of the model in eval mode that never needs gradients. Call ``update(model)``
     after each optimizer step, then evaluate or save ``ema.module``.
 
+    A model sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``) is not copied: build the EMA on every
+    rank, and each keeps the EMA of its own shards (``sharded``), updated with no communication (but for
+    one all-reduce of a flag with ``skip_non_finite``, so that every rank skips the same updates). It has no
+    ``module``: evaluate with ``applied_to(model)``; ``save`` gathers the whole weights to rank 0 (every
+    rank calls it), ``state_dict()`` holds this rank's shards as DTensors (docs/distributed.md).
+
     Args:
-        model: the model to average; DDP, DataParallel and ``torch.compile`` wrappers are looked through.
+        model: the model to average; DDP, DataParallel and ``torch.compile`` wrappers are looked through,
+            and a model sharded by FSDP2 is averaged shard by shard. FSDP1 and DeepSpeed are refused.
         decay: weight kept by the EMA per update, in [0, 1). ``decay_from_half_life`` converts "how far
             back it averages" into a decay.
         warmup: cap the decay at ``(1 - 1/n) ** 8`` for the n-th update, so early on the EMA averages the
@@ -216,7 +216,23 @@ class ModelEMA:
 
     def _attach(self, shadows: Shadows, index: int, schedule: Schedule) -> None:
         self._shadows, self._index, self._schedule = shadows, index, schedule
-        self.module = shadows.modules[index]
+
+    @property
+    def module(self) -> nn.Module:
+        """The EMA model: a copy of the model holding the EMA weights, in eval mode, without gradients."""
+        if self._shadows.sharded:
+            raise AttributeError(
+                "This ModelEMA averages a sharded (FSDP2) model and has no module of its own: each rank "
+                "holds only its shards of the EMA weights. Run the sharded model with them, "
+                "`with ema.applied_to(model): ...`, and save them whole with ema.save(path) (gathered to "
+                "rank 0; call it on every rank)."
+            )
+        return self._shadows.modules[self._index]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the EMA averages a model sharded by FSDP2, holding this rank's shards (no ``module``)."""
+        return self._shadows.sharded
 
     # The schedule's settings and counters (a MultiEMA's EMA shares its schedule with the MultiEMA).
     decay = _from_schedule("decay", "Weight kept by the EMA per update (see the class docstring).")
@@ -237,7 +253,7 @@ class ModelEMA:
     @property
     def dtype(self) -> torch.dtype | str | None:
         """The shadow's dtype as given: a torch dtype, ``"bfloat16-stochastic"``, or None (the default)."""
-        return STOCHASTIC_BF16 if self._shadows.generator is not None else self._shadows.dtype
+        return STOCHASTIC_BF16 if self._shadows.stochastic else self._shadows.dtype
 
     @property
     def device(self) -> torch.device | None:
@@ -255,8 +271,7 @@ class ModelEMA:
         one of the same shape; a model whose layout no longer matches is a ValueError, before any change.
         """
         self._shadows.follow(model)
-        follow_noise(self._shadows)
-        weights: list[float | None] = [None] * len(self._shadows.modules)
+        weights: list[float | None] = [None] * self._shadows.count
         weights[self._index] = self._schedule.advance(self._shadows.all_finite)
         self._shadows.blend(weights)
 
@@ -278,7 +293,8 @@ class ModelEMA:
     def applied_to(self, model: nn.Module) -> Iterator[nn.Module]:
         """Run ``model`` with the EMA weights inside the block; its own weights come back bit-exact after.
 
-        No second model is built: the live weights wait in a temporary copy while the block runs.
+        No second model is built: the live weights wait in a temporary copy while the block runs. For a
+        sharded model every rank enters the block (its forward passes gather the EMA's shards).
 
         Example:
             >>> model = nn.Linear(2, 1)
@@ -296,6 +312,7 @@ class ModelEMA:
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(lives, saved)
+            reshard(model)  # FSDP2 may keep weights it gathered from the EMA's shards: let it gather anew
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the EMA weights as a plain state dict, atomically, on the CPU.
@@ -304,21 +321,42 @@ class ModelEMA:
         wrapper prefixes. A name ending in ``.safetensors`` writes safetensors instead (``pip install
         safetensors``); ``ema_kit.files.load_weights(path)`` reads either. Modules' extra state
         (``get_extra_state``) goes into ``.pth`` files only: safetensors holds tensors alone.
+
+        Of a sharded model, every rank must call it: the weights are gathered to rank 0, one tensor at a
+        time, and rank 0 writes them (the same plain state dict); it returns on every rank once the file is
+        written, or raises there if writing failed.
         """
-        return save_module(self.module, path)
+        if not self.sharded:
+            return save_module(self.module, path)
+        weights = self._shadows.gathered(self._index)
+        failure = None
+        if rank() == 0:
+            try:
+                save_weights(weights, path)
+            except Exception as error:
+                failure = f"{type(error).__name__}: {error}"
+                raise
+            finally:
+                _share_failure(failure)
+        else:
+            _share_failure(None)
+        return Path(path)
 
     def state_dict(self) -> dict:
         """Everything needed to resume bit-identically: the shadow, the counters and the settings.
 
-        Holds only tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``.
+        Holds only tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``. Of a
+        sharded model, the weights are DTensors viewing this rank's shards, as ``model.state_dict()`` holds
+        the model's: save them with ``torch.distributed.checkpoint`` or one file per rank; ``load_state_dict``
+        also takes whole weights (a gathered state), each rank keeping its part.
         """
         return {
             "format": _FORMAT,
-            "weights": self.module.state_dict(),
+            "weights": self._shadows.state(self._index),
             **self._schedule.counters(),
             "settings": {name: getattr(self, name) for name in _SETTINGS}
             | {"dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch.")},
-            "generator": noise_state(self._shadows),
+            "generator": self._shadows.noise_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -332,7 +370,7 @@ class ModelEMA:
     def __repr__(self) -> str:
         return (
             f"ModelEMA(decay={self.decay}, half_life={self.half_life:.0f} steps, warmup={self.warmup}, "
-            f"num_updates={self.num_updates}, module={type(self.module).__name__})"
+            f"num_updates={self.num_updates}, module={self._shadows.name})"
         )
 
 
@@ -341,15 +379,14 @@ class ModelEMA:
 
 def new_shadows(model: nn.Module, count: int, settings: dict, device) -> Shadows:
     """``count`` shadow sets of ``model``, laid out as the checked ``settings`` say, on ``device``."""
-    shadows = Shadows(
+    return Shadows(
         model,
         count,
         average_buffers=settings["buffers"] == "average",
-        dtype=shadow_dtype(settings["dtype"]),
+        dtype=settings["dtype"],
         device=_checks.check_device("device", device),
+        allow_sharded=True,
     )
-    start_noise(shadows, settings["dtype"] == STOCHASTIC_BF16)
-    return shadows
 
 
 def member(shadows: Shadows, index: int, schedule: Schedule) -> ModelEMA:
@@ -381,7 +418,8 @@ def checked_load(ema: ModelEMA, state) -> Callable[[], None]:
         raise ValueError(
             f"The ModelEMA state lacks {error}; was it saved by another ema_kit version?"
         ) from None
-    expected = ema.module.state_dict()
+    shadows = ema._shadows
+    expected = shadows.state(ema._index)
     # A state read from a file can hold anything weights_only allows: refuse it here, before any change.
     if isinstance(weights, dict):
         hollow = [
@@ -404,11 +442,17 @@ def checked_load(ema: ModelEMA, state) -> Callable[[], None]:
         "Build a new ModelEMA for a different architecture.",
     )
     stochastic = settings["dtype"] == STOCHASTIC_BF16
+    if shadows.sharded:
+        shadows.check_state(weights)
+        if stochastic:
+            raise ValueError(
+                f"The state holds dtype={STOCHASTIC_BF16!r} shadows, which an EMA of a sharded model does "
+                "not support; load it into an EMA of the unsharded model."
+            )
     noise = state.get("generator") if stochastic else None
     check_noise_state(noise, stochastic)
-    shadows = ema._shadows
     layout = {"buffers": settings["buffers"], "dtype": settings["dtype"]}
-    if len(shadows.modules) > 1 and layout != {"buffers": ema.buffers, "dtype": ema.dtype}:
+    if shadows.count > 1 and layout != {"buffers": ema.buffers, "dtype": ema.dtype}:
         raise ValueError(
             f"This EMA shares buffers={ema.buffers!r} and dtype={ema.dtype} with the other EMAs of "
             f"its MultiEMA, but the state holds buffers={settings['buffers']!r} and "
@@ -418,14 +462,21 @@ def checked_load(ema: ModelEMA, state) -> Callable[[], None]:
     def load() -> None:
         ema._schedule.load(settings, counters)
         if layout != {"buffers": ema.buffers, "dtype": ema.dtype}:
-            shadows.relayout(
-                average_buffers=settings["buffers"] == "average", dtype=shadow_dtype(settings["dtype"])
-            )
-        with torch.no_grad():
-            ema.module.load_state_dict(weights)
-        load_noise_state(shadows, noise)
+            shadows.relayout(average_buffers=settings["buffers"] == "average", dtype=settings["dtype"])
+        shadows.load_state(ema._index, weights)
+        shadows.load_noise_state(noise)
 
     return load
+
+
+def _share_failure(failure: str | None) -> None:
+    """Rank 0's word on its write, to every rank: the others raise too rather than go on without the file."""
+    if not torch.distributed.is_initialized():
+        return
+    shared = [failure]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    if shared[0] is not None and rank() != 0:
+        raise RuntimeError(f"ModelEMA.save: rank 0 could not write the EMA weights ({shared[0]}).")
 
 
 def save_module(module: nn.Module, path: str | os.PathLike) -> Path:

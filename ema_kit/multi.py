@@ -9,7 +9,6 @@ import torch  # noqa: F401  (the doctest uses it)
 from torch import nn
 
 from . import _checks
-from ._lowp import follow_noise
 from .ema import ModelEMA, Schedule, check_settings, checked_load, member, new_shadows
 
 _FORMAT = "ema_kit.MultiEMA/1"
@@ -23,7 +22,8 @@ class MultiEMA:
     ``update_after_step``, ``update_every``) exactly as ``ModelEMA.update`` would, then blends all K
     shadows in one pass that reads each live tensor once; K shadows cost K shadows' memory, and less
     than K separate updates (``benchmarks/ema_update.py`` measures it). ``dtype="bfloat16-stochastic"``
-    works as for ``ModelEMA``: the K shadows draw their rounding noise from one generator.
+    works as for ``ModelEMA``: the K shadows draw their rounding noise from one generator. Of a model
+    sharded by FSDP2, each rank keeps K sets of its own shards, as ``ModelEMA`` keeps one.
 
     Update through the MultiEMA: calling ``emas[d].update(model)`` as well would average twice.
 
@@ -82,7 +82,6 @@ class MultiEMA:
     def update(self, model: nn.Module) -> None:
         """Fold the model's current weights into every EMA; call it after each optimizer step."""
         self._shadows.follow(model)
-        follow_noise(self._shadows)
         finite: list[bool] = []
 
         def all_finite() -> bool:  # checked at most once per step, however many EMAs ask
@@ -119,7 +118,7 @@ class MultiEMA:
         half_lives = ", ".join(f"{h:.0f}" for h in self.half_lives)
         return (
             f"MultiEMA(decays={self.decays}, half_lives=({half_lives}) steps, warmup={lead.warmup}, "
-            f"num_updates={lead.num_updates}, module={type(lead.module).__name__})"
+            f"num_updates={lead.num_updates}, module={self._shadows.name})"
         )
 
 

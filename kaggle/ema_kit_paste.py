@@ -1,5 +1,5 @@
-# ema_kit_paste.py: ema_kit 0.1.0's ModelEMA, evaluate and LiveLog in one cell (121 definitions
-# from 15 modules). Paste this whole file into a notebook cell and run it; then use ModelEMA,
+# ema_kit_paste.py: ema_kit 0.1.0's ModelEMA, evaluate and LiveLog in one cell (136 definitions
+# from 16 modules). Paste this whole file into a notebook cell and run it; then use ModelEMA,
 # LiveLog, evaluate, plot_history and decay_from_half_life as the README shows, without the
 # `from ema_kit import ...` line. Needs torch, numpy, pandas and matplotlib (a Kaggle image has them).
 # For fit, MultiEMA, PostHocEMA and the Kaggle helpers, attach the ema-kit dataset and use its wheel.
@@ -19,8 +19,10 @@ import numbers
 import operator
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 import zlib
@@ -112,6 +114,10 @@ def check_layout(given, expected: Mapping, mismatch: str, fix: str = "") -> None
     model whose state dict is ``expected`` (``given`` not being a dict at all is such a problem).
     """
     if isinstance(given, Mapping):
+        if list(given) == list(expected) and list(map(_shape, given.values())) == list(
+            map(_shape, expected.values())
+        ):  # the usual case, checked without building the names of the problems
+            return
         problems = layout_mismatch(given, expected)
     else:
         problems = f"it holds a {type(given).__name__}, not a state dict"
@@ -312,22 +318,6 @@ def shadow_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """The torch dtype the shadows are kept in: bfloat16 for ``STOCHASTIC_BF16``, else ``dtype``."""
     return torch.bfloat16 if dtype == STOCHASTIC_BF16 else dtype
 
-def start_noise(shadows, stochastic: bool) -> None:
-    """Blend ``shadows`` with stochastic rounding, from a generator seeded with ``SEED``; or to nearest."""
-    device = model_device(shadows.modules[0])
-    shadows.set_generator(torch.Generator(device).manual_seed(SEED) if stochastic else None)
-
-def follow_noise(shadows) -> None:
-    """After ``shadows.follow(model)``: when the shadows moved to another device, their noise moves too."""
-    generator = shadows.generator
-    if generator is not None and generator.device != (device := model_device(shadows.modules[0])):
-        shadows.set_generator(reseeded(device, generator.get_state()))
-
-def noise_state(shadows) -> dict | None:
-    """The noise's place, for a state dict (plain values and a tensor); None when rounding to nearest."""
-    generator = shadows.generator
-    return None if generator is None else {"device": str(generator.device), "state": generator.get_state()}
-
 def check_noise_state(state, stochastic: bool, what: str = "The ModelEMA state") -> None:
     """Refuse, before any change, a stochastic EMA's state without its noise's ``{"device", "state"}``."""
     if not stochastic:
@@ -343,19 +333,6 @@ def check_noise_state(state, stochastic: bool, what: str = "The ModelEMA state")
             "from; was it saved with state_dict()?"
         )
 
-def load_noise_state(shadows, state: dict | None) -> None:
-    """Put back what ``noise_state`` returned (checked by ``check_noise_state``); None: round to nearest."""
-    if state is None:
-        shadows.set_generator(None)
-        return
-    device = model_device(shadows.modules[0])
-    if state["device"] != str(device):
-        shadows.set_generator(reseeded(device, state["state"]))
-        return
-    generator = torch.Generator(device)
-    generator.set_state(state["state"])
-    shadows.set_generator(generator)
-
 def reseeded(device: torch.device, state: torch.Tensor) -> torch.Generator:
     """A generator on ``device`` seeded from another's ``state``, which may be of another device type: a CPU
     generator's state cannot seed a CUDA one (nor the reverse), a digest of it can."""
@@ -363,20 +340,143 @@ def reseeded(device: torch.device, state: torch.Tensor) -> torch.Generator:
     return torch.Generator(device).manual_seed(seed)
 
 
+# -- ema_kit/_sharded.py
+def is_dtensor(tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a parameter sharded by FSDP2)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor, as a plain tensor sharing its memory; any other tensor, detached."""
+    if is_dtensor(tensor):
+        with torch.no_grad():
+            tensor = tensor.to_local()
+    return tensor.detach()
+
+def reshard(model: nn.Module) -> None:
+    """Register every FSDP2 module's sharded parameters again, freeing gathered ones (a no-op elsewhere)."""
+    for module in _fsdp_modules(model):
+        module.reshard()
+
+def rank() -> int:
+    """This process's rank in the default process group; 0 outside a distributed run."""
+    distributed = torch.distributed
+    return distributed.get_rank() if distributed.is_available() and distributed.is_initialized() else 0
+
+def on_every_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank of the default process group (one all-reduce of one number)."""
+    value = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value)
+
+def gathered(state):
+    """``state`` (a state dict, or dicts and lists of them) whole, on the CPU, on rank 0; None elsewhere."""
+    keep = rank() == 0
+
+    def whole(value):
+        if isinstance(value, dict):
+            return {key: whole(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [whole(item) for item in value]
+        if is_dtensor(value):
+            value = value.full_tensor()
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu() if keep else None
+        return value
+
+    result = whole(state)
+    return result if keep else None
+
+def shard_of(value: torch.Tensor, like) -> torch.Tensor:
+    """This rank's part of ``value``, for a shard laid out as DTensor ``like``: a DTensor's local tensor, or
+    the slice of a whole tensor (from a gathered state) that this rank holds (cut here, nothing sent)."""
+    if is_dtensor(value):
+        return value.to_local()
+    from torch.distributed.tensor import distribute_tensor
+
+    device = like.to_local().device
+    whole = value.detach().to(device)
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse, by name and with what to use instead, the ways to shard a model that an EMA cannot follow."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and any(isinstance(m, fsdp.FullyShardedDataParallel) for m in model.modules()):
+        raise TypeError(
+            "The model is wrapped in FullyShardedDataParallel (FSDP1), which flattens each wrapped module's "
+            "weights into one flat parameter split across ranks: there is no weight an EMA could name. Shard "
+            "it with FSDP2 instead, torch.distributed.fsdp.fully_shard(model): ModelEMA then keeps each "
+            "rank's shard of the EMA (docs/distributed.md)."
+        )
+    classes = type(model).mro()
+    if any(c.__name__ == "DeepSpeedEngine" and c.__module__.startswith("deepspeed") for c in classes):
+        raise TypeError(
+            "The model is a DeepSpeed engine, which ModelEMA does not look into. Under ZeRO stage 1 or 2 "
+            "every rank holds the whole weights in engine.module: build the EMA from that "
+            "(ModelEMA(engine.module)), as under DDP. For sharded weights use torch's FSDP2 "
+            "(torch.distributed.fsdp.fully_shard), whose shards ModelEMA averages (docs/distributed.md)."
+        )
+    partitioned = next((name for name, p in model.named_parameters() if hasattr(p, "ds_id")), None)
+    if partitioned is not None:
+        raise TypeError(
+            f"The model's {partitioned} is partitioned by DeepSpeed ZeRO stage 3, which leaves an empty "
+            "placeholder in the module: there is nothing to average. Use ZeRO stage 1 or 2 (whole weights "
+            "in engine.module), or torch's FSDP2 (torch.distributed.fsdp.fully_shard), whose shards "
+            "ModelEMA averages (docs/distributed.md)."
+        )
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return []
+    return [module for module in model.modules() if isinstance(module, fsdp.FSDPModule)]
+
+
 # -- ema_kit/_shadows.py
 SMALL = 16_384  # elements: smaller contiguous tensors are gathered, one cat for all of them (see _Gather)
+
+_MISMATCH = "The model does not match the model this EMA was built for"
+
+_FIX = (
+    "An EMA averages one fixed set of tensors: undo the change to the model, or build a new EMA for the new "
+    "architecture."
+)
 
 class Shadows:
     """``count`` shadow sets of ``model``'s parameters and persistent buffers, each held in ``modules[k]``."""
 
-    def __init__(self, model: nn.Module, count: int, *, average_buffers: bool, dtype, device):
-        self.average_buffers, self.dtype, self.device = average_buffers, dtype, device
-        self.generator: torch.Generator | None = None  # set_generator: stochastic rounding's noise
+    def __init__(
+        self,
+        model: nn.Module,
+        count: int,
+        *,
+        average_buffers: bool,
+        dtype,
+        device,
+        allow_sharded: bool = False,
+    ):
+        self.average_buffers, self.device, self.count = average_buffers, device, count
+        self.stochastic, self.dtype = dtype == STOCHASTIC_BF16, shadow_dtype(dtype)
+        self.generator: torch.Generator | None = None  # the rounding noise's, on the shadows' device (_bind)
         live = check_module("model", model)
+        check_supported(live)
+        reshard(live)  # a forward under no_grad may have left FSDP2's root gathered
         slots = _checked_slots(live, "The model")
+        self.name = type(live).__name__
         if not any(_averageable(slot.tensor) for slot in slots):
-            raise ValueError(f"{type(live).__name__} has no floating-point parameters or buffers to average.")
+            raise ValueError(f"{self.name} has no floating-point parameters or buffers to average.")
+        self.sharded = any(is_dtensor(slot.tensor) for slot in slots)
         self.modules: list[nn.Module] = []
+        self._sets: list[dict[str, Tensor]] = []  # a sharded model's shadows, key -> this rank's shard
+        if self.sharded:
+            _check_shardable(live, allow_sharded, self.stochastic)
+            with torch.no_grad():
+                self._sets = [
+                    {slot.key: self._new_shadow(local(slot.tensor), slot.tensor) for slot in slots}
+                    for _ in range(count)
+                ]
+            self._bind(model)
+            return
         for _ in range(count):
             with torch.no_grad():
                 memo = {id(slot.tensor): self._new_shadow(slot.tensor, slot.tensor) for slot in slots}
@@ -436,72 +536,172 @@ class Shadows:
         """Make every set an exact copy of the live weights (also mends a shadow holding NaN)."""
         self._stage()
         for gather in self._gathers:
-            gather.blend([1.0] * len(self.modules))
+            gather.blend([1.0] * self.count)
         per_set = [pair for pairs in self._casts + self._stochastic for pair in pairs]
         for shadows, lives in self._copies + self._lerps + per_set:
             torch._foreach_copy_(shadows, lives)
-        self._copy_extra_state(range(len(self.modules)))
+        self._copy_extra_state(range(self.count))
 
     def all_finite(self) -> bool:
         """Whether every averaged live tensor is free of NaN and Inf (one sync per device on a GPU)."""
-        return all(
+        finite = all(
             bool(
                 torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))]).isfinite().all()
             )
             for tensors in self._finite_checks
         )
+        return on_every_rank(finite, self._device) if self.sharded else finite
 
     # -- other uses of the live model -----------------------------------------------------------------
 
     def pair(self, model: nn.Module, k: int) -> tuple[list[Tensor], list[Tensor]]:
         """``model``'s tensors and set k's, matched by key, for copying one into the other."""
         live = check_module("model", model)
-        lives = {slot.key: slot.tensor.detach() for slot in _checked_slots(live, "The model")}
-        shadows = {slot.key: slot.tensor for slot in saved_slots(self.modules[k])}
-        _check_layout(lives, shadows)
+        reshard(live)
+        lives = {slot.key: local(slot.tensor) for slot in _checked_slots(live, "The model")}
+        shadows = {slot.key: slot.tensor for slot in self._slots(k)}
+        check_layout(lives, shadows, _MISMATCH, _FIX)
         return [lives[key] for key in shadows], list(shadows.values())
 
-    def set_generator(self, generator: torch.Generator | None) -> None:
-        """Blend bfloat16 shadows with stochastic rounding (``_lowp``) from ``generator``; None: nearest."""
-        replan = (generator is None) != (self.generator is None)
-        self.generator = generator
-        if replan:
-            self._bind(self._model)
+    # -- set k as a state dict --------------------------------------------------------------------------
+
+    def state(self, k: int) -> dict:
+        """Set k's state dict: its module's, or for a sharded model its shards viewed as DTensors laid out as
+        the model's parameters (no copy, no communication; tied weights under each of their keys)."""
+        if not self.sharded:
+            return self.modules[k].state_dict()
+        from torch.distributed.tensor import DTensor
+
+        views = {
+            key: shadow
+            if key not in self._like
+            else DTensor.from_local(
+                shadow,
+                (like := self._like[key]).device_mesh,
+                like.placements,
+                run_check=False,
+                shape=like.shape,
+                stride=like.stride(),
+            )
+            for key, shadow in self._sets[k].items()
+        }
+        return {key: views[first] for key, first in self._keys.items()}
+
+    def check_state(self, weights: dict) -> None:
+        """Refuse, before anything changes, a sharded state laid out otherwise than the model's parameters."""
+        for key, like in self._like.items():
+            value, layout = weights[key], (like.placements, like.device_mesh)
+            if is_dtensor(value) and (value.placements, value.device_mesh) != layout:
+                raise ValueError(
+                    f"The state's {key} is sharded as {value.placements} over {value.device_mesh}, the "
+                    f"model's as {like.placements} over {like.device_mesh}. Load a state saved with the same "
+                    "sharding and number of processes, or one gathered whole (ModelEMA.save, or fit's "
+                    "checkpoint)."
+                )
+
+    def load_state(self, k: int, weights: dict) -> None:
+        """Copy a state dict checked against ``state(k)`` (and ``check_state``) into set k."""
+        with torch.no_grad():
+            if not self.sharded:
+                self.modules[k].load_state_dict(weights)
+                return
+            for key, shadow in self._sets[k].items():
+                value = weights[key]
+                shadow.copy_(shard_of(value, self._like[key]) if key in self._like else value)
+
+    def gathered(self, k: int) -> dict | None:
+        """Set k's state dict whole, on the CPU, on rank 0 (None on the others): every rank must call it."""
+        return gathered(self.state(k))
 
     def relayout(self, *, average_buffers: bool, dtype) -> None:
         """Apply restored settings: the averaged buffers and the shadow dtype (values kept, then cast)."""
-        self.average_buffers, self.dtype = average_buffers, dtype
+        self.average_buffers = average_buffers
+        self.stochastic, self.dtype = dtype == STOCHASTIC_BF16, shadow_dtype(dtype)
         self._bind(self._model)
+
+    # -- the rounding noise of stochastic shadows, kept beside them -------------------------------------
+
+    def noise_state(self) -> dict | None:
+        """Where the noise is, for a state dict (plain values and a tensor); None when rounding to nearest."""
+        if self.generator is None:
+            return None
+        return {"device": str(self.generator.device), "state": self.generator.get_state()}
+
+    def load_noise_state(self, state: dict | None) -> None:
+        """Put back what ``noise_state`` returned (checked by ``_lowp.check_noise_state``)."""
+        if not self.stochastic:
+            return
+        device = self.generator.device
+        if state["device"] != str(device):
+            self.generator = reseeded(device, state["state"])
+        else:
+            self.generator.set_state(state["state"])
 
     # -- binding ----------------------------------------------------------------------------------------
 
     def _bind(self, model: nn.Module) -> None:
         """Point the update lists at ``model``'s tensors, laying the shadows out for them where needed."""
         live = check_module("model", model)
+        reshard(live)
         slots = _checked_slots(live, "The model")
-        sets = [{slot.key: slot for slot in saved_slots(module)} for module in self.modules]
-        _check_layout({slot.key: slot.tensor for slot in slots}, {k: s.tensor for k, s in sets[0].items()})
+        if any(is_dtensor(slot.tensor) for slot in slots) != self.sharded:
+            raise ValueError(
+                f"The model was {'un' if self.sharded else ''}sharded after this EMA was built for it: an "
+                "EMA holds whole weights or this rank's shards, for good. Build the EMA after sharding the "
+                "model (fully_shard), and keep it sharded."
+            )
+        lives = [local(slot.tensor) if self.sharded else slot.tensor for slot in slots]  # what the ops read
+        sets = [{slot.key: slot for slot in self._slots(k)} for k in range(self.count)]
+        check_layout(
+            {slot.key: tensor for slot, tensor in zip(slots, lives)},
+            {key: shadow.tensor for key, shadow in sets[0].items()},
+            _MISMATCH,
+            _FIX,
+        )
         shadow_slots = [[shadows[slot.key] for slot in slots] for shadows in sets]  # [set][tensor]
         placements: dict[tuple, tuple] = {}
         with torch.no_grad():  # keep the EMA's values; only where and how they are laid out may change
-            for slot, *shadows in zip(slots, *shadow_slots):
-                tensor = slot.tensor
+            for tensor, *shadows in zip(lives, *shadow_slots):
                 kind = (tensor.dtype, tensor.device)
                 if kind not in placements:
                     placements[kind] = self._placement(tensor)
                 for shadow in shadows:
                     if not _laid_out(shadow.tensor, tensor, *placements[kind]):
                         _replace(shadow, self._new_shadow(tensor, shadow.tensor))
-        self._plan(live, slots, shadow_slots)
+        if self.sharded:
+            self._like = {slot.key: slot.tensor for slot in slots if is_dtensor(slot.tensor)}
+            self._keys = _state_keys(live, slots)
+        else:
+            self._follow_noise(model_device(self.modules[0]))
+        self._plan(live, slots, lives, shadow_slots)
         self._model = model
         # One shadow per set is watched too: a set moved or cast by hand (ema.module.half()) is laid out anew.
         first = next(i for i, slot in enumerate(slots) if _averageable(slot.tensor))
-        self._watch = _Watch(live, slots + [set_slots[first] for set_slots in shadow_slots])
+        firsts = [set_slots[first] for set_slots in shadow_slots]
+        self._watch = _Watch(live, slots + firsts, lives + [slot.tensor for slot in firsts])
 
-    def _plan(self, live: nn.Module, slots: list[Slot], shadow_slots: list[list[Slot]]) -> None:
+    def _slots(self, k: int) -> list[Slot]:
+        """Where set k's shadows are held: its module's slots, or for a sharded model its dict's."""
+        if self.sharded:
+            return [Slot(key, self._sets[k], key) for key in self._sets[k]]
+        return saved_slots(self.modules[k])
+
+    def _follow_noise(self, device: torch.device) -> None:
+        """Stochastic shadows draw their noise on their own device: seeded at first, and when the shadows
+        moved, reseeded there from the old generator's state (deterministic, though not the same stream)."""
+        if not self.stochastic:
+            self.generator = None
+        elif self.generator is None:
+            self.generator = torch.Generator(device).manual_seed(SEED)
+        elif self.generator.device != device:
+            self.generator = reseeded(device, self.generator.get_state())
+
+    def _plan(
+        self, live: nn.Module, slots: list[Slot], tensors: list[Tensor], shadow_slots: list[list[Slot]]
+    ) -> None:
         """Build the op lists: live tensors grouped by kind, device and dtypes, each with its K shadows."""
         # Plain tensors in the op lists: a list holding Parameters costs a subclass check per element.
-        lives = [slot.tensor.detach() for slot in slots]
+        lives = [tensor.detach() for tensor in tensors]
         averaged = [self._averaged(slot.tensor) for slot in slots]
         firsts = [slot.tensor for slot in shadow_slots[0]]  # each set's shadows share device and dtype
         sources = list(lives)  # what the ops read: the live tensor, or its copy on the shadows' device
@@ -519,13 +719,13 @@ class Shadows:
         for i, (source, shadow) in enumerate(zip(sources, firsts)):
             same = source.dtype == shadow.dtype
             kind = "copy" if not averaged[i] else "lerp" if same else "cast"
-            if kind != "copy" and self.generator is not None and shadow.dtype == torch.bfloat16:
+            if kind != "copy" and self.stochastic and shadow.dtype == torch.bfloat16:
                 kind = "stochastic"  # rounded at random (_lowp), one op list per set
                 if not shadow.is_contiguous():  # _lowp blends through flat views
                     raise ValueError(
-                        f"rounding='stochastic' blends contiguous shadows only, but {slots[i].key} has "
+                        f"dtype={STOCHASTIC_BF16!r} blends contiguous shadows only, but {slots[i].key} has "
                         f"strides {shadow.stride()} (channels_last?); build the EMA from a contiguous model "
-                        "(model.to(memory_format=torch.contiguous_format)) or use rounding='nearest'."
+                        "(model.to(memory_format=torch.contiguous_format)) or use dtype=torch.bfloat16."
                     )
             elif kind != "cast" and same and source.numel() < SMALL and source.is_contiguous():
                 kind = "gather" if kind == "lerp" else "gather copy"  # see _Gather
@@ -561,6 +761,7 @@ class Shadows:
             if average and tensor.numel():
                 by_device.setdefault(tensor.device, []).append(tensor)
         self._finite_checks = list(by_device.values())
+        self._device = lives[0].device  # for a sharded model's all-reduce (a rank may hold no element)
         own = nn.Module.get_extra_state
         self._extra = [
             (name, module)
@@ -571,7 +772,7 @@ class Shadows:
     def _blend_set(self, j: int, weight: float) -> None:
         lists = self._per_set[j]
         for gather in self._gathers:
-            gather.blend([weight if k == j else None for k in range(len(self.modules))])
+            gather.blend([weight if k == j else None for k in range(self.count)])
         for shadows, lives in sum(lists.values(), []) if weight == 1.0 else lists["copy"]:
             torch._foreach_copy_(shadows, lives)
         if weight != 1.0:
@@ -612,7 +813,7 @@ class Shadows:
         """A shadow for ``live``: its shape and memory layout, the EMA's device and dtype, ``value``."""
         device, dtype = self._placement(live)
         shadow = torch.empty_like(live, dtype=dtype, device=device, requires_grad=False)
-        shadow.copy_(value.detach())
+        shadow.copy_(local(value))
         return nn.Parameter(shadow, requires_grad=False) if isinstance(live, nn.Parameter) else shadow
 
 def _laid_out(shadow: Tensor, live: Tensor, device: torch.device, dtype: torch.dtype) -> bool:
@@ -627,23 +828,24 @@ class _Watch:
     """What ``Shadows.follow`` compares to tell that the model changed: read from the model alone, no hooks.
     """
 
-    def __init__(self, live: nn.Module, slots: list[Slot]):
+    def __init__(self, live: nn.Module, slots: list[Slot], tensors: list[Tensor]):
         self._children = [module._modules for module in live.modules()]  # a leaf's too: it may gain one
         self._counts = list(map(len, self._children))  # where one module's children end: a move shows
         self._parents = [children for children in self._children if children]
         self._names = list(chain.from_iterable(self._parents))
         self._modules = list(chain.from_iterable(map(dict.values, self._parents)))
         self._holders, self._keys = [slot.holder for slot in slots], [slot.name for slot in slots]
-        self._tensors = [slot.tensor for slot in slots]
-        self._addresses = list(map(Tensor.data_ptr, self._tensors))
+        self._objects = [slot.tensor for slot in slots]
+        self._tensors = tensors
+        self._addresses = list(map(Tensor.data_ptr, tensors))
         # resize_ keeps the address when it shrinks or keeps the size; torch refuses it on tensors that
         # require grad.
-        self._resizable = [tensor for tensor in self._tensors if not tensor.requires_grad]
+        self._resizable = [tensor for tensor in tensors if not tensor.requires_grad]
         self._shapes = list(map(Tensor.size, self._resizable))
 
     def changed(self) -> bool:
         try:
-            same = all(map(operator.is_, map(operator.getitem, self._holders, self._keys), self._tensors))
+            same = all(map(operator.is_, map(operator.getitem, self._holders, self._keys), self._objects))
         except KeyError:  # a parameter or buffer was deleted
             return True
         return not (
@@ -737,6 +939,41 @@ def _replace(slot: Slot, shadow: Tensor) -> None:
     else:
         slot.holder[slot.name] = shadow
 
+def _check_shardable(live: nn.Module, allowed: bool, stochastic: bool) -> None:
+    """Refuse what an EMA of a sharded model cannot do, before anything is built."""
+    if not allowed:
+        raise ValueError(
+            f"{type(live).__name__} is sharded across processes (FSDP2), and this EMA keeps whole copies "
+            "of the model; ModelEMA and MultiEMA keep each rank's shard of a sharded model "
+            "(docs/distributed.md)."
+        )
+    if stochastic:
+        raise ValueError(
+            f"dtype={STOCHASTIC_BF16!r} is not supported on a sharded model (each rank's rounding noise "
+            "would need a state of its own in the saved EMA); use dtype=torch.bfloat16 or the default "
+            "float32 shadows, of which each rank keeps only its shard."
+        )
+    own = nn.Module.get_extra_state
+    extra = [name for name, m in live.named_modules() if getattr(type(m), "get_extra_state", own) is not own]
+    if extra:
+        raise ValueError(
+            f"The sharded model's modules {extra[:3]} keep extra state (get_extra_state), which an EMA of a "
+            "sharded model does not hold; build the EMA from a model without it."
+        )
+
+def _state_keys(live: nn.Module, slots: list[Slot]) -> dict[str, str]:
+    """Every key of ``live``'s state dict that holds a tensor, in order, with the slot key it is saved
+    under (tied weights: several keys, one slot)."""
+    first = {id(slot.tensor): slot.key for slot in slots}
+    keys = {}
+    for prefix, module in live.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for holder, skip in ((module._parameters, ()), (module._buffers, module._non_persistent_buffers_set)):
+            for name, tensor in holder.items():
+                if tensor is not None and name not in skip:
+                    keys[dot + name] = first[id(tensor)]
+    return keys
+
 def _checked_slots(module: nn.Module, what: str) -> list[Slot]:
     """``saved_slots(module)``, refusing tensors an EMA cannot hold: on ``meta``, or sparse."""
     slots = saved_slots(module)
@@ -754,17 +991,6 @@ def _checked_slots(module: nn.Module, what: str) -> list[Slot]:
                 "Keep a dense copy of it in the model (tensor.to_dense()), or leave it out of the EMA."
             )
     return slots
-
-def _check_layout(given: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
-    same_sizes = list(map(Tensor.size, given.values())) == list(map(Tensor.size, expected.values()))
-    if same_sizes and list(given) == list(expected):  # the usual case, without a Python loop per tensor
-        return
-    problems = layout_mismatch(given, expected)
-    if problems:
-        raise ValueError(
-            f"The model does not match the model this EMA was built for ({problems}). An EMA averages one "
-            "fixed set of tensors: undo the change to the model, or build a new EMA for the new architecture."
-        )
 
 
 # -- ema_kit/_batches.py
@@ -1144,7 +1370,23 @@ class ModelEMA:
 
     def _attach(self, shadows: Shadows, index: int, schedule: Schedule) -> None:
         self._shadows, self._index, self._schedule = shadows, index, schedule
-        self.module = shadows.modules[index]
+
+    @property
+    def module(self) -> nn.Module:
+        """The EMA model: a copy of the model holding the EMA weights, in eval mode, without gradients."""
+        if self._shadows.sharded:
+            raise AttributeError(
+                "This ModelEMA averages a sharded (FSDP2) model and has no module of its own: each rank "
+                "holds only its shards of the EMA weights. Run the sharded model with them, "
+                "`with ema.applied_to(model): ...`, and save them whole with ema.save(path) (gathered to "
+                "rank 0; call it on every rank)."
+            )
+        return self._shadows.modules[self._index]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the EMA averages a model sharded by FSDP2, holding this rank's shards (no ``module``)."""
+        return self._shadows.sharded
 
     # The schedule's settings and counters (a MultiEMA's EMA shares its schedule with the MultiEMA).
     decay = _from_schedule("decay", "Weight kept by the EMA per update (see the class docstring).")
@@ -1165,7 +1407,7 @@ class ModelEMA:
     @property
     def dtype(self) -> torch.dtype | str | None:
         """The shadow's dtype as given: a torch dtype, ``"bfloat16-stochastic"``, or None (the default)."""
-        return STOCHASTIC_BF16 if self._shadows.generator is not None else self._shadows.dtype
+        return STOCHASTIC_BF16 if self._shadows.stochastic else self._shadows.dtype
 
     @property
     def device(self) -> torch.device | None:
@@ -1179,8 +1421,7 @@ class ModelEMA:
     def update(self, model: nn.Module) -> None:
         """Fold the model's current weights into the EMA; call it after each optimizer step."""
         self._shadows.follow(model)
-        follow_noise(self._shadows)
-        weights: list[float | None] = [None] * len(self._shadows.modules)
+        weights: list[float | None] = [None] * self._shadows.count
         weights[self._index] = self._schedule.advance(self._shadows.all_finite)
         self._shadows.blend(weights)
 
@@ -1208,20 +1449,35 @@ class ModelEMA:
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(lives, saved)
+            reshard(model)  # FSDP2 may keep weights it gathered from the EMA's shards: let it gather anew
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the EMA weights as a plain state dict, atomically, on the CPU."""
-        return save_module(self.module, path)
+        if not self.sharded:
+            return save_module(self.module, path)
+        weights = self._shadows.gathered(self._index)
+        failure = None
+        if rank() == 0:
+            try:
+                save_weights(weights, path)
+            except Exception as error:
+                failure = f"{type(error).__name__}: {error}"
+                raise
+            finally:
+                _share_failure(failure)
+        else:
+            _share_failure(None)
+        return Path(path)
 
     def state_dict(self) -> dict:
         """Everything needed to resume bit-identically: the shadow, the counters and the settings."""
         return {
             "format": _FORMAT,
-            "weights": self.module.state_dict(),
+            "weights": self._shadows.state(self._index),
             **self._schedule.counters(),
             "settings": {name: getattr(self, name) for name in _SETTINGS}
             | {"dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch.")},
-            "generator": noise_state(self._shadows),
+            "generator": self._shadows.noise_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -1235,20 +1491,19 @@ class ModelEMA:
     def __repr__(self) -> str:
         return (
             f"ModelEMA(decay={self.decay}, half_life={self.half_life:.0f} steps, warmup={self.warmup}, "
-            f"num_updates={self.num_updates}, module={type(self.module).__name__})"
+            f"num_updates={self.num_updates}, module={self._shadows.name})"
         )
 
 def new_shadows(model: nn.Module, count: int, settings: dict, device) -> Shadows:
     """``count`` shadow sets of ``model``, laid out as the checked ``settings`` say, on ``device``."""
-    shadows = Shadows(
+    return Shadows(
         model,
         count,
         average_buffers=settings["buffers"] == "average",
-        dtype=shadow_dtype(settings["dtype"]),
+        dtype=settings["dtype"],
         device=check_device("device", device),
+        allow_sharded=True,
     )
-    start_noise(shadows, settings["dtype"] == STOCHASTIC_BF16)
-    return shadows
 
 def checked_load(ema: ModelEMA, state) -> Callable[[], None]:
     """Check a ``ModelEMA.state_dict()`` against ``ema`` and return the function that loads it into ``ema``.
@@ -1269,7 +1524,8 @@ def checked_load(ema: ModelEMA, state) -> Callable[[], None]:
         raise ValueError(
             f"The ModelEMA state lacks {error}; was it saved by another ema_kit version?"
         ) from None
-    expected = ema.module.state_dict()
+    shadows = ema._shadows
+    expected = shadows.state(ema._index)
     # A state read from a file can hold anything weights_only allows: refuse it here, before any change.
     if isinstance(weights, dict):
         hollow = [
@@ -1292,11 +1548,17 @@ def checked_load(ema: ModelEMA, state) -> Callable[[], None]:
         "Build a new ModelEMA for a different architecture.",
     )
     stochastic = settings["dtype"] == STOCHASTIC_BF16
+    if shadows.sharded:
+        shadows.check_state(weights)
+        if stochastic:
+            raise ValueError(
+                f"The state holds dtype={STOCHASTIC_BF16!r} shadows, which an EMA of a sharded model does "
+                "not support; load it into an EMA of the unsharded model."
+            )
     noise = state.get("generator") if stochastic else None
     check_noise_state(noise, stochastic)
-    shadows = ema._shadows
     layout = {"buffers": settings["buffers"], "dtype": settings["dtype"]}
-    if len(shadows.modules) > 1 and layout != {"buffers": ema.buffers, "dtype": ema.dtype}:
+    if shadows.count > 1 and layout != {"buffers": ema.buffers, "dtype": ema.dtype}:
         raise ValueError(
             f"This EMA shares buffers={ema.buffers!r} and dtype={ema.dtype} with the other EMAs of "
             f"its MultiEMA, but the state holds buffers={settings['buffers']!r} and "
@@ -1306,14 +1568,20 @@ def checked_load(ema: ModelEMA, state) -> Callable[[], None]:
     def load() -> None:
         ema._schedule.load(settings, counters)
         if layout != {"buffers": ema.buffers, "dtype": ema.dtype}:
-            shadows.relayout(
-                average_buffers=settings["buffers"] == "average", dtype=shadow_dtype(settings["dtype"])
-            )
-        with torch.no_grad():
-            ema.module.load_state_dict(weights)
-        load_noise_state(shadows, noise)
+            shadows.relayout(average_buffers=settings["buffers"] == "average", dtype=settings["dtype"])
+        shadows.load_state(ema._index, weights)
+        shadows.load_noise_state(noise)
 
     return load
+
+def _share_failure(failure: str | None) -> None:
+    """Rank 0's word on its write, to every rank: the others raise too rather than go on without the file."""
+    if not torch.distributed.is_initialized():
+        return
+    shared = [failure]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    if shared[0] is not None and rank() != 0:
+        raise RuntimeError(f"ModelEMA.save: rank 0 could not write the EMA weights ({shared[0]}).")
 
 def save_module(module: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``module``'s state dict atomically on the CPU, extra state included (see ``ModelEMA.save``)."""
@@ -1533,6 +1801,95 @@ def resolve_amp(amp, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or False, got {amp!r}.")
 
 
+# -- ema_kit/training/_env.py
+# Processes that execute notebooks with nobody watching: their saved outputs cannot render widgets.
+# nbclient, nbconvert and papermill set no variable in the kernel that says so (papermill's maintainers:
+# nteract/papermill#481), so the kernel's parent process, the tool that started it, is what tells.
+_HEADLESS_RUNNERS = ("nbconvert", "nbclient", "papermill", "nbmake", "pytest")
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (interactive or executed headless), where ``display`` has an output."""
+    ipython, zmqshell = sys.modules.get("IPython"), sys.modules.get("ipykernel.zmqshell")
+    if ipython is None or zmqshell is None:  # a kernel has imported both before running any cell
+        return False
+    return isinstance(ipython.get_ipython(), zmqshell.ZMQInteractiveShell)
+
+def headless_notebook() -> bool:
+    """True in a kernel run by nbconvert/papermill/nbmake or Kaggle's "Save & Run All" (a batch run)."""
+    run_type = os.environ.get("KAGGLE_KERNEL_RUN_TYPE", "").lower()
+    if run_type:
+        return run_type == "batch"
+    command = _parent_command()
+    return any(runner in command for runner in _HEADLESS_RUNNERS)
+
+def _parent_command() -> str:
+    """The command line of the process that started this one ("" where /proc cannot tell)."""
+    try:
+        return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+def watched() -> bool:
+    """True in a notebook kernel with a front end watching (not a headless run): someone sees it live."""
+    return in_notebook() and not headless_notebook()
+
+def widgets_available() -> bool:
+    """True where an ipywidgets progress bar can render: a notebook kernel with a front end watching."""
+    if not watched():
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+def display(obj, handle=None):
+    """Show ``obj`` in the notebook output, in place of what ``handle`` showed before; returns the handle."""
+    from IPython.display import display as ipython_display
+
+    if handle is None:
+        return ipython_display(obj, display_id=True)
+    handle.update(obj)
+    return handle
+
+def after_cell(callback: Callable[[], None]) -> None:
+    """Call ``callback`` once when the notebook cell running now ends, however it ends (finished, raised,
+    stopped); nothing outside a kernel. IPython runs ``post_run_cell`` events in a ``finally``."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is None:
+        return
+
+    def once(result=None) -> None:
+        shell.events.unregister("post_run_cell", once)
+        callback()
+
+    shell.events.register("post_run_cell", once)
+
+@contextlib.contextmanager
+def finish_before_stopping() -> Iterator[None]:
+    """A block that the stop button (SIGINT: Ctrl-C, Jupyter's interrupt) does not cut in two."""
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(handler):
+        yield
+        return
+    pending = []
+
+    def hold(signum, frame):
+        if pending:  # pressed twice: stop now
+            handler(signum, frame)
+        pending.append((signum, frame))
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    if pending:
+        handler(*pending[0])
+
+
 # -- ema_kit/training/history.py
 # "<model>_<quantity>", where model is "live", "ema" or "ema<decay>" (a decay has no underscore).
 _SCORE = re.compile(r"^(live|ema[^_]*)_(.+)$")
@@ -1587,54 +1944,6 @@ def write_csv(history: pd.DataFrame, path: str | os.PathLike) -> Path:
     return atomic_write_text(history.to_csv(index=False), path)
 
 
-# -- ema_kit/training/_env.py
-# Processes that execute notebooks with nobody watching: their saved outputs cannot render widgets.
-# nbclient, nbconvert and papermill set no variable in the kernel that says so (papermill's maintainers:
-# nteract/papermill#481), so the kernel's parent process, the tool that started it, is what tells.
-_HEADLESS_RUNNERS = ("nbconvert", "nbclient", "papermill", "nbmake", "pytest")
-
-def in_notebook() -> bool:
-    """True inside a Jupyter kernel (interactive or executed headless), where ``display`` has an output."""
-    ipython, zmqshell = sys.modules.get("IPython"), sys.modules.get("ipykernel.zmqshell")
-    if ipython is None or zmqshell is None:  # a kernel has imported both before running any cell
-        return False
-    return isinstance(ipython.get_ipython(), zmqshell.ZMQInteractiveShell)
-
-def headless_notebook() -> bool:
-    """True in a kernel run by nbconvert/papermill/nbmake or Kaggle's "Save & Run All" (a batch run)."""
-    run_type = os.environ.get("KAGGLE_KERNEL_RUN_TYPE", "").lower()
-    if run_type:
-        return run_type == "batch"
-    command = _parent_command()
-    return any(runner in command for runner in _HEADLESS_RUNNERS)
-
-def _parent_command() -> str:
-    """The command line of the process that started this one ("" where /proc cannot tell)."""
-    try:
-        return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-def widgets_available() -> bool:
-    """True where an ipywidgets progress bar can render: a notebook kernel with a front end watching."""
-    if not in_notebook() or headless_notebook():
-        return False
-    try:
-        import ipywidgets  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-def display(obj, handle=None):
-    """Show ``obj`` in the notebook output, in place of what ``handle`` showed before; returns the handle."""
-    from IPython.display import display as ipython_display
-
-    if handle is None:
-        return ipython_display(obj, display_id=True)
-    handle.update(obj)
-    return handle
-
-
 # -- ema_kit/training/plot.py
 LIVE_COLOR = "tab:blue"
 
@@ -1682,10 +1991,16 @@ def _plain_number(value: float, _position=None) -> str:
     return f"{value:g}"
 
 def plot_history(
-    history: pd.DataFrame, *, best_epoch: float | None = None, figure: Figure | None = None
+    history: pd.DataFrame,
+    *,
+    best_epoch: float | None = None,
+    figure: Figure | None = None,
+    in_epoch: pd.DataFrame | None = None,
 ) -> Figure:
     """Draw a training log (``fit``'s DataFrame, or ``pd.read_csv("history.csv")``) as live vs EMA curves."""
     groups = score_columns(history)
+    if in_epoch is not None:
+        groups = {"loss": {}} | groups  # the training loss is drawn before the first row has scores
     if not groups:
         raise ValueError(
             "The history has no score columns (live_<metric>, ema_<metric>); pass fit's DataFrame or the "
@@ -1696,7 +2011,14 @@ def plot_history(
     figure.clear()
     epochs = history["epoch"] if "epoch" in history else pd.Series(range(1, len(history) + 1))
     epochs = epochs.astype(float).reset_index(drop=True)
-    whole_epochs = bool((epochs == epochs.round()).all())
+    whole_epochs = bool((epochs == epochs.round()).all())  # the rows' epochs; in_epoch's are not rows
+    if in_epoch is not None:  # the training loss so far this epoch, drawn on from the last row
+        train = pd.concat([history.get("train_loss", pd.Series(math.nan, index=history.index)),
+                           in_epoch["train_loss"]], ignore_index=True)  # fmt: skip
+        train_epochs = pd.concat([epochs, in_epoch["epoch"].astype(float)], ignore_index=True)
+        epoch_end = math.ceil(train_epochs.max())
+    else:
+        train, train_epochs, epoch_end = history.get("train_loss"), epochs, None
     legend_inches = _legend_inches(["train", *(model for columns in groups.values() for model in columns)])
     panel_width, height = _PANEL_INCHES
     width = panel_width * len(groups) + legend_inches
@@ -1705,19 +2027,19 @@ def plot_history(
     panels_right = 1 - legend_inches / width
     figure.subplots_adjust(left=0.6 / width, right=panels_right, bottom=0.15, top=0.9, wspace=0.3)
     for ax, (quantity, columns) in zip(figure.subplots(1, len(groups), squeeze=False)[0], groups.items()):
-        series = []  # (label, values, style)
-        if quantity == "loss" and "train_loss" in history:
-            series.append(("train", history["train_loss"], {"color": TRAIN_COLOR, "linestyle": "--"}))
+        series = []  # (label, epochs, values, style)
+        if quantity == "loss" and train is not None:
+            series.append(("train", train_epochs, train, {"color": TRAIN_COLOR, "linestyle": "--"}))
         emas = iter(EMA_COLORS)
         for model, column in columns.items():
             color = LIVE_COLOR if model == "live" else next(emas, None)
-            series.append((model, history[column], {"color": color}))
+            series.append((model, epochs, history[column], {"color": color}))
         drawn = []
-        for label, values, style in series:
+        for label, at, values, style in series:
             values = values.astype(float).reset_index(drop=True)
             present = values.notna()
             marker = "." if present.sum() < _MARKER_ROWS else None
-            ax.plot(epochs[present], values[present], marker=marker, label=label, **style)
+            ax.plot(at[present], values[present], marker=marker, label=label, **style)
             drawn.append(values[present])
         if best_epoch is not None:
             ax.axvline(
@@ -1736,6 +2058,9 @@ def plot_history(
         else:  # rows within epochs: quarters, halves, whole epochs
             ax.xaxis.set_major_locator(MaxNLocator("auto", steps=[1, 2.5, 5, 10]))
         ax.xaxis.set_major_formatter(FuncFormatter(_plain_number))
+        if epoch_end is not None:  # the epoch in progress is drawn whole: its curve grows to the right edge
+            left = min(ax.get_xlim()[0], epoch_end - 1)
+            ax.set_xlim(left, epoch_end + 0.05 * (epoch_end - left))
         ax.grid(alpha=0.3)
     handles = {}
     for ax in figure.axes:  # each label once: live, ema and best appear in every panel
@@ -1756,8 +2081,7 @@ def _legend_inches(labels: list[str]) -> float:
     return 0.5 + 0.065 * max(len("best (epoch 100)"), *map(len, labels))
 
 class LivePlot:
-    """``plot_history`` redrawn after every epoch: in place in a notebook, and as a PNG file if given a path.
-    """
+    """``plot_history`` redrawn after every row: in place in a notebook, and as a PNG file if given a path."""
 
     def __init__(self, path: str | os.PathLike | None = None, *, show: bool | None = None):
         self.path = None if path is None else Path(path)
@@ -1765,18 +2089,28 @@ class LivePlot:
         self.figure = NotebookFigure()
         self._handle = None
 
-    def update(self, history: pd.DataFrame, *, best_epoch: int | None = None) -> None:
-        plot_history(history, best_epoch=best_epoch, figure=self.figure)
+    def update(
+        self, history: pd.DataFrame, *, best_epoch: float | None = None, in_epoch: pd.DataFrame | None = None
+    ) -> None:
+        """Draw ``history`` (and ``in_epoch``: see ``plot_history``; shown only, the file is the log's)."""
+        if in_epoch is not None and not self.show:
+            return
+        plot_history(history, best_epoch=best_epoch, figure=self.figure, in_epoch=in_epoch)
         if not (self.path or self.show):
             return
         png = io.BytesIO()
         self.figure.savefig(png, format="png", dpi=90)
-        if self.path is not None:
+        if self.path is not None and in_epoch is None:
             atomic_write_bytes(png.getvalue(), self.path)
         if self.show:
             from IPython.display import Image
 
+            if self._handle is None:
+                after_cell(self._forget_handle)
             self._handle = display(Image(data=png.getvalue(), format="png"), self._handle)
+
+    def _forget_handle(self) -> None:
+        self._handle = None
 
 
 # -- ema_kit/training/progress.py
@@ -1784,10 +2118,36 @@ _REFRESH_SECONDS = 0.2  # redraw the bar at most this often: drawing is not free
 
 _QUIET_SECONDS = 30.0  # a log line mid-epoch only when the epoch has run this long
 
-_TABLE_ROWS = 30  # the notebook table shows the latest epochs; the whole log is fit's return value
+_TABLE_ROWS = 30  # the notebook table shows the latest rows; the whole log is fit's return value
+
+def format_value(column: str, value) -> str:
+    """A log value as the table, the bar and the text lines show it: 4 decimals (``0.9833``, ``1.0000``,
+    as Keras prints), a value under 0.001 in scientific notation (``5.123e-04``), ``epoch`` as ``3`` or
+    ``1.5``, ``seconds`` to a tenth. So a column's decimals line up, and the bar's ``train_loss`` is the
+    table's. The log itself (fit's return value, ``history.csv``) keeps full precision.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return str(value)
+    if column == "epoch":
+        return f"{round(float(value), 4):g}"
+    if column == "seconds":
+        return f"{value:.1f}"
+    if isinstance(value, numbers.Integral):
+        return str(value)
+    return f"{value:.4f}" if value == 0 or not abs(value) < 1e-3 else f"{value:.3e}"
+
+class _Table:
+    """The latest rows of the log as a notebook shows them: rounded by ``format_value``, no index column."""
+
+    def __init__(self, history: pd.DataFrame):
+        rows = history.tail(_TABLE_ROWS)
+        self.frame = pd.DataFrame({c: [format_value(c, v) for v in rows[c].tolist()] for c in rows.columns})
+
+    def __repr__(self) -> str:
+        return self.frame.to_string(index=False)
 
 class Progress:
-    """Progress of the current epoch, and the per-epoch table (``LiveLog`` drives it, for fit and any loop).
+    """Progress of the current epoch, and the table of the log (``LiveLog`` drives it, for fit and any loop).
     """
 
     def __init__(
@@ -1808,7 +2168,7 @@ class Progress:
         self.train_loss = train_loss or (lambda: math.nan)
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._notebook = in_notebook() and stream is None
-        self._bar = self._table = None
+        self._bar = self._bar_shown = self._table = None
         self.epoch, self.batches = 0, None
         self.done = self.images = 0
         self.started = self._drawn = time.perf_counter()
@@ -1836,20 +2196,22 @@ class Progress:
             if now - self.started >= _QUIET_SECONDS and self.done != self.batches:
                 print(f"{self._prefix()}  {self._status(now)}", file=self.stream, flush=True)
 
-    def end_epoch(self, history: pd.DataFrame) -> None:
+    def show_row(self, history: pd.DataFrame) -> None:
         """Show the table with the row just added (``history``'s last)."""
         if self.mode == "off":
             return
         if self._tty:
             print("\r\033[K", end="", file=self.stream)
         if self._notebook:
-            self._table = display(history.tail(_TABLE_ROWS), self._table)
+            if self._table is None:  # a new table under this cell; the next cell that adds rows shows its own
+                after_cell(self._forget_table)
+            self._table = display(_Table(history), self._table)
             if self.mode == "text":  # headless: also leave a line in the run's log
                 print(f"{self._prefix()}  {self._status(time.perf_counter())}", file=self.stream, flush=True)
             return
         row = history.iloc[-1]
         scores = "  ".join(
-            f"{name} {_format(row[name])}"
+            f"{name} {format_value(name, row[name])}"
             for name in history.columns
             if name not in ("epoch", "lr", "seconds") and name in row
         )
@@ -1857,10 +2219,19 @@ class Progress:
         print(f"{self._prefix(row['epoch'])}  {scores}{self._speed(now)}", file=self.stream, flush=True)
 
     def close(self) -> None:
-        """End of training: the bar stays in the notebook, showing the last epoch, marked finished."""
-        if self._bar is not None:
-            self._progress.bar_style = "success"  # not closed: a closed widget shows as an error
-            self._bar = None
+        """End of the run, or of the notebook cell that shows the bar: the bar becomes its last line."""
+        if self._bar is None:
+            return
+        from IPython.display import Pretty
+
+        if self._progress.value != self.done:  # batches counted since the bar was last drawn
+            self._draw(time.perf_counter())
+        bar, self._bar = self._bar, None
+        display(Pretty(self._label.value), self._bar_shown)
+        bar.close()  # after it is replaced: a closed widget still shown reads as an error
+
+    def _forget_table(self) -> None:
+        self._table = None
 
     def _at_milestone(self) -> bool:
         """Whether a long epoch reports now: at its quarters, or at batch 1, 2, 4, 8, ... when the count is
@@ -1880,7 +2251,7 @@ class Progress:
     def _status(self, now: float) -> str:
         of = "" if self.batches is None else f"/{self.batches}"  # a loader without a length counts up
         loss = self.train_loss()
-        shown = "" if math.isnan(loss) else f"  train_loss {loss:.4f}"
+        shown = "" if math.isnan(loss) else f"  train_loss {format_value('train_loss', loss)}"
         return f"batch {self.done}{of}{shown}{self._speed(now)}"
 
     def _speed(self, now: float) -> str:
@@ -1897,7 +2268,8 @@ class Progress:
             self._progress = ipywidgets.IntProgress(min=0, max=max(self.batches or 1, 1))
             self._label = ipywidgets.HTML()
             self._bar = ipywidgets.HBox([self._progress, self._label])
-            display(self._bar)
+            self._bar_shown = display(self._bar)
+            after_cell(self.close)  # however the cell ends, a line of text is left, not a widget
         self._progress.max = max(self.batches or 1, 1)
         self._progress.value = 0
         self._label.value = self._prefix()
@@ -1910,13 +2282,15 @@ class Progress:
         else:
             print(f"\r\033[K{self._prefix()}  {self._status(now)}", end="", file=self.stream, flush=True)
 
-def _format(value) -> str:
-    if isinstance(value, float) and not value.is_integer():
-        return f"{value:.4f}" if abs(value) >= 1e-3 else f"{value:.2e}"
-    return str(value)
-
 
 # -- ema_kit/training/livelog.py
+# Within an epoch the training loss moves on the live plot (a notebook with a front end watching) at most
+# every _PREVIEW_SECONDS, and less often when a redraw (a PNG of the figure, ~0.1-0.3 s) would take more
+# than _PREVIEW_SHARE of the training time.
+_PREVIEW_SECONDS = 5.0
+
+_PREVIEW_SHARE = 0.03
+
 class LiveLog(Callback):
     """The log of a training run, one row per scoring, with the live and each EMA model side by side."""
 
@@ -1938,10 +2312,15 @@ class LiveLog(Callback):
         self._live_plot: LivePlot | None = None
         self._state: FitState | None = None  # fit's, while fit runs this log
         self._epoch = 0  # epochs tracked
+        self._batch: int | None = None  # the batch of the tracked epoch being trained (1-based), if any
         self._rows = 1  # rows of the batch being trained, which weigh its loss
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_rows = 0
         self._started = time.perf_counter()
+        self._in_epoch: list[tuple[float, float]] = []  # (epoch, train_loss) drawn since the last row
+        self._drawn = self._started  # when the plot was last drawn, and how long that took
+        self._draw_seconds = 0.0
+        self._watched: bool | None = None  # a notebook front end shows the plot live (asked once)
 
     # -- a loop of your own ---------------------------------------------------------------------------------
 
@@ -1950,10 +2329,13 @@ class LiveLog(Callback):
         with it."""
         self._epoch += 1
         self._start_epoch(self._epoch, _length(loader))
-        for batch in loader:
-            self._rows = _rows(batch)
-            yield batch
-            self.progress.batch(images=self._rows)
+        try:
+            for self._batch, batch in enumerate(loader, start=1):
+                self._rows = _rows(batch)
+                yield batch
+                self._batch_done(self._rows)
+        finally:
+            self._batch = None
 
     def add_loss(self, loss: torch.Tensor | float) -> None:
         """Count one training batch's (mean) loss, weighted by the rows of the batch being tracked."""
@@ -1962,9 +2344,21 @@ class LiveLog(Callback):
         self._loss_sum = self._loss_sum + loss * self._rows
         self._loss_rows += self._rows
 
+    def _epoch_now(self) -> float:
+        """Where a row added now sits: the epochs tracked, less what is left of the tracked epoch."""
+        batches = self.progress.batches
+        if self._batch is None or (batches is not None and self._batch >= batches):  # between epochs, an end
+            return self._epoch or len(self.history) + 1
+        if not batches:
+            raise ValueError(
+                f"add() was called within epoch {self._epoch} of a loader without len(), so where the row "
+                "sits in the epoch is unknown; pass epoch= (e.g. epoch=1.5), or add the row after the loop."
+            )
+        return self._epoch - 1 + self._batch / batches
+
     @property
     def train_loss(self) -> float:
-        """The mean training loss per row since the last row was added (NaN before any)."""
+        """The mean training loss per row since the last row was added (NaN before any loss)."""
         if self._state is not None:
             return self._state.train_loss
         return float(self._loss_sum) / self._loss_rows if self._loss_rows else math.nan
@@ -1974,16 +2368,17 @@ class LiveLog(Callback):
         columns = {**(row or {}), **columns}
         scores = {name: value for name, value in columns.items() if isinstance(value, Mapping)}
         others = {name: value for name, value in columns.items() if name not in scores}
-        new = {"epoch": others.pop("epoch", self._epoch or len(self.history) + 1)}
+        new = {"epoch": others.pop("epoch") if "epoch" in others else self._epoch_now()}
         if "train_loss" in others or self._loss_rows:
             new["train_loss"] = others.pop("train_loss", self.train_loss)
         new |= score_row(scores) | others
         new.setdefault("seconds", time.perf_counter() - self._started)
-        self.history = append_row(self.history, new)
-        self._show()  # the bar's last line still shows the loss of the row
-        self._loss_sum, self._loss_rows, self._started = 0.0, 0, time.perf_counter()
-        if self.epochs is not None and new["epoch"] >= self.epochs:  # the last row: the bar is done
-            self.progress.close()
+        with finish_before_stopping():  # the row, its table, plot and files: all or none
+            self.history = append_row(self.history, new)
+            self._show()  # the bar's last line still shows the loss of the row
+            self._loss_sum, self._loss_rows, self._started = 0.0, 0, time.perf_counter()
+            if self.epochs is not None and new["epoch"] >= self.epochs:  # the last row: the bar is done
+                self.progress.close()
 
     # -- as fit's callback ----------------------------------------------------------------------------------
 
@@ -1994,7 +2389,7 @@ class LiveLog(Callback):
         mode = self._progress_mode if shows else "off"
         # A new bar, table and plot for this run (a notebook shows them under the cell that runs it).
         self.progress = Progress(mode, epochs=state.epochs, train_loss=lambda: self.train_loss)
-        self._live_plot = None
+        self._live_plot, self._in_epoch = None, []
         if not shows:
             self.plot, self.out_dir = False, None
         self.history, self.best_epoch = state.history, state.best_epoch
@@ -2009,11 +2404,11 @@ class LiveLog(Callback):
         self._start_epoch(state.epoch, _length(state.train_loader))
 
     def on_batch_end(self, state: FitState) -> None:
-        self.progress.batch(images=_rows(state.targets))
+        self._batch_done(_rows(state.targets))
 
-    def on_epoch_end(self, state: FitState) -> None:
+    def on_row_added(self, state: FitState) -> None:
         self.history, self.best_epoch = state.history, state.best_epoch
-        self._show()
+        self._show()  # fit holds the stop button off until the row's files are written too
 
     def on_fit_end(self, state: FitState) -> None:
         self.progress.close()
@@ -2022,21 +2417,40 @@ class LiveLog(Callback):
     # -- showing --------------------------------------------------------------------------------------------
 
     def _start_epoch(self, epoch: int, batches: int | None) -> None:
-        self._started = time.perf_counter()
+        self._epoch = epoch
+        self._started = self._drawn = time.perf_counter()
         self.progress.start_epoch(epoch, batches=batches)
+
+    def _batch_done(self, rows: int) -> None:
+        """Count a finished training batch; every few seconds, draw the training loss so far on the plot."""
+        self.progress.batch(images=rows)
+        if self._watched is None:
+            self._watched = watched()
+        if not (self.plot and self._watched and self.progress.batches):  # seen live, the epoch's length known
+            return
+        if time.perf_counter() - self._drawn < max(_PREVIEW_SECONDS, self._draw_seconds / _PREVIEW_SHARE):
+            return
+        loss = self.train_loss
+        if math.isfinite(loss):
+            self._in_epoch.append((self._epoch - 1 + self.progress.done / self.progress.batches, loss))
+            self._draw(pd.DataFrame(self._in_epoch, columns=["epoch", "train_loss"]))
 
     def _show(self) -> None:
         if self.out_dir is not None:
             write_csv(self.history, self.out_dir / "history.csv")
+        self._in_epoch = []  # the row's train_loss is where they were leading
         self._draw()
-        self.progress.end_epoch(self.history)
+        self.progress.show_row(self.history)
 
-    def _draw(self) -> None:
+    def _draw(self, in_epoch: pd.DataFrame | None = None) -> None:
         if not self.plot:
             return
         if self._live_plot is None:
             self._live_plot = LivePlot(None if self.out_dir is None else self.out_dir / "history.png")
-        self._live_plot.update(self.history, best_epoch=self.best_epoch)
+        started = time.perf_counter()
+        self._live_plot.update(self.history, best_epoch=self.best_epoch, in_epoch=in_epoch)
+        self._drawn = time.perf_counter()
+        self._draw_seconds = self._drawn - started
 
 def _length(loader) -> int | None:
     try:

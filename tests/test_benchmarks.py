@@ -123,3 +123,20 @@ def test_evaluate_memory_benchmark_measures_each_way_of_scoring_with_the_same_sc
     ]
     assert all(cells[0].endswith(" MiB") and ratio(cells[1]) for cells in rows.values())
     assert len({tuple(cells[3:]) for name, cells in rows.items() if not name.startswith("forward")}) == 1
+
+
+@pytest.mark.slow
+def test_sharded_memory_benchmark_measures_each_rank_and_finds_no_collective_in_update():
+    columns, rows = table(run("sharded_memory.py"), "| processes |")
+    assert columns[:5] == [
+        "rank",
+        "EMA: resident memory added",
+        "vs unsharded",
+        "EMA: tensors held",
+        "vs unsharded",
+    ]
+    assert list(rows) == ["1 (unsharded, reference)", "2"]  # one row per key: the last rank's is kept
+    assert rows["1 (unsharded, reference)"][4] == "1.000x"
+    assert 0.45 < ratio(rows["2"][4]) < 0.55  # the tiny CNN: its shards are half of each tensor
+    ratio(rows["2"][2])  # resident memory: noisy at this size, but measured
+    assert all(cells[-1] == "none" for cells in rows.values())

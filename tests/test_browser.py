@@ -8,7 +8,9 @@ each epoch's plot is seen however short the epoch. Screenshots go to ``$EMA_KIT_
 folder, named at the end of the run. ``bash tests/browser/install.sh`` installs the tools; without them
 the tier is skipped, or fails with ``EMA_KIT_REQUIRE_BROWSER=1`` (CI).
 
-Checks marked xfail describe issue 22's second phase; each fails today, and its mark comes off with the fix.
+The README's picture of the live view, ``docs/live_view.png``, is this tier's JupyterLab run of fit, cropped
+to the live-view cell's outputs: ``EMA_KIT_LIVE_VIEW_PNG=docs/live_view.png python -m pytest
+tests/test_browser.py -k "fit and lab"`` writes it again.
 """
 
 import contextlib
@@ -34,6 +36,7 @@ NOTEBOOKS = Path(__file__).parent / "browser"
 CHROMIUM = shutil.which("chromium")
 EPOCHS = 4  # the parameters cell of fit_digits.ipynb and loop_digits.ipynb
 LAYOUT = ["widget", "plot", "table"]  # the live view's outputs, top to bottom, while it runs
+FINAL_LAYOUT = ["text/plain", "plot", "table"]  # when the cell has ended: the bar's last line, as text
 MARKER = "# the live view"  # the first line of the cell the checks read
 
 _missing = [
@@ -312,18 +315,41 @@ def _save(page, notebook: Path) -> None:
         time.sleep(0.1)
 
 
-def _run(jupyter: Jupyter, artifacts: Path, name: str, frontend: str, *, reopen: bool = False) -> Run:
+def _live_view_output(page):
+    """The outputs of the cell marked ``# the live view``."""
+    cell = page.locator(".jp-CodeCell").filter(has=page.locator(".jp-InputArea", has_text=MARKER))
+    return cell.locator(".jp-OutputArea")
+
+
+def _run(
+    jupyter: Jupyter,
+    artifacts: Path,
+    name: str,
+    frontend: str,
+    *,
+    reopen: bool = False,
+    long_epoch: bool = False,
+) -> Run:
     """Run All on a fresh copy of tests/browser/``name`` in ``frontend``, with screenshots after the first
-    epoch and at the end; then, with ``reopen``, save, shut the kernel down, and open the notebook in a new
-    browser session."""
+    epoch and at the end (with ``long_epoch``, also at the first plot within epoch 1); then, with
+    ``reopen``, save, shut the kernel down, and open the notebook in a new browser session. With
+    $EMA_KIT_LIVE_VIEW_PNG set, the live view's outputs at the end of fit_digits.ipynb in JupyterLab are
+    saved there too (the README's docs/live_view.png)."""
     stem = f"{frontend}-{Path(name).stem}"
     notebook = jupyter.place(name, stem)
     with jupyter.session(notebook, frontend) as page:
         _run_all(page)
+        if long_epoch:
+            drawn = "(window.liveView.at(-1)?.images.length ?? 0) > 0"
+            page.wait_for_function(f"() => {drawn} || !{_BUSY}", timeout=_TIMEOUT_MS)
+            page.screenshot(path=artifacts / f"{stem}-within-epoch1.png")
         if _wait_for_rows(page, 1):
             page.screenshot(path=artifacts / f"{stem}-epoch1.png")
         _wait_until_idle(page)
         page.screenshot(path=artifacts / f"{stem}-end.png")
+        readme_png = os.environ.get("EMA_KIT_LIVE_VIEW_PNG")
+        if readme_png and (name, frontend) == ("fit_digits.ipynb", "lab"):
+            _live_view_output(page).screenshot(path=readme_png)
         stderr = page.locator("[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
         run = Run(_live_view(page), notebook.parent, notebook, _prompts(page), stderr)
         if reopen:
@@ -345,8 +371,10 @@ def fit_run(request, jupyter, artifacts) -> Run:
     return _run(jupyter, artifacts, "fit_digits.ipynb", request.param, reopen=True)
 
 
-def _problems(run: Run) -> list[str]:
-    """What a user would call broken in a live view that ran to the end: each problem, in words."""
+def _problems(run: Run, epochs: list[str] | None = None) -> list[str]:
+    """What a user would call broken in a live view that ran to the end: each problem, in words. ``epochs``:
+    the table's epochs at the end (default 1 to EPOCHS); the plot changes with each."""
+    epochs = epochs or [str(e) for e in range(1, EPOCHS + 1)]
     problems = []
     states = run.states
     errors = {e for s in states for e in s["errors"]} | set(run.stderr)
@@ -356,14 +384,18 @@ def _problems(run: Run) -> list[str]:
         return [*problems, f"no cell marked {MARKER!r}"]
     if max(len(s["images"]) for s in states) != 1 or len(run.final["images"]) != 1:
         problems.append(f"not exactly one plot: {[len(s['images']) for s in states]}")
-    if len(run.images()) != EPOCHS:
-        problems.append(f"{len(run.images())} distinct plots over {EPOCHS} epochs")
+    if len(run.images()) < len(epochs):
+        problems.append(f"{len(run.images())} distinct plots for {len(epochs)} rows")
     if not any(s["bars"] for s in states):
         problems.append("no progress widget rendered")
-    if run.final["kinds"] != LAYOUT:
-        problems.append(f"outputs {run.final['kinds']}, not {LAYOUT}")
-    if [row[0] for row in run.final["table"]] != [str(e) for e in range(1, EPOCHS + 1)]:
+    if not any(s["kinds"] == LAYOUT for s in states):
+        problems.append(f"while running, never the outputs {LAYOUT}")
+    if run.final["kinds"] != FINAL_LAYOUT:
+        problems.append(f"outputs {run.final['kinds']} at the end, not {FINAL_LAYOUT}")
+    if [row[0] for row in run.final["table"]] != epochs:
         problems.append(f"the table's epochs are {[row[0] for row in run.final['table']]}")
+    if not run.final["text"] or not run.final["text"][0].startswith(f"epoch {epochs[-1].split('.')[0]}"):
+        problems.append(f"not the bar's last line in its place at the end: {run.final['text'][:1]}")
     return problems
 
 
@@ -381,10 +413,12 @@ def test_fit_shows_one_plot_redrawn_after_every_epoch(fit_run):
     assert fit_run.final["images"] == [plots[-1]]
 
 
-def test_fit_shows_a_rendered_progress_widget(fit_run):
+def test_fit_shows_a_rendered_progress_widget_that_ends_as_its_last_line(fit_run):
     assert any(state["bars"] == 1 for state in fit_run.states)
     assert all(state["bars"] <= 1 for state in fit_run.states)
-    assert fit_run.final["labels"] and f"epoch {EPOCHS}/{EPOCHS}" in fit_run.final["labels"][0]
+    last_epoch = [s for s in fit_run.states if s["labels"] and f"epoch {EPOCHS}/{EPOCHS}" in s["labels"][0]]
+    assert last_epoch and not fit_run.final["bars"]
+    assert fit_run.final["text"][0] == last_epoch[-1]["labels"][0]  # the bar's last state, as plain text
 
 
 def test_fit_shows_no_error_text(fit_run):
@@ -394,19 +428,22 @@ def test_fit_shows_no_error_text(fit_run):
 
 
 def test_fit_shows_the_bar_the_plot_and_the_table_in_that_order(fit_run):
-    assert fit_run.final["kinds"] == LAYOUT
+    assert any(state["kinds"] == LAYOUT for state in fit_run.states)
+    assert fit_run.final["kinds"] == FINAL_LAYOUT
 
 
-def test_fit_shows_the_table_with_one_row_per_finished_epoch(fit_run):
+def test_fit_shows_the_table_with_one_row_per_finished_epoch_and_four_decimals(fit_run):
     assert fit_run.table()["epoch"].tolist() == list(range(1, EPOCHS + 1))
-    saved = pd.read_csv(fit_run.folder / "runs" / "digits" / "history.csv")
-    assert fit_run.table()[1].round(6).tolist() == saved["train_loss"].round(6).tolist()
+    scores = [value for row in fit_run.final["table"] for value in row[1:-1]]  # not epoch, nor seconds
+    assert all(re.fullmatch(r"\d+\.\d{4}|\d\.\d{3}e-\d\d", value) for value in scores), scores
+    saved = pd.read_csv(fit_run.folder / "runs" / "digits" / "history.csv")  # at full precision
+    assert [row[1] for row in fit_run.final["table"]] == [f"{loss:.4f}" for loss in saved["train_loss"]]
     assert fit_run.prompts[-1] != "[ ]:"  # Run All went on after fit finished
 
 
 def test_the_bar_and_the_table_show_one_train_loss(fit_run):
-    bar = re.search(r"train_loss (\d+\.\d+)", fit_run.final["labels"][0]).group(1)
-    assert float(bar) == round(fit_run.table()[1].iloc[-1], len(bar.split(".")[1]))
+    bar = re.search(r"train_loss (\S+)", fit_run.final["text"][0]).group(1)
+    assert bar == fit_run.final["table"][-1][1]
 
 
 def test_a_reopened_notebook_keeps_the_final_plot_and_table(fit_run):
@@ -415,58 +452,75 @@ def test_a_reopened_notebook_keeps_the_final_plot_and_table(fit_run):
     assert reopened["table"] == fit_run.final["table"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 22 phase 2: the saved bar is a widget, shown as 'Error displaying widget: model not found'",
-)
 def test_a_reopened_notebook_shows_a_plain_final_line_where_the_bar_was(fit_run):
     reopened = fit_run.reopened
-    assert not reopened["errors"], reopened["errors"]
-    assert any(re.search(rf"epoch {EPOCHS}/{EPOCHS}.*train_loss", text) for text in reopened["text"])
+    assert not reopened["errors"] and not reopened["loading"], reopened
+    assert reopened["kinds"] == FINAL_LAYOUT
+    line = reopened["text"][0]
+    assert re.match(rf"epoch {EPOCHS}/{EPOCHS}  batch 22/22  train_loss ", line), reopened["text"]
 
 
 # -- the stop button -------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 22 phase 2: after the stop button fit returns normally, so Run All goes on",
-)
-def test_the_stop_button_after_an_epoch_keeps_the_finished_epochs_and_stops_run_all(jupyter, artifacts):
-    notebook = jupyter.place("fit_digits.ipynb", "lab-stop")
+@pytest.mark.parametrize("name", ["fit_digits.ipynb", "loop_digits.ipynb"])
+def test_the_stop_button_after_an_epoch_keeps_the_finished_epochs_and_stops_run_all(jupyter, artifacts, name):
+    stem = f"lab-stop-{Path(name).stem}"
+    notebook = jupyter.place(name, stem)
     with jupyter.session(notebook, "lab") as page:
         _run_all(page)
         assert _wait_for_rows(page, 1), _live_view(page)[-1]
         page.locator("jp-button[data-command='notebook:interrupt-kernel']:visible").click()  # the stop button
         _wait_until_idle(page)
-        page.screenshot(path=artifacts / "lab-stop.png")
+        page.screenshot(path=artifacts / f"{stem}.png")
         states, prompts = _live_view(page), _prompts(page)
         next_cell = page.locator(".jp-CodeCell").last.locator(".jp-OutputArea").inner_text()
     final = states[-1]
-    kept = re.search(r"kept (\d+) finished epoch", " ".join(final["text"] + final["stderr"]))
-    assert kept, final
-    saved = pd.read_csv(notebook.parent / "runs" / "digits" / "history.csv")
+    log = "runs/digits" if name == "fit_digits.ipynb" else "runs/loop"
+    saved = pd.read_csv(notebook.parent / log / "history.csv")
     rows = len(final["table"])
-    assert 1 <= rows < EPOCHS and int(kept.group(1)) == rows == len(saved)  # the message, table, log agree
+    assert 1 <= rows < EPOCHS and rows == len(saved)  # the table and the log on disk agree
+    assert [row[0] for row in final["table"]] == [str(e) for e in saved["epoch"]]
     plot_with_table = [s["images"] for s in states if len(s["table"]) == rows][0]
     assert final["images"] == plot_with_table  # and the plot shows the same epochs
-    assert "after fit" not in next_cell and prompts[-1] == "[ ]:", (prompts, next_cell)  # Run All stopped
+    assert final["kinds"][:3] == FINAL_LAYOUT and not final["bars"]  # the bar's last line, not a widget
+    if name == "fit_digits.ipynb":  # the message agrees too, in words
+        said = " ".join(final["text"] + final["stderr"])
+        finished = "1 finished epoch" if rows == 1 else f"{rows} finished epochs"
+        message = (
+            rf"KeyboardInterrupt: Stopped by the user (during|after) epoch \d of {EPOCHS}: kept {finished} "
+            rf"\(the last kept: epoch {rows}\); runs/digits holds them, with a checkpoint of epoch {rows} to "
+            "resume from"
+        )
+        assert re.search(message, said), said
+    assert "after" not in next_cell and prompts[-1] == "[ ]:", (prompts, next_cell)  # Run All stopped
 
 
-# -- what issue 22's second phase adds ---------------------------------------------------------------
+# -- scoring within epochs, and the training loss within long epochs ------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 22 phase 2: fit has no val_every= yet")
-def test_val_every_scores_live_and_ema_within_epochs_on_the_live_plot(jupyter, artifacts):
-    run = _run(jupyter, artifacts, "fit_val_every.ipynb", "lab")
-    assert not run.stderr and not any(state["errors"] for state in run.states), run.stderr
-    epochs = 2  # fit_val_every.ipynb's parameters cell; 22 steps an epoch, scored every 11
-    assert len(run.images()) >= 2 * epochs and max(len(s["images"]) for s in run.states) == 1
-    during_epoch_1 = [s for s in run.states if s["labels"] and s["labels"][0].startswith(f"epoch 1/{epochs}")]
-    assert any(s["images"] for s in during_epoch_1)  # the plot moved before the first epoch ended
+def test_validate_every_scores_live_and_ema_within_epochs_on_the_live_plot(jupyter, artifacts):
+    run = _run(jupyter, artifacts, "fit_validate_every.ipynb", "lab")
+    problems = _problems(run, epochs=["0.5", "1", "1.5", "2"])
+    assert not problems, problems
+    during_epoch_1 = [s for s in run.states if s["labels"] and s["labels"][0].startswith("epoch 1/2")]
+    assert any(s["table"] for s in during_epoch_1)  # the row at 0.5 came before the first epoch ended
+    saved = pd.read_csv(run.folder / "runs" / "digits" / "history.csv")
+    assert saved["epoch"].tolist() == [0.5, 1, 1.5, 2]
+
+
+def test_within_a_long_epoch_the_training_loss_moves_on_the_plot_before_the_epochs_row(jupyter, artifacts):
+    run = _run(jupyter, artifacts, "fit_long_epoch.ipynb", "lab", long_epoch=True)
+    problems = _problems(run, epochs=["1"])
+    assert not problems, problems
+    before_the_row = [s for s in run.states if s["images"] and not s["table"]]
+    assert before_the_row and before_the_row[0]["bars"] == 1  # drawn while the bar ran, before any row
+    assert len(run.images()) >= 2  # the loss so far, then the epoch's row
 
 
 def test_a_hand_written_loop_with_the_live_log_looks_like_fit(jupyter, artifacts):
     run = _run(jupyter, artifacts, "loop_digits.ipynb", "lab")
     assert not _problems(run), _problems(run)
-    assert (run.folder / "runs" / "loop" / "history.csv").exists()
+    saved = pd.read_csv(run.folder / "runs" / "loop" / "history.csv")
+    bar = re.search(r"train_loss (\S+)", run.final["text"][0]).group(1)
+    assert bar == run.final["table"][-1][1] == f"{saved['train_loss'].iloc[-1]:.4f}"  # one train_loss

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ema_kit import Callback, EarlyStopping, GradientClip, LiveLog, fit
+from ema_kit import Callback, EarlyStopping, GradientClip, LiveLog, ValidateEvery, fit
 from ema_kit.training.callbacks import HOOKS, CallbackList, check_callbacks
 
 
@@ -16,13 +16,14 @@ def batches(count: int, seed: int = 0) -> list:
     ]
 
 
-def small_fit(callbacks, **options):
+def small_fit(callbacks, train_batches=3, **options):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     options = {"epochs": 1, "ema": 0.5} | options
     callbacks = [LiveLog(progress="off", plot=False), *callbacks]
-    return fit(model, batches(3), batches(1, seed=1), optimizer=optimizer, callbacks=callbacks, **options)
+    train = batches(train_batches)
+    return fit(model, train, batches(1, seed=1), optimizer=optimizer, callbacks=callbacks, **options)
 
 
 class Recorder(Callback):
@@ -45,8 +46,25 @@ def test_every_hook_runs_in_the_documented_order():
         *batch, "on_batch_end", *step,
         "on_validation_start",
         "on_validation_end",
+        "on_row_added",
         "on_epoch_end",
         "on_fit_end",
+    ]  # fmt: skip
+
+
+def test_a_row_within_an_epoch_runs_the_validation_hooks_after_that_batch_and_no_epoch_end():
+    recorder = Recorder()
+
+    class AfterSecondBatch(Callback):
+        def on_batch_end(self, state):
+            state.validate = state.validate or len(recorder.calls) == 13  # after batch 2's on_batch_end
+
+    small_fit([AfterSecondBatch(), recorder])
+    batch = ["on_batch_start", "on_before_backward", "on_after_backward", "on_before_step", "on_step_end",
+             "on_batch_end"]  # fmt: skip
+    row = ["on_validation_start", "on_validation_end", "on_row_added"]
+    assert recorder.calls == [
+        "on_fit_start", "on_epoch_start", *batch, *batch, *row, *batch, *row, "on_epoch_end", "on_fit_end"
     ]  # fmt: skip
 
 
@@ -120,6 +138,12 @@ def test_gradient_clip_bounds_each_step():
         (lambda: GradientClip(0), ValueError, "max_norm must be a positive, finite number"),
         (lambda: GradientClip(-1.0), ValueError, "max_norm must be a positive, finite number"),
         (lambda: GradientClip("1"), TypeError, "max_norm must be a number"),
+        (lambda: ValidateEvery(), TypeError, "ValidateEvery takes one of steps= .* or epochs="),
+        (lambda: ValidateEvery(steps=5, epochs=0.5), TypeError, "one of steps="),
+        (lambda: ValidateEvery(steps=0), ValueError, "steps must be an int >= 1"),
+        (lambda: ValidateEvery(steps=2.5), TypeError, "steps must be an int >= 1"),
+        (lambda: ValidateEvery(epochs=1.0), ValueError, "a fraction of an epoch below 1"),
+        (lambda: ValidateEvery(epochs=0), ValueError, "epochs must be a positive, finite number"),
     ],
 )
 def test_bad_settings_of_the_built_in_callbacks_are_refused_by_name(build, error, message):
@@ -128,3 +152,37 @@ def test_bad_settings_of_the_built_in_callbacks_are_refused_by_name(build, error
         return
     with pytest.raises(error, match=message):
         build()
+
+
+@pytest.mark.parametrize(
+    "every, expected",
+    [
+        ({"steps": 2}, [0.4, 0.8, 1, 1.4, 1.8, 2]),  # counted anew each epoch (5 steps an epoch)
+        ({"steps": 5}, [1, 2]),  # the epoch's last step: scored by the epoch's own row
+        ({"epochs": 0.5}, [0.6, 1, 1.6, 2]),  # round(2.5) steps: every 2
+    ],
+)
+def test_validate_every_scores_rows_at_fractions_of_each_epoch(every, expected):
+    log = small_fit([ValidateEvery(**every)], epochs=2, train_batches=5)
+    assert log["epoch"].tolist() == pytest.approx(expected)
+    assert log["ema_loss"].notna().all() and log["train_loss"].notna().all()
+
+
+def test_validate_every_counts_optimizer_steps_under_accumulation():
+    log = small_fit([ValidateEvery(steps=1)], epochs=1, train_batches=5, accumulate=2)
+    assert log["epoch"].tolist() == pytest.approx([0.4, 0.8, 1])  # steps end at batches 2, 4 and 5
+
+
+def test_validate_every_refuses_a_loader_without_a_length_before_training():
+    class Stream:
+        def __iter__(self):
+            return iter(batches(3))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    before = [p.clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="ValidateEvery needs a train_loader with a length"):
+        fit(model, Stream(), batches(1, seed=1), epochs=1, optimizer=optimizer,
+            callbacks=[LiveLog(progress="off", plot=False), ValidateEvery(steps=1)])  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

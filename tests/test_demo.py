@@ -93,5 +93,9 @@ def test_ctrl_c_during_the_first_epoch_exits_cleanly(tmp_path, monkeypatch, caps
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train._Trainer, "train_epoch", interrupted)
-    demo.main(["--epochs", "2", "--out", str(tmp_path)])
-    assert "Stopped before the first epoch finished" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(["--epochs", "2", "--out", str(tmp_path)])
+    assert stopped.value.code == 130
+    out = capsys.readouterr().out
+    assert "Stopped by the user during epoch 1 of 2: no epoch finished, nothing kept." in out
+    assert "Traceback" not in out

@@ -787,6 +787,14 @@ def test_a_wrong_shadow_dtype_names_the_stochastic_one_too(dtype, error, message
         ModelEMA(nn.Linear(2, 2), dtype=dtype)
 
 
+def test_a_channels_last_model_is_refused_stochastic_shadows_naming_the_dtype_that_works():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"stochastic' blends contiguous .* use dtype=torch.bfloat16"):
+        ModelEMA(model, dtype="bfloat16-stochastic")
+    shadow = ModelEMA(model, dtype=torch.bfloat16).module[0].weight
+    assert shadow.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_a_stochastic_state_without_its_generator_state_is_refused_before_any_change():
     model = Drifting(64)
     ema = ModelEMA(model, dtype="bfloat16-stochastic")

@@ -52,6 +52,29 @@ def test_peak_bandwidth_is_the_memory_clock_times_two_times_the_bus_width(monkey
     assert gpu_check.peak_bandwidth(torch.device("cpu")) is None
 
 
+def test_a_module_that_skips_itself_at_collection_is_named_apart_not_counted_as_a_skipped_case(
+    monkeypatch, tmp_path
+):
+    gpu_check = load_script(monkeypatch)
+    (tmp_path / "test_cases.py").write_text(
+        "import pytest\n\n"
+        "def test_runs():\n    pass\n\n"
+        "@pytest.mark.skip(reason='a case that did not run')\ndef test_skipped():\n    pass\n"
+    )
+    (tmp_path / "test_needs_a_browser.py").write_text(
+        "import pytest\n\npytest.skip('no browser here', allow_module_level=True)\n"
+    )
+    junit = tmp_path / "junit.xml"
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--doctest-modules", "--rootdir",
+         str(tmp_path), f"--junitxml={junit}", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    counts, modules = gpu_check.junit_counts(junit)
+    assert counts == {"tests": 2, "failures": 0, "errors": 0, "skipped": 1}  # the skipped case still counts
+    assert modules == {"test_needs_a_browser": "no browser here"}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the script would run")
 def test_without_a_cuda_device_it_says_nothing_ran_writes_nothing_and_exits_0(tmp_path):
     results = ROOT / "benchmarks" / "RESULTS_gpu.md"
@@ -75,6 +98,8 @@ def test_cpu_dry_run_runs_the_test_tier_the_notebook_and_the_benchmark_and_write
     assert "- notebook 02 (dry run: smoke size): passed in" in text
     notebook = text.split("## notebook 02", 1)[1].split("\n## ", 1)[0]
     assert any(line.startswith("| ") and "_loss" in line for line in notebook.splitlines())  # its last epoch
+    assert "![notebook02_history.png](report_notebook02_history.png)" in notebook
+    assert (tmp_path / "report_notebook02_history.png").read_bytes().startswith(b"\x89PNG")  # fit's curves
     for row in (
         "| floor (one flat lerp_) | 1.00x | 1.00x |",
         "| ema_kit ModelEMA |",

@@ -2,6 +2,9 @@
 
 import io
 import math
+import os
+import signal
+import time
 
 import pandas as pd
 import pytest
@@ -11,6 +14,8 @@ from torch import nn
 from ema_kit import Callback, LiveLog, ModelEMA, evaluate, fit
 from ema_kit.examples.demo import SmallCNN
 from ema_kit.examples.digits import digits_loaders
+from ema_kit.training import _env, livelog
+from ema_kit.training.plot import LivePlot
 from ema_kit.training.progress import Progress
 
 
@@ -153,7 +158,7 @@ def test_the_progress_shown_with_a_row_has_that_rows_train_loss():
     seen = []
 
     class Recorded(Progress):
-        def end_epoch(self, history):
+        def show_row(self, history):
             seen.append(self.train_loss())
 
     live_log = LiveLog(plot=False)
@@ -178,3 +183,154 @@ def test_with_epochs_given_the_bar_is_marked_finished_with_the_last_row():
             pass
         live_log.add(epoch=epoch, live={"loss": 0.5})
         assert closed == ([] if epoch == 1 else [2])
+
+
+# -- what a user watches: the row as one unit, the loss within long epochs ---------------------------------
+
+
+def test_in_a_loop_of_your_own_the_stop_button_while_a_row_is_drawn_lands_after_it(tmp_path, monkeypatch):
+    live_log = LiveLog(out_dir=tmp_path, progress="off")
+    original = LivePlot.update
+
+    def pressed_while_drawing(self, history, **options):
+        os.kill(os.getpid(), signal.SIGINT)  # the stop button, while the plot is drawn
+        original(self, history, **options)
+
+    monkeypatch.setattr(LivePlot, "update", pressed_while_drawing)
+    with pytest.raises(KeyboardInterrupt):
+        hand_written(live_log)
+    assert len(live_log.history) == 1 and len(pd.read_csv(tmp_path / "history.csv")) == 1
+    assert live_log._loss_rows == 0  # the row took its loss: a rerun of the loop starts a new one
+
+
+class Clock:
+    """``time.perf_counter`` for a test: it moves when told to."""
+
+    def __init__(self, monkeypatch):
+        self.now = 0.0
+        monkeypatch.setattr(time, "perf_counter", lambda: self.now)
+
+    def wait(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def within_epoch_draws(monkeypatch) -> list:
+    """As in a notebook watched live. Returns the draws: (rows of the log, the points within the epoch)."""
+    draws = []
+    monkeypatch.setattr(_env, "watched", lambda: True)
+    monkeypatch.setattr(
+        LivePlot,
+        "update",
+        lambda self, history, best_epoch=None, in_epoch=None: draws.append(
+            (len(history), None if in_epoch is None else in_epoch.values.tolist())
+        ),
+    )
+    return draws
+
+
+def test_within_a_long_epoch_the_plot_draws_the_training_loss_so_far_at_fractions_of_the_epoch(monkeypatch):
+    draws, clock = within_epoch_draws(monkeypatch), Clock(monkeypatch)
+    live_log = LiveLog(progress="off")
+    losses = [1.0, 0.5, 0.3, 0.2]
+    for epoch in (1, 2):
+        for _, loss in zip(live_log.track([(torch.zeros(2, 1), torch.zeros(2))] * 4), losses):
+            clock.wait(livelog._PREVIEW_SECONDS)  # each batch takes that long: each is drawn
+            live_log.add_loss(loss / epoch)
+        live_log.add(live={"loss": 0.4 / epoch})
+    first_epoch = [[0.25, 1.0], [0.5, 0.75], [0.75, 0.6]]  # the running mean, up to the batch just counted
+    assert draws[:3] == [(0, first_epoch[:1]), (0, first_epoch[:2]), (0, first_epoch)]
+    assert draws[3] == (0, [*first_epoch, [1.0, 0.5]])  # the last batch's point is the row's train_loss
+    assert draws[4] == (1, None)  # the row: the points within the epoch are done with
+    assert draws[5] == (1, [[1.25, 0.5]])
+
+
+def test_the_loss_within_an_epoch_is_drawn_every_few_seconds_at_most(monkeypatch):
+    draws, clock = within_epoch_draws(monkeypatch), Clock(monkeypatch)
+    live_log = LiveLog(progress="off")
+    for _ in live_log.track([(torch.zeros(2, 1), torch.zeros(2))] * 100):
+        clock.wait(livelog._PREVIEW_SECONDS / 10)
+        live_log.add_loss(0.5)
+    assert len(draws) == 10
+
+
+def test_drawing_the_loss_within_an_epoch_takes_a_small_share_of_the_training_time(monkeypatch):
+    draws, clock = within_epoch_draws(monkeypatch), Clock(monkeypatch)
+    drawn = LivePlot.update
+    monkeypatch.setattr(LivePlot, "update", lambda *args, **kwargs: clock.wait(1.0) or drawn(*args, **kwargs))
+    live_log = LiveLog(progress="off")
+    for _ in live_log.track([(torch.zeros(2, 1), torch.zeros(2))] * 1000):
+        clock.wait(0.1)  # a big figure: 1 s to draw, 10 batches' time
+        live_log.add_loss(0.5)
+    assert len(draws) / clock.now <= livelog._PREVIEW_SHARE
+
+
+def test_fit_draws_the_training_loss_within_epochs_as_a_hand_written_loop_does(monkeypatch):
+    draws, clock = within_epoch_draws(monkeypatch), Clock(monkeypatch)
+    torch.manual_seed(0)
+    train_loader, val_loader = digits_loaders(batch_size=256)  # 6 batches an epoch
+
+    class SlowBatches(Callback):
+        def on_batch_start(self, state):
+            clock.wait(livelog._PREVIEW_SECONDS)
+
+    model = SmallCNN(width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    log = fit(model, train_loader, val_loader, epochs=2, optimizer=optimizer,
+              callbacks=[LiveLog(progress="off"), SlowBatches()])  # fmt: skip
+    points = [draw for rows, draw in draws if draw]
+    assert [len(p) for p in points] == [1, 2, 3, 4, 5, 6] * 2
+    assert [x for x, _ in points[5]] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1])
+    assert points[5][-1][1] == pytest.approx(log["train_loss"].iloc[0])  # ends at the row's train_loss
+    assert [rows for rows, draw in draws if draw is None] == [1, 2]
+
+
+def test_the_loss_within_an_epoch_is_not_drawn_where_nobody_watches_live(monkeypatch):
+    draws, clock = within_epoch_draws(monkeypatch), Clock(monkeypatch)
+    monkeypatch.setattr(_env, "watched", lambda: False)  # a script, CI, Kaggle's Save & Run All
+    live_log = LiveLog(progress="off")
+    for _ in live_log.track([(torch.zeros(2, 1), torch.zeros(2))] * 4):
+        clock.wait(livelog._PREVIEW_SECONDS)
+        live_log.add_loss(0.5)
+    live_log.add(live={"loss": 0.4})
+    assert draws == [(1, None)]
+
+
+def test_a_log_read_back_from_history_csv_shows_what_fit_showed(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    train_loader, val_loader = digits_loaders(batch_size=256)
+    model = SmallCNN(width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    log = fit(model, train_loader, val_loader, epochs=2, optimizer=optimizer, out_dir=tmp_path / "run",
+              callbacks=[LiveLog(progress="off")])  # fmt: skip
+    watcher = LiveLog(progress="off", out_dir=tmp_path / "watched")
+    for row in pd.read_csv(tmp_path / "run" / "history.csv").to_dict("records"):
+        watcher.add(row)
+    pd.testing.assert_frame_equal(watcher.history, log, check_dtype=False)
+    written = [(tmp_path / folder / "history.csv").read_text() for folder in ("run", "watched")]
+    assert written[0] == written[1]
+
+
+def test_a_row_added_within_a_tracked_epoch_sits_at_the_fraction_of_the_epoch_done():
+    live_log = LiveLog(progress="off", plot=False)
+    batches = [(torch.zeros(2, 1), torch.zeros(2))] * 4
+    for _ in range(2):
+        for batch, _ in enumerate(live_log.track(batches), start=1):
+            live_log.add_loss(float(batch))
+            if batch == 2:  # scored inside the loop body of batch 2 of 4: half the epoch is done
+                live_log.add(live={"loss": 0.5})
+        live_log.add(live={"loss": 0.4})
+    live_log.add(live={"loss": 0.3})  # after the loop: the epochs tracked
+    assert live_log.history["epoch"].tolist() == [0.5, 1, 1.5, 2, 2]
+    assert live_log.history["train_loss"].tolist()[:2] == [1.5, 3.5]  # each row's loss since the row before
+
+
+def test_a_row_added_within_an_epoch_of_unknown_length_needs_its_epoch():
+    live_log = LiveLog(progress="off", plot=False)
+    batches = iter([(torch.zeros(2, 1), torch.zeros(2))] * 4)  # no len(): where is the middle?
+    for batch, _ in enumerate(live_log.track(batches), start=1):
+        if batch == 2:
+            with pytest.raises(ValueError, match=r"loader without len\(\).*pass epoch="):
+                live_log.add(live={"loss": 0.5})
+            live_log.add(epoch=0.5, live={"loss": 0.5})
+    live_log.add(live={"loss": 0.4})
+    assert live_log.history["epoch"].tolist() == [0.5, 1]

@@ -110,16 +110,14 @@ def test_lives_of_another_dtype_blend_as_their_float32_values(dtype):
 def test_noise_saved_on_another_device_is_reseeded_there_from_its_state_the_same_way_each_time():
     from torch import nn
 
-    from ema_kit._lowp import load_noise_state, noise_state, start_noise
     from ema_kit._shadows import Shadows
 
-    shadows = Shadows(nn.Linear(64, 64), 1, average_buffers=True, dtype=torch.bfloat16, device=None)
-    start_noise(shadows, stochastic=True)
-    saved = noise_state(shadows)
+    shadows = Shadows(nn.Linear(64, 64), 1, average_buffers=True, dtype=_lowp.STOCHASTIC_BF16, device=None)
+    saved = shadows.noise_state()
     draws = []
     for _ in range(2):  # as if saved on a GPU and resumed on this CPU
-        load_noise_state(shadows, {"device": "cuda:0", "state": saved["state"]})
+        shadows.load_noise_state({"device": "cuda:0", "state": saved["state"]})
         draws.append(torch.randint(0, 1 << 16, (8,), generator=shadows.generator))
-    load_noise_state(shadows, saved)  # on its own device: the saved stream itself
+    shadows.load_noise_state(saved)  # on its own device: the saved stream itself
     same_device = torch.randint(0, 1 << 16, (8,), generator=shadows.generator)
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], same_device)

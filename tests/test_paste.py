@@ -21,10 +21,10 @@ _spec.loader.exec_module(build)
 import paste  # noqa: E402
 from paste import PasteError, paste_file  # noqa: E402
 
-# The issue asked for at most ~1,500 lines; the closure of ModelEMA (with its bf16 and CPU-shadow paths),
-# evaluate and LiveLog is ~2,050 lines at the first build (2026-12-04), ~2,200 with the live log of issue 22.
-# This bound says when it grows further.
-MAX_LINES = 2_300
+# The issue asked for at most ~1,500 lines; the closure of ModelEMA (with its bf16, CPU-shadow and FSDP2
+# paths), evaluate and LiveLog was ~2,050 lines at the first build (2026-12-04), 2,465 with issue 22's live
+# log and issue 27's sharded EMA. This bound says when it grows further.
+MAX_LINES = 2_500
 
 
 def package(**modules: str) -> dict[str, str]:

@@ -10,6 +10,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from nbclient import NotebookClient
 
+from ema_kit.training import _env
 from ema_kit.training.plot import EMA_COLORS, LIVE_COLOR, LivePlot, plot_history
 
 LOG = pd.DataFrame({
@@ -87,6 +88,45 @@ def test_rows_within_epochs_get_ticks_at_simple_fractions(epochs):
     ticks = _shown_ticks(figure.axes[0].xaxis)
     assert len(ticks) >= 3 and all((4 * t) == int(4 * t) for t in ticks), ticks  # quarters, halves, wholes
     assert [label.get_text() for label in _shown_labels(figure.axes[0].xaxis)] == [f"{t:g}" for t in ticks]
+
+
+IN_EPOCH_3 = pd.DataFrame({"epoch": [2.25, 2.5, 2.75], "train_loss": [0.45, 0.4, 0.38]})
+
+
+def test_the_loss_within_an_epoch_continues_the_train_curve_with_whole_ticks_up_to_the_epochs_end():
+    figure = plot_history(LOG.head(2), in_epoch=IN_EPOCH_3)
+    _drawn(figure)
+    loss = figure.axes[0]
+    train = next(line for line in loss.get_lines() if line.get_label() == "train")
+    assert list(train.get_xdata()) == [1, 2, 2.25, 2.5, 2.75]
+    assert list(train.get_ydata()) == [1.0, 0.5, 0.45, 0.4, 0.38]
+    live = next(line for line in loss.get_lines() if line.get_label() == "live")
+    assert list(live.get_xdata()) == [1, 2]  # the scores stay at the rows
+    for ax in figure.axes:
+        assert _shown_ticks(ax.xaxis) == [1, 2, 3]  # whole epochs, the one in progress drawn to its end
+
+
+def test_before_the_first_row_the_loss_panel_draws_the_training_loss_alone():
+    in_epoch_1 = pd.DataFrame({"epoch": [0.25, 0.5], "train_loss": [2.0, 1.6]})
+    figure = plot_history(pd.DataFrame(), in_epoch=in_epoch_1)
+    _drawn(figure)
+    (loss,) = figure.axes
+    assert loss.get_title() == "loss" and [line.get_label() for line in loss.get_lines()] == ["train"]
+    assert _shown_ticks(loss.xaxis) == [0, 1]
+
+
+def test_a_live_plot_shows_the_loss_within_an_epoch_but_writes_only_rows_to_its_file(tmp_path, monkeypatch):
+    shown = []
+    monkeypatch.setattr(_env, "display", lambda obj, handle=None: shown.append(obj) or "handle")
+    monkeypatch.setattr(_env, "after_cell", lambda callback: None)
+    plot = LivePlot(tmp_path / "history.png", show=True)
+    plot.update(LOG.head(2))
+    written = (tmp_path / "history.png").read_bytes()
+    plot.update(LOG.head(2), in_epoch=IN_EPOCH_3)
+    assert len(shown) == 2 and shown[0].data != shown[1].data
+    assert (tmp_path / "history.png").read_bytes() == written
+    LivePlot(tmp_path / "quiet.png", show=False).update(LOG.head(2), in_epoch=IN_EPOCH_3)  # nobody sees it
+    assert not (tmp_path / "quiet.png").exists()
 
 
 def test_the_train_loss_of_a_single_epoch_is_drawn():

@@ -2,6 +2,8 @@
 
 import copy
 import math
+import os
+import signal
 import sys
 import warnings
 
@@ -11,9 +13,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ema_kit import Callback, EarlyStopping, GradientClip, LiveLog, ModelEMA, evaluate, fit
+from ema_kit import Callback, EarlyStopping, GradientClip, LiveLog, ModelEMA, ValidateEvery, evaluate, fit
 from ema_kit.examples.demo import SmallCNN
+from ema_kit.training import loop
 from ema_kit.training.evaluate import whole_set
+from ema_kit.training.plot import LivePlot
+from ema_kit.training.progress import Progress
 
 COLUMNS = [
     "epoch", "train_loss", "live_loss", "ema_loss", "live_accuracy", "ema_accuracy", "half_life_epochs_ema",
@@ -155,7 +160,7 @@ def test_resume_from_another_model_is_refused_and_changes_nothing(tmp_path):
     assert len(pd.read_csv(tmp_path / "history.csv")) == 1
 
 
-def test_stop_button_keeps_finished_epochs_in_memory_and_on_disk(tmp_path, capsys):
+def test_the_stop_button_keeps_the_finished_epochs_then_stops_the_caller_with_what_was_kept(tmp_path):
     model, optimizer, train, val = setup()
 
     class StopButton:
@@ -163,13 +168,81 @@ def test_stop_button_keeps_finished_epochs_in_memory_and_on_disk(tmp_path, capsy
             if state.epoch == 3:
                 raise KeyboardInterrupt
 
-    log = quiet_fit(
-        model, train, val, epochs=5, optimizer=optimizer, out_dir=tmp_path, callbacks=[StopButton()]
+    live_log = LiveLog(progress="off", plot=False)
+    with pytest.raises(KeyboardInterrupt) as stopped:  # a notebook's Run All ends here, a script exits
+        fit(model, train, val, epochs=5, optimizer=optimizer, out_dir=tmp_path,
+            callbacks=[live_log, StopButton()])  # fmt: skip
+    assert str(stopped.value) == (
+        "Stopped by the user during epoch 3 of 5: kept 2 finished epochs (the last kept: epoch 2); "
+        f"{tmp_path} holds them, with a checkpoint of epoch 2 to resume from."
     )
-    assert log["epoch"].tolist() == [1, 2]
+    assert stopped.value.__suppress_context__  # the message, not fit's insides, is what the user reads
+    assert live_log.history["epoch"].tolist() == [1, 2]
     assert len(pd.read_csv(tmp_path / "history.csv")) == 2
-    out = capsys.readouterr().out
-    assert "Stopped by the user during epoch 3: kept 2 finished epochs" in out and "Traceback" not in out
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def press_stop_during(monkeypatch, owner, name: str, when) -> None:
+    """Send this process a real SIGINT (the stop button, Ctrl-C) inside ``owner.name`` when ``when()``."""
+    original = getattr(owner, name)
+
+    def pressed(*args, **kwargs):
+        if when():
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, pressed)
+
+
+def test_the_stop_button_while_an_epoch_is_shown_lands_after_its_plot_table_and_files(tmp_path, monkeypatch):
+    model, optimizer, train, val = setup()
+    tables = []
+    live_log = LiveLog(progress="off")
+    press_stop_during(monkeypatch, LivePlot, "update", lambda: len(live_log.history) == 2)  # epoch 2's plot
+    press_stop_during(monkeypatch, Progress, "show_row", lambda: tables.append(len(live_log.history)))
+    said = r"after epoch 2 of 4: kept 2 finished epochs \(the last kept: epoch 2\);"
+    with pytest.raises(KeyboardInterrupt, match=said):
+        fit(model, train, val, epochs=4, optimizer=optimizer, out_dir=tmp_path, callbacks=[live_log])
+    assert tables == [1, 2]  # the table showed epoch 2: the plot, the table and the message agree
+    assert len(pd.read_csv(tmp_path / "history.csv")) == 2
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2  # so does the checkpoint
+
+
+def test_the_stop_button_while_an_epoch_is_scored_keeps_the_epoch_before(tmp_path, monkeypatch):
+    model, optimizer, train, val = setup()
+    live_log = LiveLog(progress="off", plot=False)
+    calls = []
+    press_stop_during(monkeypatch, loop, "evaluate", lambda: calls.append(1) or len(calls) == 4)
+    said = r"during epoch 2 of 3: kept 1 finished epoch \(the last kept: epoch 1\);"
+    with pytest.raises(KeyboardInterrupt, match=said):
+        fit(model, train, val, epochs=3, optimizer=optimizer, out_dir=tmp_path, callbacks=[live_log])
+    assert len(live_log.history) == len(pd.read_csv(tmp_path / "history.csv")) == 1
+
+
+def test_a_second_press_of_the_stop_button_stops_at_once_even_inside_an_epochs_end(monkeypatch):
+    model, optimizer, train, val = setup()
+    live_log = LiveLog(progress="off", plot=False)
+
+    class Hangs:
+        def on_epoch_end(self, state):  # a callback that would never end: pressed once, it would not stop
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("not stopped")
+
+    said = r"after epoch 1 of 2: kept 1 finished epoch \(the last kept: epoch 1\) in the log"
+    with pytest.raises(KeyboardInterrupt, match=said):
+        fit(model, train, val, epochs=2, optimizer=optimizer, callbacks=[live_log, Hangs()])
+
+
+def test_the_stop_button_before_any_epoch_finished_says_nothing_was_kept():
+    model, optimizer, train, val = setup()
+
+    class StopButton:
+        def on_step_end(self, state):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt, match="during epoch 1 of 2: no epoch finished, nothing kept."):
+        quiet_fit(model, train, val, epochs=2, optimizer=optimizer, callbacks=[StopButton()])
 
 
 def test_an_error_mid_epoch_says_where_the_finished_epochs_are(tmp_path):
@@ -185,7 +258,8 @@ def test_an_error_mid_epoch_says_where_the_finished_epochs_are(tmp_path):
     with pytest.raises(RuntimeError, match="unreachable") as caught:
         quiet_fit(model, train, val, epochs=3, optimizer=optimizer, metrics={"m": (whole_set(flaky), "max")},
                   out_dir=tmp_path)  # fmt: skip
-    assert any("1 finished epochs are kept" in note for note in caught.value.__notes__)
+    said = f"kept 1 finished epoch (the last kept: epoch 1); {tmp_path} holds them"
+    assert any(said in note for note in caught.value.__notes__)
     assert len(pd.read_csv(tmp_path / "history.csv")) == 1
 
 
@@ -1102,3 +1176,71 @@ def test_the_training_step_reads_the_device_once_per_optimizer_step(monkeypatch,
     groups = math.ceil(len(train) / accumulate)
     assert counter.steps == groups
     assert len(reads) == groups, reads
+
+
+# -- rows within epochs (ValidateEvery) ------------------------------------------------------------------
+
+
+def test_a_row_within_an_epoch_is_written_at_once_with_the_train_loss_since_the_row_before(tmp_path):
+    model, optimizer, train, val = setup()  # 6 batches an epoch
+    losses, rows_on_disk = [], []
+
+    class Recorder(Callback):
+        def on_batch_end(self, state):
+            losses.append((state.loss.item() * len(state.targets), len(state.targets)))
+
+        def on_row_added(self, state):
+            rows_on_disk.append(len(pd.read_csv(tmp_path / "history.csv")))
+
+    log = quiet_fit(model, train, val, epochs=2, optimizer=optimizer, out_dir=tmp_path,
+                    callbacks=[ValidateEvery(epochs=0.5), Recorder()])  # fmt: skip
+    assert log["epoch"].tolist() == [0.5, 1, 1.5, 2] and rows_on_disk == [1, 2, 3, 4]
+    for row, batches in zip(log["train_loss"], [losses[:3], losses[3:6], losses[6:9], losses[9:]]):
+        assert row == pytest.approx(sum(s for s, _ in batches) / sum(n for _, n in batches))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "history.csv"), log, check_dtype=False)
+
+
+def test_a_row_within_an_epoch_can_be_the_best_and_its_ema_weights_are_kept(tmp_path):
+    model, optimizer, train, val = setup()
+    kept = {}
+
+    class Leaderboard(Callback):
+        def on_validation_end(self, state):
+            state.row["lb"] = 1.0 if state.row["epoch"] == 1.5 else 0.5
+
+        def on_row_added(self, state):
+            if state.row["epoch"] == 1.5:
+                kept.update({k: v.clone() for k, v in state.scored["ema"].state_dict().items()})
+
+    log = quiet_fit(model, train, val, epochs=3, optimizer=optimizer, out_dir=tmp_path, monitor=("lb", "max"),
+                    callbacks=[ValidateEvery(epochs=0.5), Leaderboard()])  # fmt: skip
+    assert len(log) == 6
+    saved = torch.load(tmp_path / "model_ema.pth", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in kept.items())
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 3
+
+
+def test_a_resume_with_rows_within_epochs_gives_the_log_and_weights_of_one_run(tmp_path):
+    model, log = run_into(tmp_path / "whole", 3, callbacks=[ValidateEvery(steps=2)])
+    run_into(tmp_path / "split", 2, callbacks=[ValidateEvery(steps=2)])
+    resumed, resumed_log = run_into(tmp_path / "split", 3, resume=True, callbacks=[ValidateEvery(steps=2)])
+    assert log["epoch"].tolist() == [e + f for e in range(3) for f in (1 / 3, 2 / 3, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+    pd.testing.assert_frame_equal(log.drop(columns="seconds"), resumed_log.drop(columns="seconds"))
+
+
+def test_the_stop_button_after_a_row_within_an_epoch_says_so(tmp_path):
+    model, optimizer, train, val = setup()
+
+    class StopButton:
+        def on_step_end(self, state):
+            if state.epoch == 2 and len(state.history) == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        quiet_fit(model, train, val, epochs=3, optimizer=optimizer, out_dir=tmp_path,
+                  callbacks=[ValidateEvery(epochs=0.5), StopButton()])  # fmt: skip
+    assert str(stopped.value) == (
+        "Stopped by the user during epoch 2 of 3: kept 1 finished epoch and 1 row scored within epoch 2 "
+        f"(the last kept: epoch 1.5); {tmp_path} holds them, with a checkpoint of epoch 1 to resume from."
+    )

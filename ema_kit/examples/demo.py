@@ -105,16 +105,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"EMA_KIT_SMOKE is set: 2 epochs instead of {args.epochs}.")
         args.epochs = 2
     started = time.perf_counter()
-    log = run(
-        epochs=args.epochs,
-        decay=args.decay,
-        out_dir=args.out,
-        seed=args.seed,
-        resume="auto" if args.resume else False,
-    )
-    if log.empty:  # the stop button (Ctrl-C) before an epoch finished: fit has said so
-        print("Stopped before the first epoch finished: nothing to report.")
-        return
+    try:
+        log = run(
+            epochs=args.epochs,
+            decay=args.decay,
+            out_dir=args.out,
+            seed=args.seed,
+            resume="auto" if args.resume else False,
+        )
+    except KeyboardInterrupt as stop:  # Ctrl-C: fit's message says what was kept; no traceback
+        print(f"\n{stop}")
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports an interrupted command
     last = log.iloc[-1]
     print(
         f"\n{len(log)} epochs in {time.perf_counter() - started:.1f} s. Last epoch: live accuracy "

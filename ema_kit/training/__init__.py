@@ -1,6 +1,6 @@
 """The training loop and what it shows and writes: ``fit``, ``evaluate``, the callbacks, the live log."""
 
-from .callbacks import Callback, EarlyStopping, FitState, GradientClip
+from .callbacks import Callback, EarlyStopping, FitState, GradientClip, ValidateEvery
 from .ema_bn import RecomputeEMABatchNorm
 from .evaluate import accuracy, evaluate, whole_set
 from .livelog import LiveLog
@@ -18,6 +18,7 @@ __all__ = [
     "FitState",
     "EarlyStopping",
     "GradientClip",
+    "ValidateEvery",
     "SwitchEMA",
     "RecomputeEMABatchNorm",
     "plot_history",

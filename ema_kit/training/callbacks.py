@@ -2,7 +2,8 @@
 
 ``fit`` keeps the loop (forward, loss, backward, optimizer step, EMA update, scoring); everything else is
 a callback on the hooks below, the built-in ones (``LiveLog``, ``SwitchEMA``, ``EarlyStopping``,
-``GradientClip``, ``RecomputeEMABatchNorm``, and ``Checkpoint``, the files of ``out_dir``) as much as yours.
+``GradientClip``, ``RecomputeEMABatchNorm``, ``ValidateEvery``, and ``Checkpoint``, the files of
+``out_dir``) as much as yours.
 
 One epoch, hook by hook::
 
@@ -13,19 +14,24 @@ One epoch, hook by hook::
         on_after_backward           this batch's gradients are in
         on_before_step              the group's gradients, complete and unscaled: clip them
         on_step_end                 after the optimizer step and the EMA update (not after a skipped step)
-        on_batch_end                every batch
+        on_batch_end                every batch; set state.validate to score a row now (below)
       on_validation_start           state.scored: the EMA modules about to be scored (replace one)
       on_validation_end             state.row: the scores; add columns here (a leaderboard score)
-      on_epoch_end                  the row is in state.history, state.best_epoch is chosen
+      on_row_added                  the row is in state.history, state.best_epoch is chosen
+      on_epoch_end                  after on_row_added of the epoch's own row
     on_fit_end                      after the last epoch, or the stop button
 
 With ``accumulate=n`` the two step hooks run once per n batches; the last, shorter group of an epoch
-steps after its last ``on_batch_end``.
+steps after its last ``on_batch_end``. A row within an epoch (``state.validate``, e.g. ``ValidateEvery``)
+runs ``on_validation_start`` to ``on_row_added`` after that ``on_batch_end``, its ``epoch`` a fraction
+(1.5). The stop button lands before a row is added or after its ``on_row_added`` (and at an epoch's end
+its ``on_epoch_end``), never in between.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,6 +56,7 @@ HOOKS = (
     "on_batch_end",
     "on_validation_start",
     "on_validation_end",
+    "on_row_added",
     "on_epoch_end",
     "on_fit_end",
 )
@@ -84,19 +91,21 @@ class FitState:
     epoch: int = 0  # the current (1-based) or last finished epoch
     step: int = 0  # optimizer steps taken so far
     stop: bool = False  # set True to end training after this epoch
-    history: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per finished epoch
+    validate: bool = False  # set True in a batch hook to score a row now, within the epoch
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per scoring, each epoch's end
     resumed_from: Path | None = None  # the checkpoint this run continued, if any
     # Per batch (on_batch_start .. on_batch_end).
     inputs: object = None  # on the device; replaceable in on_batch_start
     targets: object = None  # on the device; replaceable in on_batch_start
     outputs: object = None  # the prediction the loss sees
     loss: torch.Tensor | None = None  # this batch's loss; replaceable in on_before_backward
-    train_loss: float = float("nan")  # the epoch's mean training loss so far (per sample, steps taken)
+    train_loss: float = float("nan")  # the mean training loss per sample since the last row (steps taken)
     # Per validation (on_validation_start .. on_epoch_end).
-    scored: dict[str, nn.Module] = field(default_factory=dict)  # EMA name -> the module scored for it
+    # EMA name -> the module scored for it; a sharded EMA (FSDP2) is itself, scored through applied_to
+    scored: dict[str, nn.Module | ModelEMA] = field(default_factory=dict)
     row: dict = field(default_factory=dict)  # the log row being built; add columns in on_validation_end
     monitor: str | None = None  # the column the best epoch is picked by (the best decay's, with several)
-    best_epoch: int | None = None
+    best_epoch: float | None = None  # the best row's epoch: 3, or 2.5 for a row within an epoch
 
 
 class Callback:
@@ -152,6 +161,9 @@ class Callback:
         pass
 
     def on_validation_end(self, state: FitState) -> None:
+        pass
+
+    def on_row_added(self, state: FitState) -> None:
         pass
 
     def on_epoch_end(self, state: FitState) -> None:
@@ -289,3 +301,54 @@ class GradientClip(Callback):
 
     def on_before_step(self, state: FitState) -> None:
         nn.utils.clip_grad_norm_(state.model.parameters(), self.max_norm)
+
+
+class ValidateEvery(Callback):
+    """Score the live model and each EMA within epochs too: every ``steps`` optimizer steps of an epoch,
+    or every ``epochs`` (a fraction: ``0.25`` scores at the first step past each quarter), as Lightning's
+    ``val_check_interval`` does. For long epochs: the live-vs-EMA curves move before an epoch ends.
+
+    Each score is a row at a fraction of an epoch (``epoch`` 1.5), shown, written and weighed for the
+    best epoch like an epoch's own row (whose EMA weights ``model_ema.pth`` then holds, if best); its
+    ``train_loss`` is the mean since the row before. ``checkpoint.pt`` is written at epochs' ends only:
+    a resume continues from the last finished epoch and scores its rows again, alike. The count starts
+    anew each epoch, and the epoch's last step is scored by the epoch's row. Needs a ``train_loader``
+    with a length, to place the rows.
+
+    Example:
+        >>> every_500 = ValidateEvery(steps=500)  # fit(..., callbacks=[every_500])
+        >>> at_quarters = ValidateEvery(epochs=0.25)
+    """
+
+    def __init__(self, *, steps: int | None = None, epochs: float | None = None):
+        if (steps is None) == (epochs is None):
+            raise TypeError(
+                "ValidateEvery takes one of steps= (optimizer steps, e.g. 500) or epochs= (a fraction of "
+                f"an epoch, e.g. 0.25); got steps={steps!r}, epochs={epochs!r}."
+            )
+        self.steps = None if steps is None else _checks.check_int("steps", steps, minimum=1)
+        self.epochs = None if epochs is None else _checks.check_finite_positive("epochs", epochs)
+        if self.epochs is not None and self.epochs >= 1:
+            raise ValueError(f"epochs must be a fraction of an epoch below 1 (e.g. 0.25), got {epochs!r}.")
+        self._every = self.steps
+        self._first_step = 0
+
+    def on_fit_start(self, state: FitState) -> None:
+        try:
+            batches = len(state.train_loader)
+        except TypeError:
+            raise ValueError(
+                "ValidateEvery needs a train_loader with a length, to place each row within its epoch; "
+                "this one has no len() (an IterableDataset without __len__): give it one."
+            ) from None
+        if self.epochs is not None:  # in steps, a fraction: 0.25 of 22 steps scores after steps 6, 11, 17
+            self._every = self.epochs * -(-batches // state.accumulate)
+
+    def on_epoch_start(self, state: FitState) -> None:
+        self._first_step = state.step
+
+    def on_step_end(self, state: FitState) -> None:
+        done = state.step - self._first_step
+        marks = math.floor(done / self._every + 1e-9)  # (1e-9: 0.3 * 10 steps is 3.0000000000000004)
+        if marks > math.floor((done - 1) / self._every + 1e-9):  # this step passed a mark
+            state.validate = True

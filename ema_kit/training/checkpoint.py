@@ -4,6 +4,10 @@
 and loads ``checkpoint.pt`` on a resume. The checkpoint holds only tensors and plain Python values
 (random-number states included), so it loads with ``torch.load(..., weights_only=True)``: opening a
 checkpoint never runs code.
+
+Of a model sharded by FSDP2, the model's, the optimizer's and the EMA's states are gathered whole to rank 0
+for the one file (torch's ``get_model_state_dict`` / ``get_optimizer_state_dict``, and ``_sharded.gathered``),
+and a resume loads them into every rank's shards: the same file, checks and guarantees as without sharding.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._sharded import gathered, is_sharded, reshard
 from .._tensors import layout_mismatch
-from ..ema import save_module
+from ..ema import ModelEMA, save_module
 from ..files import atomic_save, load_weights
 from .callbacks import Callback, FitState, is_main_process, state_key, stateful
 
@@ -128,9 +133,9 @@ def _to_lists(value):
 class Checkpoint(Callback):
     """The files of ``fit(out_dir=..., resume=...)``, which builds this callback and runs it last.
 
-    After every epoch: ``model_ema.pth`` (the EMA the monitor picked, as scored, when this epoch is the
-    best; ``model.pth``, the live weights, without an EMA) and ``checkpoint.pt``, everything a resume
-    needs, each written atomically. ``history.csv`` and ``history.png`` are ``LiveLog``'s.
+    After every row that is the best so far: ``model_ema.pth`` (the EMA the monitor picked, as scored;
+    ``model.pth``, the live weights, without an EMA); after every epoch ``checkpoint.pt``, everything a
+    resume needs. Each is written atomically. ``history.csv`` and ``history.png`` are ``LiveLog``'s.
 
     ``resume``: ``False`` starts a run (an ``out_dir`` that holds one is refused), ``True`` continues the
     run in ``out_dir/checkpoint.pt``, ``"auto"`` continues it if there is one and starts fresh if not,
@@ -158,7 +163,8 @@ class Checkpoint(Callback):
         if self.path is None:
             return
         path, saved = self.path, load_checkpoint(self.path)
-        missing = {"optimizer_type", "scheduler_type", "amp", "callbacks", "steps_per_epoch"} - saved.keys()
+        parts = {"optimizer_type", "scheduler_type", "amp", "callbacks", "steps_per_epoch", "sharded"}
+        missing = parts - saved.keys()
         if missing:
             raise ValueError(
                 f"{path} was written by an older ema_kit (it lacks {sorted(missing)}); start a new run, or "
@@ -201,13 +207,19 @@ class Checkpoint(Callback):
                 f"{sorted(callbacks)} with a state to resume; pass the same callbacks as the run that "
                 "wrote it (a callback's state is kept under its state_key)."
             )
+        was, now = saved["sharded"], is_sharded(state.model)
+        if was != now:
+            how = {True: "sharded by FSDP2", False: "not sharded"}
+            raise ValueError(
+                f"{path} was written by a run whose model was {how[was]}, and this run's is {how[now]}: "
+                "their optimizer states are laid out differently. Resume the run as it was trained."
+            )
         # Everything fits. Callbacks check their own state before changing it, so they go first.
         for key, callback in callbacks.items():
             callback.load_state_dict(saved["callbacks"][key])
         if state.ema is not None:
             state.ema.load_state_dict(saved["ema"])
-        state.model.load_state_dict(saved["model"])
-        state.optimizer.load_state_dict(saved["optimizer"])
+        _load_model_and_optimizer(state.model, state.optimizer, saved["model"], saved["optimizer"])
         if state.scheduler is not None:
             state.scheduler.load_state_dict(saved["scheduler"])
         state.scaler.load_state_dict(saved["scaler"])
@@ -225,31 +237,50 @@ class Checkpoint(Callback):
             for name in RUN_FILES:
                 (self.out_dir / name).unlink(missing_ok=True)
 
-    def on_epoch_end(self, state: FitState) -> None:
-        if self.out_dir is None or not is_main_process():
+    def on_row_added(self, state: FitState) -> None:
+        """The best weights, when the row just added (an epoch's, or one within an epoch) is the best."""
+        sharded = is_sharded(state.model)  # then every rank gathers its shards to rank 0, which writes
+        if self.out_dir is None or state.best_epoch != state.row["epoch"]:
             return
-        if state.best_epoch == state.epoch:
-            named = state.monitor.split("_", 1)[0]
-            best = named if named in state.scored else next(iter(state.scored), None)
-            if best is not None:  # the EMA the monitor names (the best decay's, with several)
-                save_module(state.scored[best], self.out_dir / "model_ema.pth")
-            else:
-                atomic_save(
-                    {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
-                    self.out_dir / "model.pth",
-                )
+        if not (sharded or is_main_process()):
+            return
+        named = state.monitor.split("_", 1)[0]
+        best = named if named in state.scored else next(iter(state.scored), None)
+        scored = None if best is None else state.scored[best]  # the EMA the monitor names (the best decay's)
+        if isinstance(scored, ModelEMA):  # a sharded EMA: every rank takes part
+            scored.save(self.out_dir / "model_ema.pth")
+        elif scored is not None:
+            if is_main_process():
+                save_module(scored, self.out_dir / "model_ema.pth")
+        else:
+            live = _model_state(state.model)
+            if is_main_process():
+                atomic_save({k: v.detach().cpu() for k, v in live.items()}, self.out_dir / "model.pth")
+
+    def on_epoch_end(self, state: FitState) -> None:
+        """The checkpoint, at epochs' ends only: a resume starts an epoch from its first batch."""
+        sharded = is_sharded(state.model)  # then every rank gathers its shards to rank 0, which writes
+        if self.out_dir is None or not (sharded or is_main_process()):
+            return
+        model, optimizer = _model_state(state.model), _optimizer_state(state.model, state.optimizer)
+        ema = None if state.ema is None else state.ema.state_dict()
+        if sharded:
+            ema = gathered(ema)
+        if not is_main_process():
+            return
         scheduler = state.scheduler
         save_checkpoint(
             self.out_dir / "checkpoint.pt",
-            model=state.model.state_dict(),
-            optimizer=state.optimizer.state_dict(),
+            model=model,
+            optimizer=optimizer,
             optimizer_type=type(state.optimizer).__name__,
             scheduler=None if scheduler is None else scheduler.state_dict(),
             scheduler_type=None if scheduler is None else type(scheduler).__name__,
             scaler=state.scaler.state_dict(),
             amp=_amp_name(state.amp),
-            ema=None if state.ema is None else state.ema.state_dict(),
+            ema=ema,
             emas=list(state.emas),
+            sharded=sharded,
             callbacks={state_key(c): c.state_dict() for c in state.callbacks if stateful(c)},
             history=state.history.to_dict(orient="list"),
             epoch=state.epoch,
@@ -257,6 +288,46 @@ class Checkpoint(Callback):
             rng=rng_state(*loader_generators(state.train_loader)),
             **_run_shape(state),
         )
+
+
+def _model_state(model: torch.nn.Module) -> dict:
+    """The model's state dict; of a sharded model, gathered whole to rank 0's CPU (every rank calls)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    reshard(model)
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict; of a sharded model's, gathered whole to rank 0's CPU, keyed by the
+    parameters' names (every rank calls)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    reshard(model)
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=whole)
+
+
+def _load_model_and_optimizer(model: torch.nn.Module, optimizer, weights: dict, optimizer_state) -> None:
+    """Load a checkpoint's model and optimizer states; into a sharded model, each rank keeps its part."""
+    if not is_sharded(model):
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    reshard(model)
+    whole = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=whole)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=whole)
 
 
 def _resume_path(resume, out_dir: Path | None) -> Path | None:

@@ -28,6 +28,11 @@ class RecomputeEMABatchNorm(Callback):
     def on_fit_start(self, state: FitState) -> None:
         if not state.emas:
             raise ValueError("RecomputeEMABatchNorm recomputes the EMA's BatchNorm statistics, but ema=None.")
+        if any(ema.sharded for ema in state.emas.values()):
+            raise ValueError(
+                "RecomputeEMABatchNorm measures statistics on a copy of each EMA model, which a sharded "
+                "(FSDP2) EMA does not have; drop the callback."
+            )
         if not any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
             for m in state.model.modules()

@@ -24,11 +24,13 @@ from .._tensors import unwrap
 from ..advice import effective_half_life_epochs, half_life_warning
 from ..ema import ModelEMA, decay_from_half_life
 from ..multi import MultiEMA
+from . import _env
 from .callbacks import CallbackList, FitState, check_callbacks, is_main_process
 from .checkpoint import Checkpoint, loader_generators, rng_state, set_rng_state
 from .evaluate import accuracy, check_metrics, cross_entropy, evaluate, resolve_amp, resolve_device
 from .history import append_row, best_row, direction, score_row
 from .livelog import LiveLog
+from .progress import format_value
 
 # Schedulers stepped after every optimizer step by default; any other after every epoch.
 _PER_STEP_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
@@ -71,7 +73,9 @@ def fit(
     ``live_<m>`` and ``ema_<m>`` for each metric, ``half_life_epochs_ema`` (how far back the EMA reaches
     now, in epochs, warmup included; not a score), ``lr``, ``seconds``, then any column a callback adds.
     A ``LiveLog`` shows it as it grows (the table, the live plot, a progress bar); pass your own in
-    ``callbacks`` to set its options (``LiveLog(progress="off", plot=False)`` for a quiet run).
+    ``callbacks`` to set its options (``LiveLog(progress="off", plot=False)`` for a quiet run). For long
+    epochs, ``callbacks=[ValidateEvery(steps=500)]`` also scores within epochs: rows at fractions of an
+    epoch (1.5), ``train_loss`` then the mean since the row before.
 
     Batches are ``(inputs, targets)`` or dicts with ``target_key``; ``inputs`` a tensor, a tuple
     (``model(*inputs)``) or a dict (``model(**inputs)``); a model returning a tuple or dict names its
@@ -99,10 +103,19 @@ def fit(
     it on in a notebook that may be rerun); ``"overwrite"`` deletes the run in ``out_dir`` and starts
     over; an ``out_dir`` holding a run is refused otherwise. Resuming gives the same weights and log as
     one uninterrupted run, and checks that the run fits (model, batch size, EMA settings, optimizer,
-    scheduler, amp, callbacks) before changing anything. The stop button (KeyboardInterrupt) ends
-    training cleanly after the last finished epoch. Pass your own ``ModelEMA`` to keep a handle on the
-    EMA model afterwards. When the train loader has a length, fit warns at the start if an EMA's
+    scheduler, amp, callbacks) before changing anything. Pass your own ``ModelEMA`` to keep a handle on
+    the EMA model afterwards. When the train loader has a length, fit warns at the start if an EMA's
     half-life is over half the run (``ema_kit.advice``).
+
+    The stop button (Jupyter's interrupt, Ctrl-C: KeyboardInterrupt) keeps every finished row: a row, its
+    table and plot, the best weights and the epoch's checkpoint are one unit that the stop lands before or
+    after, never inside (a second press stops at once). Then ``on_fit_end`` runs and the KeyboardInterrupt
+    is raised again, its message saying what was kept ("Stopped by the user during epoch 3 of 10: kept 2
+    finished epochs (the last kept: epoch 2); runs/exp1 holds them, with a checkpoint of epoch 2 to resume
+    from"). Raised, not returned: a user who pressed stop expects the notebook to stop, so Run All stops
+    at this cell and a script ends, instead of going on to the next cells with a short run. The log so far
+    is in ``history.csv`` and in your ``LiveLog``'s ``history`` (pass one in ``callbacks`` to keep a
+    handle on it); ``resume="auto"`` goes on from the checkpoint.
 
     ``accumulate=n`` steps the optimizer once every n batches, each group's gradients the mean of its
     batches' (the last, shorter group of an epoch too). Each optimizer step reads one value from the
@@ -190,74 +203,145 @@ def fit(
         files.load(state)  # a resume: everything checked before anything is loaded
     if steps_per_epoch is not None and is_main_process():
         _warn_long_half_lives(emas, steps_per_epoch * epochs)
-    trainer = _Trainer(model, loss_fn, scheduler if scheduler_every == "step" else None, hooks)
+    per_step, per_epoch = (scheduler, None) if scheduler_every == "step" else (None, scheduler)
+    score = _Scoring(model, val_loader, scoring, monitors, mode, steps_per_epoch, per_epoch, hooks)
+    trainer = _Trainer(model, loss_fn, per_step, hooks, batches, score)
     hooks.call("on_fit_start", state)
     try:
         while state.epoch < epochs and not state.stop:
             state.epoch += 1
-            started, steps_before = time.perf_counter(), state.step
             hooks.call("on_epoch_start", state)
-            train_loss, lr = trainer.train_epoch(state)
-            state.scored = {name: e.module for name, e in emas.items()}
-            hooks.call("on_validation_start", state)
-            scores = {
-                prefix: evaluate(scored, val_loader, **scoring)
-                for prefix, scored in [("live", model), *state.scored.items()]
-            }
-            per_epoch = steps_per_epoch or max(1, state.step - steps_before)  # no len(): as measured
-            state.row = {
-                "epoch": state.epoch,
-                "train_loss": train_loss,
-                **score_row(scores),
-                **{
-                    f"half_life_epochs_{name}": effective_half_life_epochs(e, steps_per_epoch=per_epoch)
-                    for name, e in emas.items()
-                },
-                "lr": lr,
-                "seconds": time.perf_counter() - started,
-            }
-            hooks.call("on_validation_end", state)
-            state.row = _rank_zero_row(state.row)
-            state.history = append_row(state.history, state.row)
-            if monitors[0] not in state.history:  # a column a callback was to add in on_validation_end
-                raise ValueError(
-                    f"monitor={monitors[0]!r} is not a column of the log after the callbacks' "
-                    f"on_validation_end; the row holds {list(state.row)}."
-                )
-            state.monitor, best = _best(state.history, monitors, mode)
-            state.best_epoch = None if best is None else int(state.history.at[best, "epoch"])
-            if scheduler is not None and scheduler_every == "epoch":
-                _step_epoch_scheduler(scheduler, state.row[state.monitor])
-            hooks.call("on_epoch_end", state)
+            trainer.train_epoch(state)
+            score(state, trainer, epoch=state.epoch)
     except KeyboardInterrupt:
-        finished = len(state.history)
-        if is_main_process():
-            where = f"; {out_dir} holds them and a checkpoint to resume from" if out_dir and finished else ""
-            print(
-                f"\nStopped by the user during epoch {state.epoch}: kept {finished} finished epochs{where}."
-            )
+        hooks.call("on_fit_end", state)  # the bar's last line, a last post-hoc snapshot
+        if not is_main_process():
+            raise
+        raise KeyboardInterrupt(_stopped(state, out_dir)) from None  # what was kept, not where it stopped
     except Exception as error:
         if out_dir and len(state.history):
-            error.add_note(
-                f"ema_kit.fit: the {len(state.history)} finished epochs are kept in "
-                f"{out_dir / 'history.csv'}, with a checkpoint to resume from."
-            )
+            error.add_note(f"ema_kit.fit: {_kept(state.history, out_dir)}")
         raise
     hooks.call("on_fit_end", state)
     return state.history.reset_index(drop=True)
 
 
-class _Trainer:
-    """One epoch of training: forward, loss, backward, and per group of batches an optimizer step."""
+def _stopped(state: FitState, out_dir: Path | None) -> str:
+    """What the stop button kept, in words."""
+    finished = len(state.history) and _finished_epochs(state.history)
+    when = "after" if finished == state.epoch else "during"
+    said = f"Stopped by the user {when} epoch {state.epoch} of {state.epochs}: "
+    if not len(state.history):
+        return said + "no epoch finished, nothing kept."
+    return said + _kept(state.history, out_dir)
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, scheduler, hooks: CallbackList):
+
+def _kept(history: pd.DataFrame, out_dir: Path | None) -> str:
+    """What is kept, in words: "kept 2 finished epochs (the last kept: epoch 2); runs/x holds them, with a
+    checkpoint of epoch 2 to resume from"."""
+    finished = _finished_epochs(history)
+    within = int((history["epoch"].astype(float) > finished).sum())  # rows of the epoch cut short
+    kept = "kept " + _count(finished, "finished epoch")
+    if within:
+        kept += f" and {_count(within, 'row')} scored within epoch {finished + 1}"
+    kept += f" (the last kept: epoch {format_value('epoch', history['epoch'].iloc[-1])})"
+    if out_dir is None:
+        return kept + " in the log (out_dir= would write them, with a checkpoint to resume from)."
+    resume = f"a checkpoint of epoch {finished} to resume from" if finished else "no checkpoint yet"
+    return kept + f"; {out_dir} holds them, with {resume}."
+
+
+def _finished_epochs(history: pd.DataFrame) -> int:
+    """The last epoch whose own row (at its end, a whole number) is in the log; 0 for none."""
+    epochs = history["epoch"].astype(float)
+    ends = epochs[epochs == epochs.round()]
+    return int(ends.max()) if len(ends) else 0
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number} {thing}{'' if number == 1 else 's'}"
+
+
+def _epoch_number(value) -> int | float:
+    """An epoch as a log shows it: 3 at an epoch's end, 2.5 within an epoch."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+class _Scoring:
+    """Scores the live model and each EMA into a log row, at each epoch's end and within epochs when a
+    callback asks (``state.validate``). The row, the best epoch and what the callbacks show and write
+    for it (``on_row_added``; at an epoch's end ``on_epoch_end`` too) are one unit for the stop button."""
+
+    def __init__(self, model, val_loader, scoring, monitors, mode, steps_per_epoch, scheduler, hooks):
+        self.model, self.val_loader, self.scoring = model, val_loader, scoring
+        self.monitors, self.mode = monitors, mode
+        self.steps_per_epoch = steps_per_epoch
+        self.scheduler = scheduler  # stepped per epoch; None when stepped per step
+        self.hooks = hooks
+
+    def __call__(self, state: FitState, trainer: _Trainer, *, epoch: float) -> None:
+        state.scored = {name: e if e.sharded else e.module for name, e in state.emas.items()}
+        self.hooks.call("on_validation_start", state)
+        scores = {
+            prefix: _score(scored, self.model, self.val_loader, self.scoring)
+            for prefix, scored in [("live", self.model), *state.scored.items()]
+        }
+        per_epoch = self.steps_per_epoch or max(1, state.step - trainer.first_step)  # no len(): as measured
+        state.row = {
+            "epoch": epoch,
+            "train_loss": trainer.take_train_loss(state),
+            **score_row(scores),
+            **{
+                f"half_life_epochs_{name}": effective_half_life_epochs(e, steps_per_epoch=per_epoch)
+                for name, e in state.emas.items()
+            },
+            "lr": trainer.lr,
+            "seconds": time.perf_counter() - trainer.row_started,
+        }
+        self.hooks.call("on_validation_end", state)
+        state.row = _rank_zero_row(state.row)
+        with _env.finish_before_stopping():
+            state.history = append_row(state.history, state.row)
+            if self.monitors[0] not in state.history:  # a column a callback was to add in on_validation_end
+                raise ValueError(
+                    f"monitor={self.monitors[0]!r} is not a column of the log after the callbacks' "
+                    f"on_validation_end; the row holds {list(state.row)}."
+                )
+            state.monitor, best = _best(state.history, self.monitors, self.mode)
+            state.best_epoch = None if best is None else _epoch_number(state.history.at[best, "epoch"])
+            self.hooks.call("on_row_added", state)
+            if epoch == state.epoch:  # the epoch's end
+                if self.scheduler is not None:
+                    _step_epoch_scheduler(self.scheduler, state.row[state.monitor])
+                self.hooks.call("on_epoch_end", state)
+        trainer.row_started = time.perf_counter()
+
+
+class _Trainer:
+    """One epoch of training: forward, loss, backward, and per group of batches an optimizer step; within
+    it, a row scored where a callback asks for one (``state.validate``)."""
+
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable, scheduler, hooks: CallbackList, batches, score: _Scoring
+    ):
         self.model, self.loss_fn, self.hooks = model, loss_fn, hooks
         self.scheduler = scheduler  # stepped per optimizer step; None when stepped per epoch
+        self.batches = batches  # per epoch; None for a loader without a length
+        self.score = score
         self.batchnorm = _batchnorm_trains(model)
         self.warned: set[str] = set()
+        self.lr = math.nan  # the last step's
+        self.first_step = 0  # the epoch's
+        self.row_started = time.perf_counter()
 
-    def train_epoch(self, state: FitState) -> tuple[float, float]:
-        """Returns the epoch's mean training loss (per row, over every process) and the last step's lr."""
+    def take_train_loss(self, state: FitState) -> float:
+        """The mean training loss per row (over every process) since the last row; the next row's starts."""
+        loss = _all_ranks_mean(self.loss_sum, self.rows, state.device)
+        self.loss_sum, self.rows, state.train_loss = 0.0, 0, math.nan
+        return loss
+
+    def train_epoch(self, state: FitState) -> None:
+        """Train one epoch; ``on_step_end`` and the other hooks may ask for a row within it."""
         self.model.train()
         state.optimizer.zero_grad(set_to_none=True)
         if hasattr(getattr(state.train_loader, "sampler", None), "set_epoch"):  # DistributedSampler
@@ -266,10 +350,12 @@ class _Trainer:
         # (small: statistics and counters) are copied at each group's start and put back on a skip.
         self.buffers = list(self.model.buffers())
         self.before = [b.clone() for b in self.buffers]
-        self.loss_sum, self.rows = 0.0, 0  # of the steps taken, on the host: read once per step
-        state.train_loss, lr = math.nan, state.optimizer.param_groups[0]["lr"]
+        self.loss_sum, self.rows = 0.0, 0  # since the last row, of the steps taken: read once per step
+        self.finite_rows = 0  # this epoch's
+        self.first_step, self.row_started = state.step, time.perf_counter()
+        state.train_loss, self.lr = math.nan, state.optimizer.param_groups[0]["lr"]
         group_loss, group_rows, pending = None, 0, 0
-        for batch in state.train_loader:
+        for index, batch in enumerate(state.train_loader):
             inputs, targets = _batches.split(batch, state.target_key)
             rows = _batches.size(targets)
             if rows == 1 and self.batchnorm:
@@ -291,21 +377,31 @@ class _Trainer:
             group_loss = loss if group_loss is None else group_loss + loss
             group_rows, pending = group_rows + rows, pending + 1
             if pending == state.accumulate:
-                lr = self._step(state, group_loss, group_rows, pending)
+                self._step(state, group_loss, group_rows, pending)
                 group_loss, group_rows, pending = None, 0, 0
             self.hooks.call("on_batch_end", state)
+            if state.validate and not pending:  # asked for a row, and no group half-accumulated
+                state.validate = False
+                if self.batches is None:
+                    raise ValueError(
+                        "A callback asked for a row within the epoch (state.validate), but train_loader has "
+                        "no len(), so where the row sits in the epoch is unknown; give its dataset a "
+                        "__len__, or score at epochs' ends only."
+                    )
+                if index + 1 < self.batches:  # at the last batch, the epoch's own row scores it
+                    self.score(state, self, epoch=state.epoch - 1 + (index + 1) / self.batches)
         if pending:  # the last batches of the epoch, fewer than accumulate
-            lr = self._step(state, group_loss, group_rows, pending)
-        if self.rows == 0:
+            self._step(state, group_loss, group_rows, pending)
+        state.validate = False
+        if self.finite_rows == 0:
             raise ValueError(
                 "No training batch gave a finite loss this epoch (or the loader was empty); the model "
                 "and EMA were left unchanged. Lower the learning rate or check the inputs."
             )
-        return _all_ranks_mean(self.loss_sum, self.rows, state.device), lr
 
-    def _step(self, state: FitState, group_loss: torch.Tensor, rows: int, batches: int) -> float:
-        """The optimizer step of a group of ``batches`` batches, or its skip; returns the lr it used."""
-        lr = state.optimizer.param_groups[0]["lr"]
+    def _step(self, state: FitState, group_loss: torch.Tensor, rows: int, batches: int) -> None:
+        """The optimizer step of a group of ``batches`` batches, or its skip."""
+        self.lr = state.optimizer.param_groups[0]["lr"]
         if batches < state.accumulate:  # a shorter last group: the mean of its own batches
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             if grads:
@@ -327,6 +423,7 @@ class _Trainer:
         finite = math.isfinite(loss)
         if finite:
             self.loss_sum, self.rows = self.loss_sum + loss, self.rows + rows
+            self.finite_rows += rows
             state.train_loss = self.loss_sum / self.rows
         if finite and not overflow:
             state.optimizer.step()
@@ -345,20 +442,27 @@ class _Trainer:
                         loss=loss / rows,
                     ),
                 )
-            return lr
+            return
         state.step += 1
         if state.ema is not None:
             state.ema.update(self.model)
         if self.scheduler is not None:
             self.scheduler.step()
         self.hooks.call("on_step_end", state)
-        return lr
 
     def _warn_once(self, kind: str, stacklevel: int, message: str) -> None:
         """Warn about the first skip of a kind; ``stacklevel`` points at the call of fit."""
         if kind not in self.warned:
             self.warned.add(kind)
             warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def _score(scored: nn.Module | ModelEMA, model: nn.Module, val_loader: Iterable, scoring: dict) -> dict:
+    """A module's scores; a sharded EMA has no module of its own: the sharded model runs with its weights."""
+    if isinstance(scored, ModelEMA):
+        with scored.applied_to(model):
+            return evaluate(model, val_loader, **scoring)
+    return evaluate(scored, val_loader, **scoring)
 
 
 def _sanity_pass(model: nn.Module, val_loader: Iterable, scoring: dict) -> None:
@@ -618,7 +722,7 @@ def _all_ranks_mean(total: float, count: int, device: torch.device) -> float:
         sums = torch.tensor([total, count], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(sums)
         total, count = sums.tolist()
-    return total / count
+    return total / count if count else math.nan  # every step since the last row skipped (non-finite)
 
 
 def _rank_zero_row(row: dict) -> dict:

@@ -1,4 +1,4 @@
-"""The live-vs-EMA plot: one panel per quantity (loss, each metric), redrawn in place as epochs finish."""
+"""The live-vs-EMA plot: one panel per quantity (loss, each metric), redrawn in place as rows are added."""
 
 from __future__ import annotations
 
@@ -73,7 +73,11 @@ def _plain_number(value: float, _position=None) -> str:
 
 
 def plot_history(
-    history: pd.DataFrame, *, best_epoch: float | None = None, figure: Figure | None = None
+    history: pd.DataFrame,
+    *,
+    best_epoch: float | None = None,
+    figure: Figure | None = None,
+    in_epoch: pd.DataFrame | None = None,
 ) -> Figure:
     """Draw a training log (``fit``'s DataFrame, or ``pd.read_csv("history.csv")``) as live vs EMA curves.
 
@@ -81,8 +85,10 @@ def plot_history(
     grey; ``best_epoch`` is marked with a dotted line. One legend for all panels, beside them, so it never
     hides a curve. Whole epochs get whole-number ticks; rows at fractions of an epoch (scored within
     epochs) get ticks at simple fractions. A series with missing rows (scored less often than another) is
-    drawn through the rows it has. The figure is not registered with pyplot, so it never piles up or
-    shows by itself: Jupyter shows it when it is a cell's value; ``fig.savefig`` saves it.
+    drawn through the rows it has. ``in_epoch`` (columns ``epoch``, ``train_loss``) continues the training
+    loss into the epoch in progress, whose end the x axis then reaches (a log of no rows yet draws the
+    loss panel alone). The figure is not registered with pyplot, so it never piles up or shows by itself:
+    Jupyter shows it when it is a cell's value; ``fig.savefig`` saves it.
 
     Example:
         >>> log = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.6], "live_loss": [0.9, 0.7],
@@ -92,6 +98,8 @@ def plot_history(
         ['loss']
     """
     groups = score_columns(history)
+    if in_epoch is not None:
+        groups = {"loss": {}} | groups  # the training loss is drawn before the first row has scores
     if not groups:
         raise ValueError(
             "The history has no score columns (live_<metric>, ema_<metric>); pass fit's DataFrame or the "
@@ -102,7 +110,14 @@ def plot_history(
     figure.clear()
     epochs = history["epoch"] if "epoch" in history else pd.Series(range(1, len(history) + 1))
     epochs = epochs.astype(float).reset_index(drop=True)
-    whole_epochs = bool((epochs == epochs.round()).all())
+    whole_epochs = bool((epochs == epochs.round()).all())  # the rows' epochs; in_epoch's are not rows
+    if in_epoch is not None:  # the training loss so far this epoch, drawn on from the last row
+        train = pd.concat([history.get("train_loss", pd.Series(math.nan, index=history.index)),
+                           in_epoch["train_loss"]], ignore_index=True)  # fmt: skip
+        train_epochs = pd.concat([epochs, in_epoch["epoch"].astype(float)], ignore_index=True)
+        epoch_end = math.ceil(train_epochs.max())
+    else:
+        train, train_epochs, epoch_end = history.get("train_loss"), epochs, None
     legend_inches = _legend_inches(["train", *(model for columns in groups.values() for model in columns)])
     panel_width, height = _PANEL_INCHES
     width = panel_width * len(groups) + legend_inches
@@ -111,19 +126,19 @@ def plot_history(
     panels_right = 1 - legend_inches / width
     figure.subplots_adjust(left=0.6 / width, right=panels_right, bottom=0.15, top=0.9, wspace=0.3)
     for ax, (quantity, columns) in zip(figure.subplots(1, len(groups), squeeze=False)[0], groups.items()):
-        series = []  # (label, values, style)
-        if quantity == "loss" and "train_loss" in history:
-            series.append(("train", history["train_loss"], {"color": TRAIN_COLOR, "linestyle": "--"}))
+        series = []  # (label, epochs, values, style)
+        if quantity == "loss" and train is not None:
+            series.append(("train", train_epochs, train, {"color": TRAIN_COLOR, "linestyle": "--"}))
         emas = iter(EMA_COLORS)
         for model, column in columns.items():
             color = LIVE_COLOR if model == "live" else next(emas, None)
-            series.append((model, history[column], {"color": color}))
+            series.append((model, epochs, history[column], {"color": color}))
         drawn = []
-        for label, values, style in series:
+        for label, at, values, style in series:
             values = values.astype(float).reset_index(drop=True)
             present = values.notna()
             marker = "." if present.sum() < _MARKER_ROWS else None
-            ax.plot(epochs[present], values[present], marker=marker, label=label, **style)
+            ax.plot(at[present], values[present], marker=marker, label=label, **style)
             drawn.append(values[present])
         if best_epoch is not None:
             ax.axvline(
@@ -142,6 +157,9 @@ def plot_history(
         else:  # rows within epochs: quarters, halves, whole epochs
             ax.xaxis.set_major_locator(MaxNLocator("auto", steps=[1, 2.5, 5, 10]))
         ax.xaxis.set_major_formatter(FuncFormatter(_plain_number))
+        if epoch_end is not None:  # the epoch in progress is drawn whole: its curve grows to the right edge
+            left = min(ax.get_xlim()[0], epoch_end - 1)
+            ax.set_xlim(left, epoch_end + 0.05 * (epoch_end - left))
         ax.grid(alpha=0.3)
     handles = {}
     for ax in figure.axes:  # each label once: live, ema and best appear in every panel
@@ -167,11 +185,11 @@ def _legend_inches(labels: list[str]) -> float:
 
 
 class LivePlot:
-    """``plot_history`` redrawn after every epoch: in place in a notebook, and as a PNG file if given a path.
+    """``plot_history`` redrawn after every row: in place in a notebook, and as a PNG file if given a path.
 
     In Jupyter the plot is one output that each ``update`` replaces, so an executed and saved notebook
     holds one final image; elsewhere (a script, CI) nothing is shown and only the file is written. One
-    figure is reused for the whole run.
+    figure is reused for the whole run. A row added by a later cell shows the plot under that cell.
 
     Example:
         >>> import tempfile
@@ -187,18 +205,28 @@ class LivePlot:
         self.figure = NotebookFigure()
         self._handle = None
 
-    def update(self, history: pd.DataFrame, *, best_epoch: int | None = None) -> None:
-        plot_history(history, best_epoch=best_epoch, figure=self.figure)
+    def update(
+        self, history: pd.DataFrame, *, best_epoch: float | None = None, in_epoch: pd.DataFrame | None = None
+    ) -> None:
+        """Draw ``history`` (and ``in_epoch``: see ``plot_history``; shown only, the file is the log's)."""
+        if in_epoch is not None and not self.show:
+            return
+        plot_history(history, best_epoch=best_epoch, figure=self.figure, in_epoch=in_epoch)
         if not (self.path or self.show):
             return
         png = io.BytesIO()
         self.figure.savefig(png, format="png", dpi=90)
-        if self.path is not None:
+        if self.path is not None and in_epoch is None:
             atomic_write_bytes(png.getvalue(), self.path)
         if self.show:
             from IPython.display import Image
 
+            if self._handle is None:
+                _env.after_cell(self._forget_handle)
             self._handle = _env.display(Image(data=png.getvalue(), format="png"), self._handle)
+
+    def _forget_handle(self) -> None:
+        self._handle = None
 
 
 def plot_scan(table: pd.DataFrame, metric: str, mode: str = "min") -> Figure:
