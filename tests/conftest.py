@@ -11,18 +11,10 @@ from pathlib import Path
 import matplotlib
 import pytest
 import torch
-from helpers import small_cnn  # before any test module imports ema_kit: it picks the ema_kit under test
+from helpers import small_cnn
 from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from torch import nn
-
-if os.environ.get("EMA_KIT_SINGLE"):
-
-    def pytest_report_header() -> str:
-        import ema_kit
-
-        return f"ema_kit under test: {ema_kit.__loader__.ema_kit_bundle}"
-
 
 # One thread for torch here and in the processes tests start. The models in tests are tiny: one thread
 # runs them about as fast as two, and on a busy machine a second OpenMP thread that waits for a core made

@@ -2,29 +2,10 @@
 
 Tests import these by name (``from helpers import small_cnn``): pyproject.toml puts ``tests/`` on the
 path. Fixtures live in conftest.py.
-
-Importing this module also picks the ema_kit under test: ``EMA_KIT_SINGLE=path/to/ema_kit_single.py``
-runs the tests against that one-file build of the package (tests/test_kaggle.py does). conftest.py
-imports it before any test module imports ema_kit, and so do the processes that tests fork from a
-server (their preload names it first).
 """
-
-import importlib.util
-import os
-import warnings
 
 import torch
 from torch import nn
-
-if os.environ.get("EMA_KIT_SINGLE"):
-    _spec = importlib.util.spec_from_file_location("ema_kit_single", os.environ["EMA_KIT_SINGLE"])
-    with warnings.catch_warnings():  # it warns that it shadows this checkout's ema_kit: that is the point
-        warnings.filterwarnings("ignore", "`import ema_kit` now loads", UserWarning)
-        _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
-    import ema_kit
-
-    if not hasattr(ema_kit.__loader__, "ema_kit_bundle"):
-        raise RuntimeError(f"EMA_KIT_SINGLE is set but ema_kit came from {ema_kit.__file__}")
 
 
 def small_cnn(num_classes: int = 10) -> nn.Module:

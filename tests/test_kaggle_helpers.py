@@ -88,7 +88,7 @@ def test_input_dir_finds_an_input_by_its_slug_in_either_layout(fake_kaggle, moun
 
 
 def test_input_dir_finds_an_input_mounted_under_another_slug_by_its_files(fake_kaggle):
-    attach(fake_kaggle, "datasets/someone/ema-kit", files=["ema_kit_single.py"])
+    attach(fake_kaggle, "datasets/someone/ema-kit", files=["ema_kit-0.1.0-py3-none-any.whl"])
     folder = attach(fake_kaggle, "datasets/someone/my-digits-copy")
     assert input_dir("digit-recognizer", files=["train.csv", "sample_submission.csv"]) == folder
 
@@ -111,7 +111,7 @@ def test_input_dir_refuses_to_guess_between_two_inputs_holding_the_files(fake_ka
 
 
 def test_input_dir_on_kaggle_never_falls_back_and_names_what_to_attach(fake_kaggle, tmp_path):
-    attach(fake_kaggle, "datasets/someone/ema-kit", files=["ema_kit_single.py"])
+    attach(fake_kaggle, "datasets/someone/ema-kit", files=["ema_kit-0.1.0-py3-none-any.whl"])
     attach(fake_kaggle, "competitions/titanic")
     made = []
     with pytest.raises(FileNotFoundError) as error:
@@ -191,7 +191,7 @@ def test_find_file_on_kaggle_reads_the_named_input_then_any_holding_it_then_work
 
 
 def test_find_file_on_kaggle_never_reads_a_local_run(fake_kaggle, tmp_path):
-    attach(fake_kaggle, "datasets/someone/ema-kit", files=["ema_kit_single.py"])
+    attach(fake_kaggle, "datasets/someone/ema-kit", files=["ema_kit-0.1.0-py3-none-any.whl"])
     local = tmp_path / "run"
     local.mkdir()
     (local / "model_ema.pth").write_bytes(b"local")

@@ -79,19 +79,8 @@ def _with_parameters(notebook: nbformat.NotebookNode, **values) -> nbformat.Note
 # -- the first cell: ema_kit from the attached dataset, wherever it is mounted --------------------
 
 
-def _stand_in_single_file(folder: Path) -> Path:
-    package = folder / "src" / "ema_kit"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text('__version__ = "9.9.9"\n')
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "ema_kit_single.py"
-    path.write_text(build.single_file(build.read_package(package), "9.9.9"))
-    shutil.rmtree(folder / "src")
-    return path
-
-
 def _stand_in_wheel(folder: Path) -> Path:
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "ema_kit-9.9.9-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as wheel:
         wheel.writestr("ema_kit/__init__.py", '__version__ = "9.9.9"\n')
@@ -115,19 +104,23 @@ def test_every_notebook_starts_with_the_same_cell_that_finds_the_ema_kit_dataset
 
 
 @pytest.mark.parametrize(
-    "mount, make",
+    "mount",
     [
-        ("ema-kit", _stand_in_single_file),
-        ("datasets/someone/ema-kit", _stand_in_single_file),
-        ("datasets/someone/my-copy-of-ema-kit", _stand_in_single_file),
-        ("datasets/someone/ema-kit", _stand_in_wheel),
-        ("ema-kit", _stand_in_wheel),
+        "ema-kit",
+        "datasets/someone/ema-kit",
+        "datasets/someone/my-copy-of-ema-kit",
     ],
 )
-def test_first_cell_imports_ema_kit_from_the_dataset_in_either_layout(tmp_path, mount, make):
-    found = make(tmp_path / "kaggle" / "input" / mount)
+def test_first_cell_imports_ema_kit_from_the_dataset_wheel_in_either_layout(tmp_path, mount):
+    found = _stand_in_wheel(tmp_path / "kaggle" / "input" / mount)
     result = _run_first_cell(tmp_path)
     assert result.stdout.splitlines() == [f"ema_kit from {found}", "9.9.9"], result.stderr
+
+
+def test_docs_kaggle_page_shows_the_first_cell_as_it_is():
+    code = [line for line in _first_code_cell("01_quickstart").splitlines() if line and line[0] != "#"]
+    page = (REPO / "docs" / "kaggle.md").read_text(encoding="utf-8").splitlines()
+    assert [line for line in code if line not in page] == []
 
 
 def test_first_cell_does_nothing_where_no_dataset_is_attached(tmp_path):
@@ -296,15 +289,12 @@ def _printed(notebook: nbformat.NotebookNode, index: int | None = None) -> str:
     return "".join(output.get("text", "") for cell in cells for output in cell.get("outputs", []))
 
 
-def _ema_kit_dataset(kaggle: Path, mount: str, ship: str) -> Path:
-    """The ema-kit dataset attached at ``input/<mount>``, holding the single file or the wheel."""
+def _ema_kit_dataset(kaggle: Path, mount: str) -> Path:
+    """The ema-kit dataset attached at ``input/<mount>``, as kaggle/build.py writes it; returns its wheel."""
     dataset = kaggle / "input" / mount
     dataset.mkdir(parents=True)
-    if ship == "wheel":
-        return build.build_wheel(build.read_package(), dataset)
-    shipped = dataset / "ema_kit_single.py"
-    shipped.write_text(build.single_file(build.read_package(), build.package_version()))
-    return shipped
+    (dataset / build.PASTE_FILE.name).write_text(build.paste(build.read_package(), build.package_version()))
+    return build.build_wheel(build.read_package(), dataset)
 
 
 @pytest.mark.slow
@@ -312,13 +302,13 @@ def _ema_kit_dataset(kaggle: Path, mount: str, ship: str) -> Path:
 @pytest.mark.parametrize(
     "layout",
     [
-        # classic: every input under its slug; the dataset holds the single file
-        {"competition": "digit-recognizer", "ema_kit": "ema-kit", "ship": "single file",
+        # classic: every input under its slug
+        {"competition": "digit-recognizer", "ema_kit": "ema-kit",
          "output": "ema-kit-digit-recognizer"},
-        # today's: competitions/, datasets/<owner>/, notebooks/<owner>/; the dataset holds the wheel only,
+        # today's: competitions/, datasets/<owner>/, notebooks/<owner>/,
         # and 02's output is attached under a slug other than the one 04 names (found by model_ema.pth)
         {"competition": "competitions/digit-recognizer", "ema_kit": "datasets/tester/ema-kit",
-         "ship": "wheel", "output": "notebooks/tester/my-digits-run"},
+         "output": "notebooks/tester/my-digits-run"},
     ],
     ids=["classic", "current"],
 )  # fmt: skip
@@ -327,7 +317,7 @@ def test_on_kaggle_02_trains_and_04_submits_from_the_attached_inputs(
 ):
     kaggle = tmp_path / "kaggle"
     competition = _competition(kaggle / "input" / layout["competition"])
-    shipped = _ema_kit_dataset(kaggle, layout["ema_kit"], layout["ship"])
+    shipped = _ema_kit_dataset(kaggle, layout["ema_kit"])
     (kaggle / "working").mkdir()
 
     training = _run_on_kaggle(
@@ -367,7 +357,7 @@ def test_on_kaggle_without_the_competition_attached_a_notebook_stops_naming_it_a
     tmp_path, kernel_without_ema_kit, monkeypatch, notebook, competition
 ):
     kaggle = tmp_path / "kaggle"
-    _ema_kit_dataset(kaggle, "datasets/tester/ema-kit", "single file")
+    _ema_kit_dataset(kaggle, "datasets/tester/ema-kit")
     (kaggle / "working").mkdir()
     with pytest.raises(CellExecutionError) as error:
         _run_on_kaggle(notebook, kaggle, tmp_path / "a", kernel_without_ema_kit, monkeypatch)
@@ -408,7 +398,7 @@ def test_on_kaggle_03_trains_a_timm_cnn_or_vit_from_attached_pretrained_weights(
 
     kaggle = tmp_path / "kaggle"
     _aptos(kaggle / "input" / layout["competition"])
-    _ema_kit_dataset(kaggle, layout["ema_kit"], "single file")
+    _ema_kit_dataset(kaggle, layout["ema_kit"])
     weights = kaggle / "input" / layout["weights"] / layout["file"]
     weights.parent.mkdir(parents=True)
     state = timm.create_model(layout["model"]).state_dict()  # as timm publishes it: ImageNet's 1000 classes

@@ -109,17 +109,17 @@ def evaluate(
     rows, kept_outputs, kept_targets = [0], [], []
 
     def score(inputs, targets) -> None:
-        size = _batches.size(targets)
-        if size == 0:  # adds nothing to a mean; its loss and metrics would be NaN or 0/0
+        count = _batches.size(targets)
+        if count == 0:  # adds nothing to a mean; its loss and metrics would be NaN or 0/0
             return
         output = _batches.forward(model, inputs, output_key)
         loss = loss_fn(output, targets)
         with torch.autocast(device.type, enabled=False):  # metrics in float32, as after the loop
             output = output.detach().float()
-            sums["loss"] += loss.float().item() * size
+            sums["loss"] += loss.float().item() * count
             for name, metric in per_batch.items():
-                sums[name] += metric_value(name, metric(output, targets)) * size
-        rows[0] += size
+                sums[name] += metric_value(name, metric(output, targets)) * count
+        rows[0] += count
         if len(per_batch) < len(metrics):
             kept_outputs.append(output.cpu())
             kept_targets.append(targets.detach().cpu())

@@ -1,0 +1,205 @@
+"""The paste file (kaggle/paste.py, kaggle/ema_kit_paste.py): ModelEMA, evaluate and LiveLog as one cell."""
+
+import ast
+import doctest
+import importlib.util
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from test_docs import blocks
+from test_notebooks import kernel_without_ema_kit  # noqa: F401  (a fixture: a kernel without ema_kit)
+
+REPO = Path(__file__).resolve().parents[1]
+PASTE = REPO / "kaggle" / "ema_kit_paste.py"
+sys.path.insert(0, str(REPO / "kaggle"))
+_spec = importlib.util.spec_from_file_location("kaggle_build", REPO / "kaggle" / "build.py")
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
+import paste  # noqa: E402
+from paste import PasteError, paste_file  # noqa: E402
+
+# The issue asked for at most ~1,500 lines; the closure of ModelEMA (with its bf16, CPU-shadow and FSDP2
+# paths), evaluate and LiveLog was ~2,050 lines at the first build (2026-12-04), 2,465 with issue 22's live
+# log and issue 27's sharded EMA. This bound says when it grows further.
+MAX_LINES = 2_500
+
+
+def package(**modules: str) -> dict[str, str]:
+    """A stand-in package: ``package(a="X = 1\\n")`` is {"ema_kit/__init__.py": "", "ema_kit/a.py": ...}."""
+    return {
+        "ema_kit/__init__.py": "",
+        **{f"ema_kit/{name.replace('__', '/')}.py": s for name, s in modules.items()},
+    }
+
+
+def names_defined(text: str) -> set[str]:
+    tree = ast.parse(text)
+    return {node.name for node in tree.body if isinstance(node, ast.FunctionDef | ast.ClassDef)} | {
+        target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets
+    }
+
+
+# -- the committed file ----------------------------------------------------------------------------
+
+
+def test_committed_paste_file_is_a_fresh_build_of_the_package():
+    fresh = build.paste(build.read_package(), build.package_version())
+    assert PASTE.read_text(encoding="utf-8") == fresh, (
+        "kaggle/ema_kit_paste.py is stale (it is generated from ema_kit/, never edited by hand): run "
+        "`python kaggle/build.py` and commit kaggle/ema_kit_paste.py"
+    )
+
+
+def test_paste_file_defines_what_the_readme_loops_use_and_stays_one_readable_cell():
+    text = PASTE.read_text(encoding="utf-8")
+    assert {"ModelEMA", "LiveLog", "evaluate", "plot_history", "decay_from_half_life"} <= names_defined(text)
+    assert len(text.splitlines()) <= MAX_LINES
+    nodes = list(ast.walk(ast.parse(text)))
+    imported = [node.module if not node.level else "." for node in nodes if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names]
+    assert not [name for name in imported if name == "." or name.split(".")[0] == "ema_kit"]
+    assert "sys.meta_path" not in text  # no import hook: plain definitions
+
+
+# -- how it is cut ---------------------------------------------------------------------------------
+
+
+def test_paste_docstring_examples_run():
+    result = doctest.testmod(paste)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_only_what_the_roots_reach_is_kept_across_modules():
+    text = paste_file(
+        package(
+            a="import math\nimport os\n\nX = math.pi\nUNUSED = os.sep\n\n\ndef helper():\n    return X\n",
+            b="from . import a\nfrom .a import helper\n\n\ndef root():\n    return helper() + a.X\n\n\n"
+            "def other():\n    pass\n",
+        ),
+        "0.0",
+        roots=[("ema_kit.b", "root")],
+    )
+    assert names_defined(text) == {"X", "helper", "root"}
+    assert "import math\n" in text and "import os" not in text
+    assert "return helper() + X" in text  # `a.X`, with the module gone, is `X`
+    namespace = {}
+    exec(compile(text, "paste", "exec"), namespace)
+    assert namespace["root"]() == 2 * 3.141592653589793
+
+
+def test_a_method_no_kept_code_names_is_dropped_and_dunders_and_public_root_methods_stay():
+    text = paste_file(
+        package(
+            a="class Helper:\n    def __init__(self):\n        self.used()\n\n"
+            "    def used(self):\n        pass\n\n    def unused(self):\n        pass\n\n\n"
+            "class Root:\n    def public(self):\n        Helper()\n\n    def _private(self):\n        pass\n"
+        ),
+        "0.0",
+        roots=[("ema_kit.a", "Root")],
+    )
+    assert "def used" in text and "def __init__" in text and "def public" in text
+    assert "def unused" not in text and "def _private" not in text
+
+
+def test_docstrings_are_cut_to_their_first_paragraph():
+    source = 'def f():\n    """One line.\n\n    Example:\n        >>> f()\n    """\n    return 1\n'
+    text = paste_file(package(a=source), "0.0", roots=[("ema_kit.a", "f")])
+    assert 'def f():\n    """One line."""\n    return 1\n' in text
+
+
+@pytest.mark.parametrize(
+    "modules, complaint",
+    [
+        (
+            {
+                "a": "def f():\n    return 1\n",
+                "b": "from .a import f as g\n\n\ndef root():\n    return g()\n",
+            },
+            "`f as g`",
+        ),
+        (
+            {"a": "X = 1\n", "b": "from . import a\n\nX = 2\n\n\ndef root():\n    return X + a.X\n"},
+            "X is defined in both ema_kit.",
+        ),
+        (
+            {
+                "a": "def size():\n    return 1\n",
+                "b": "from . import a\n\n\ndef root():\n    size = a.size()\n",
+            },
+            "a.size becomes size, which the function also names a local",
+        ),
+        ({"b": "def root():\n    from . import a\n"}, "an import of ema_kit in a function"),
+    ],
+)
+def test_what_cannot_be_flattened_stops_the_build_naming_it(modules, complaint):
+    with pytest.raises(PasteError, match=complaint.replace("(", r"\(")):
+        paste_file(package(**modules), "0.0", roots=[("ema_kit.b", "root")])
+
+
+# -- as a user pastes it ---------------------------------------------------------------------------
+
+# The data and model cell a user has before the README's loops (scikit-learn's digits, plain torch).
+SETUP = """\
+import torch
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader, TensorDataset
+
+digits = load_digits()
+images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
+labels = torch.tensor(digits.target)
+train_loader = DataLoader(TensorDataset(images[:1400], labels[:1400]), batch_size=64, shuffle=True)
+val_loader = DataLoader(TensorDataset(images[1400:], labels[1400:]), batch_size=256)
+model = torch.nn.Sequential(
+    torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+    torch.nn.Flatten(), torch.nn.Linear(16 * 8 * 8, 10),
+)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+loss_fn = torch.nn.CrossEntropyLoss()
+"""
+CHECK = """\
+import os, sys
+assert "ema_kit" not in sys.modules
+print(list(live_log.history.columns), len(live_log.history))
+print(os.path.getsize("runs/loop/history.png") > 10_000)
+"""
+
+
+def readme_loops(defined: set[str]) -> list[str]:
+    """The README's "EMA in your own loop" snippets after its setup, without their `from ema_kit import`."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## EMA in your own loop\n", 1)[1].split("\n## ", 1)[0]
+    snippets = [block["code"] for block in blocks(section) if block["language"] == "python"]
+    assert "ema_kit.examples" in snippets[0], "the section's first snippet is its setup"
+    cells = []
+    for code in snippets[1:]:
+        lines = code.splitlines(keepends=True)
+        imports = [line for line in lines if line.startswith("from ema_kit import ")]
+        imported = {name.strip() for line in imports for name in line.split(" import ")[1].split(",")}
+        assert imported <= defined, f"the README imports {imported - defined}, which the paste file lacks"
+        cells.append("".join(line for line in lines if line not in imports))
+    return cells
+
+
+@pytest.mark.slow
+def test_pasted_into_one_cell_of_a_fresh_kernel_it_runs_the_readme_loops(
+    tmp_path,
+    kernel_without_ema_kit,  # noqa: F811
+    monkeypatch,
+):
+    text = PASTE.read_text(encoding="utf-8")
+    loops = readme_loops(names_defined(text))
+    assert len(loops) == 2  # ModelEMA with evaluate, then the loop with LiveLog
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(code) for code in [text, SETUP, *loops, CHECK]]
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.setenv("JUPYTER_PATH", str(kernel_without_ema_kit))
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    printed = "".join(output.get("text", "") for output in notebook.cells[-1].outputs)
+    columns = ["epoch", "train_loss", "live_loss", "ema_loss", "live_accuracy", "ema_accuracy", "seconds"]
+    assert printed == f"{columns} 3\nTrue\n"
+    assert (tmp_path / "model_ema.pth").is_file()
