@@ -177,20 +177,18 @@ def _python_without_ema_kit(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_processes_import_the_single_file_copy_the_notebook_imported(tmp_path):
-    """On Kaggle the first cell imports ema_kit from the dataset's ema_kit_single.py; torchrun's processes
-    must find it too, though nothing installed it."""
+def test_processes_import_the_wheel_the_notebook_imported(tmp_path):
+    """On Kaggle the first cell puts the dataset's wheel on sys.path and imports ema_kit from it;
+    torchrun's processes must find it too, though nothing installed it."""
     spec = importlib.util.spec_from_file_location("kaggle_build", REPO / "kaggle" / "build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    dataset = tmp_path / "dataset"
-    dataset.mkdir()
-    (dataset / "ema_kit_single.py").write_text(build.single_file(build.read_package(), "0.1.0"))
+    wheel = build.build_wheel(build.read_package(), tmp_path / "dataset")
     (tmp_path / "show.py").write_text(
         "import os, ema_kit\nprint('rank', os.environ['RANK'], ema_kit.__file__)\n"
     )
     notebook = (
-        f"import sys; sys.path.insert(0, {str(dataset)!r}); import ema_kit_single\n"
+        f"import sys; sys.path.insert(0, {str(wheel)!r})\n"
         "from ema_kit import launch\n"
         f"job = launch({str(tmp_path / 'show.py')!r}, out_dir={str(tmp_path / 'run')!r}, processes=2)\n"
         "sys.exit(job.wait(timeout=120))\n"
@@ -199,5 +197,5 @@ def test_processes_import_the_single_file_copy_the_notebook_imported(tmp_path):
     result = subprocess.run([python, "-c", notebook], capture_output=True, text=True, timeout=180)
     log = (tmp_path / "run" / "launch.log").read_text()
     assert result.returncode == 0, result.stderr + log
-    bundled = f"{dataset / 'ema_kit_single.py'}/ema_kit/__init__.py"
+    bundled = f"{wheel}/ema_kit/__init__.py"
     assert f"rank 0 {bundled}" in log and f"rank 1 {bundled}" in log

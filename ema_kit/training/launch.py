@@ -20,12 +20,6 @@ LOG_FILE = "launch.log"  # torchrun's and the processes' output, in the run fold
 _EXCEPTION = re.compile(
     r"^(?:\[rank\d+\]: )?((?:\w+\.)*\w*(?:Error|Exception)\b.*)$"
 )  # "[rank0]: ValueError: ..."
-# The notebook's single-file ema_kit (Kaggle's dataset) installs itself when imported: a child imports it
-# first, then runs the script as torchrun would.
-_BUNDLED = (
-    "import runpy, sys; import ema_kit_single; sys.argv = sys.argv[1:]; "
-    "runpy.run_path(sys.argv[0], run_name='__main__')"
-)
 
 
 class Job:
@@ -114,11 +108,8 @@ def launch(
         "--standalone",
         f"--nproc-per-node={processes}",
     ]
-    if "ema_kit_single" in sys.modules:
-        command = [*torchrun, "--no-python", sys.executable, "-c", _BUNDLED, str(script), *map(str, args)]
-    else:
-        command = [*torchrun, str(script), *map(str, args)]
-    env = os.environ | {
+    command = [*torchrun, str(script), *map(str, args)]
+    env = os.environ | {  # the notebook's sys.path: on Kaggle, the dataset's wheel its first cell put there
         "PYTHONPATH": os.pathsep.join(entry for entry in sys.path if entry),
         "PYTHONUNBUFFERED": "1",  # the log shows each line as it is printed
     }
