@@ -212,7 +212,7 @@ def test_the_stop_button_while_an_epoch_is_scored_keeps_the_epoch_before(tmp_pat
     model, optimizer, train, val = setup()
     live_log = LiveLog(progress="off", plot=False)
     calls = []
-    press_stop_during(monkeypatch, loop, "evaluate", lambda: calls.append(1) or len(calls) == 4)
+    press_stop_during(monkeypatch, loop, "evaluate", lambda: calls.append(1) or len(calls) == 5)
     said = r"during epoch 2 of 3: kept 1 finished epoch \(the last kept: epoch 1\);"
     with pytest.raises(KeyboardInterrupt, match=said):
         fit(model, train, val, epochs=3, optimizer=optimizer, out_dir=tmp_path, callbacks=[live_log])
@@ -251,7 +251,7 @@ def test_an_error_mid_epoch_says_where_the_finished_epochs_are(tmp_path):
 
     def flaky(outputs, targets):
         calls.append(1)
-        if len(calls) > 3:  # the sanity pass's batch, then the live and EMA scores of epoch 1 succeed
+        if len(calls) > 4:  # the sanity pass's live and EMA batch, then epoch 1's live and EMA scores
             raise RuntimeError("metric server unreachable")
         return 0.5
 
@@ -271,7 +271,7 @@ def test_non_finite_loss_skips_the_step_for_model_and_ema_and_warns_once():
     def sometimes_nan(outputs, targets):
         calls.append(1)
         loss = nn.functional.cross_entropy(outputs, targets)
-        return loss * math.nan if len(calls) in (2, 4) and model.training else loss
+        return loss * math.nan if len(calls) in (3, 5) and model.training else loss  # 1-2: the sanity pass
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -810,6 +810,17 @@ def test_a_raising_metric_fails_in_the_sanity_pass_before_any_weight_changes(tmp
                   out_dir=tmp_path / "run")  # fmt: skip
     assert any("sanity pass before training" in note for note in caught.value.__notes__)
     assert unchanged(model, before) and not (tmp_path / "run").exists()
+
+
+def test_an_ema_that_cannot_be_scored_fails_in_the_sanity_pass_before_any_weight_changes(tmp_path):
+    model, optimizer, train, val = setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = ModelEMA(model, dtype="bfloat16-stochastic")  # bf16 weights, float32 batches, no autocast
+    with pytest.raises(RuntimeError) as caught:
+        quiet_fit(model, train, val, epochs=1, optimizer=optimizer, ema=ema, out_dir=tmp_path / "run")
+    notes = caught.value.__notes__
+    assert any("scoring the EMA model 'ema' failed" in note and "amp='bf16'" in note for note in notes)
+    assert unchanged(model, before) and ema.num_updates == 0 and not (tmp_path / "run").exists()
 
 
 def test_a_model_with_too_few_outputs_fails_before_any_weight_changes():

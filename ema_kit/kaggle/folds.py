@@ -42,9 +42,9 @@ _FOLD_FOLDER = re.compile(r"fold_(\d+)")
 class FoldEnd(Callback):
     """Tells ``fit_folds`` how the fold's ``fit`` ended: pass it in ``fit``'s callbacks (``fold.callback``).
 
-    fit returns normally after the stop button (the last finished epoch kept); only this tells a fold that
-    ran all its epochs (or stopped early on purpose) from one the user stopped, which must not be marked
-    finished and must stop the folds after it too.
+    It tells that the fold's fit ran and wrote where ``fit_folds`` looks for its files (``fold.out_dir``).
+    The stop button needs no help: fit raises its ``KeyboardInterrupt`` again, which ends the folds
+    before the stopped fold is marked finished.
     """
 
     def __init__(self):
@@ -319,11 +319,6 @@ def _predict_fold(fold: Fold, trained, labels: np.ndarray, *, tta: bool) -> None
         raise ValueError(
             f"fold {fold.index}: fit wrote to out_dir={ended.out_dir}, not to fold.out_dir ({fold.out_dir}), "
             "where fit_folds looks for the fold's files and checkpoint: pass out_dir=fold.out_dir."
-        )
-    if not ended.stop and len(ended.history) < ended.epochs:
-        raise KeyboardInterrupt(
-            f"fit_folds: fold {fold.index} was stopped after {len(ended.history)} of {ended.epochs} epochs; "
-            "run the cell again to resume it (the finished folds are skipped)."
         )
     sampler = getattr(val_loader, "sampler", None)
     if isinstance(sampler, torch.utils.data.RandomSampler):

@@ -183,7 +183,7 @@ def fit(
     hooks = CallbackList(callbacks)  # the live log first, the files last: they see every change of the epoch
     # evaluate's options, for the sanity pass and then every validation
     scoring = dict(loss_fn=loss_fn, metrics=metrics, amp=amp, target_key=target_key, output_key=output_key)
-    _sanity_pass(model, val_loader, scoring)
+    _sanity_pass(model, emas, val_loader, scoring)
 
     state = FitState(
         model=unwrap(model),
@@ -471,8 +471,9 @@ def _score(scored: nn.Module | ModelEMA, model: nn.Module, val_loader: Iterable,
     return evaluate(scored, val_loader, **scoring)
 
 
-def _sanity_pass(model: nn.Module, val_loader: Iterable, scoring: dict) -> None:
-    """One validation batch through the model, the loss and every metric, before any weight changes.
+def _sanity_pass(model: nn.Module, emas: dict[str, ModelEMA], val_loader: Iterable, scoring: dict) -> None:
+    """One validation batch through the live model and each EMA, the loss and every metric, before any
+    weight changes.
 
     A metric may need more than one batch (AUC with a single class in the batch): if the one batch
     fails, the whole set is scored and only its error counts. The random states the pass draws from
@@ -480,6 +481,7 @@ def _sanity_pass(model: nn.Module, val_loader: Iterable, scoring: dict) -> None:
     """
     generators = loader_generators(val_loader)
     drawn = rng_state(*generators)
+    scored = [("live", model), *((name, e if e.sharded else e.module) for name, e in emas.items())]
     try:
         first = next(iter(val_loader), None)
         if first is None:
@@ -487,14 +489,24 @@ def _sanity_pass(model: nn.Module, val_loader: Iterable, scoring: dict) -> None:
                 "val_loader yielded no batches; fit scores the live and EMA model on it after every epoch, "
                 "so it needs at least one (is its dataset empty, or its iterator exhausted?)."
             )
-        try:
-            evaluate(model, [first], **scoring)
-        except Exception:
-            evaluate(model, val_loader, **scoring)
+        for name, module in scored:
+            try:
+                try:
+                    _score(module, model, [first], scoring)
+                except Exception:
+                    _score(module, model, val_loader, scoring)
+            except Exception as error:
+                if name != "live":
+                    dtypes = {t.dtype for t in emas[name].state_dict()["weights"].values()}
+                    error.add_note(
+                        f"ema_kit.fit: scoring the EMA model {name!r} failed (its weights: "
+                        f"{', '.join(sorted(map(str, dtypes)))}); a bfloat16 EMA scores under amp='bf16'."
+                    )
+                raise
     except Exception as error:
         error.add_note(
-            "ema_kit.fit: raised in the sanity pass before training (a validation batch through the model, "
-            "loss_fn and every metric); nothing was changed or written."
+            "ema_kit.fit: raised in the sanity pass before training (a validation batch through the live "
+            "model, each EMA, loss_fn and every metric); nothing was changed or written."
         )
         raise
     finally:
