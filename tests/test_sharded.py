@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ReferenceEMA, max_error
+from helpers import ReferenceEMA, max_error, small_cnn
 from torch import nn
 
 from ema_kit import Callback, ModelEMA, MultiEMA
@@ -29,18 +29,7 @@ DEVICE = torch.device("cpu")  # the ranks' device: set by worker from TEST_DEVIC
 
 def sharded_cnn() -> nn.Module:
     """A small CNN with BatchNorm; 9 classes, so the last layer's 9 rows split unevenly (5 and 4) over 2."""
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1, stride=2),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 64),
-        nn.ReLU(),
-        nn.Linear(64, 9),
-    )
+    return small_cnn(num_classes=9)
 
 
 def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
