@@ -100,6 +100,10 @@ def average(out: Path, rank: int, warmup: str, buffers: str) -> None:
     collectives = set()
     for step in range(STEPS):
         train_step(model, optimizer, rank, step)
+        if step not in (0, STEPS - 1):  # the first update and a later one, profiled: starting the profiler
+            ema.update(model)  # every step aborted a process now and then (in torch's profiler)
+            multi.update(model)
+            continue
         with profile(activities=[ProfilerActivity.CPU]) as updating:
             ema.update(model)
             multi.update(model)
