@@ -429,7 +429,7 @@ def test_on_kaggle_without_the_pretrained_weights_attached_03_stops_naming_them_
 ):
     kaggle = tmp_path / "kaggle"
     _aptos(kaggle / "input" / "competitions" / "aptos2019-blindness-detection")
-    _ema_kit_dataset(kaggle, "datasets/tester/ema-kit", "wheel")
+    _ema_kit_dataset(kaggle, "datasets/tester/ema-kit")
     (kaggle / "working").mkdir()
     with pytest.raises(CellExecutionError) as error:
         _run_on_kaggle("03_image_folder_classification", kaggle, tmp_path / "a", kernel_without_ema_kit,
@@ -472,7 +472,7 @@ def test_on_kaggle_04_stops_on_a_missing_unfinished_or_mismatched_fold_naming_it
 
     kaggle = tmp_path / "kaggle"
     _competition(kaggle / "input" / "competitions" / "digit-recognizer")
-    _ema_kit_dataset(kaggle, "datasets/tester/ema-kit", "wheel")
+    _ema_kit_dataset(kaggle, "datasets/tester/ema-kit")
     spec = {"name": "resnet18", "num_classes": 10, "img_size": 28}
     run = _trained_folds(kaggle / "input" / "notebooks" / "tester" / "my-digits-run", 2, spec)
     if spoil == "missing":
