@@ -91,10 +91,10 @@ def fit(
     ``auc``, ... ``ema_kit.training.history.DIRECTIONS``) are known: say it for any other with
     ``monitor=("ema_lb", "min")`` or ``metrics={"lb": (lb_score, "min")}``, or fit refuses to start.
 
-    Before training, fit checks every setting and runs one validation batch through the model, the
-    loss and every metric (a sanity pass; if it fails, the whole validation set, since a metric such as
-    AUC may need more than one batch), so a mistake costs seconds, not an epoch, and changes nothing:
-    no weight, no file, no folder. A step whose loss is NaN or Inf changes nothing (see below); a
+    Before training, fit checks every setting and runs one validation batch through the model, each
+    EMA, the loss and every metric (a sanity pass; if it fails, the whole validation set, since a metric
+    such as AUC may need more than one batch), so a mistake costs seconds, not an epoch, and changes
+    nothing: no weight, no file, no folder. A step whose loss is NaN or Inf changes nothing (see below); a
     training batch of one row with BatchNorm in the model is refused up front when the loader tells
     (pass ``drop_last=True``) and skipped with a warning otherwise.
 
@@ -286,7 +286,7 @@ class _Scoring:
         self.hooks = hooks
 
     def __call__(self, state: FitState, trainer: _Trainer, *, epoch: float) -> None:
-        state.scored = {name: e if e.sharded else e.module for name, e in state.emas.items()}
+        state.scored = _scored(state.emas)
         self.hooks.call("on_validation_start", state)
         scores = {
             prefix: _score(scored, self.model, self.val_loader, self.scoring)
@@ -471,6 +471,20 @@ def _score(scored: nn.Module | ModelEMA, model: nn.Module, val_loader: Iterable,
     return evaluate(scored, val_loader, **scoring)
 
 
+def _scored(emas: dict[str, ModelEMA]) -> dict[str, nn.Module | ModelEMA]:
+    """What scores each EMA: its module, or of a sharded model the EMA itself (see ``_score``)."""
+    return {name: e if e.sharded else e.module for name, e in emas.items()}
+
+
+def _score_first_batch(scored, model: nn.Module, first, val_loader: Iterable, scoring: dict) -> None:
+    """Score one batch; if that fails, the whole set (a metric may need more than one batch), whose error
+    is the one that counts."""
+    try:
+        _score(scored, model, [first], scoring)
+    except Exception:
+        _score(scored, model, val_loader, scoring)
+
+
 def _sanity_pass(model: nn.Module, emas: dict[str, ModelEMA], val_loader: Iterable, scoring: dict) -> None:
     """One validation batch through the live model and each EMA, the loss and every metric, before any
     weight changes.
@@ -481,7 +495,6 @@ def _sanity_pass(model: nn.Module, emas: dict[str, ModelEMA], val_loader: Iterab
     """
     generators = loader_generators(val_loader)
     drawn = rng_state(*generators)
-    scored = [("live", model), *((name, e if e.sharded else e.module) for name, e in emas.items())]
     try:
         first = next(iter(val_loader), None)
         if first is None:
@@ -489,12 +502,9 @@ def _sanity_pass(model: nn.Module, emas: dict[str, ModelEMA], val_loader: Iterab
                 "val_loader yielded no batches; fit scores the live and EMA model on it after every epoch, "
                 "so it needs at least one (is its dataset empty, or its iterator exhausted?)."
             )
-        for name, module in scored:
+        for name, scored in [("live", model), *_scored(emas).items()]:
             try:
-                try:
-                    _score(module, model, [first], scoring)
-                except Exception:
-                    _score(module, model, val_loader, scoring)
+                _score_first_batch(scored, model, first, val_loader, scoring)
             except Exception as error:
                 if name != "live":
                     dtypes = {t.dtype for t in emas[name].state_dict()["weights"].values()}
