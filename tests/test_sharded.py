@@ -231,6 +231,7 @@ def worker(program: str, out: str, *args: str) -> None:
         {"average": average, "train": train, "resume": resume, "nonfinite": nonfinite}[program](
             Path(out), dist.get_rank(), *args
         )
+        dist.barrier()  # no rank tears its process group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
