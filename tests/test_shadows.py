@@ -236,6 +236,10 @@ def rearrange(model: nn.Module, how: str) -> None:
         model[3]._modules["extra"] = nn.Linear(1, 1)
     elif how == "a child deleted":
         del model._modules["3"]
+    elif how == "a parameter registered anew":
+        model[0][1].scale = nn.Parameter(torch.ones(4))
+    elif how == "a buffer registered anew":
+        model[2].register_buffer("mask", torch.ones(4))
     else:
         model._modules["3"] = nn.Linear(4, 3)
 
@@ -247,6 +251,8 @@ def rearrange(model: nn.Module, how: str) -> None:
         "a child moved to its sibling",
         "a leaf given a child",
         "a child deleted",
+        "a parameter registered anew",
+        "a buffer registered anew",
         "a child of another shape",
     ],
 )
