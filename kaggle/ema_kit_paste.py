@@ -8,7 +8,7 @@
 #   - dtype="bfloat16-stochastic" (bfloat16 shadows with stochastic rounding)
 #   - resuming an EMA (ModelEMA.state_dict, load_state_dict)
 #   - ModelEMA.recompute_bn (BatchNorm statistics measured afresh)
-#   - an EMA kept on another device than the model (device=)
+#   - an EMA kept on another device than the model (device="cpu" for a GPU model)
 #   - saving the EMA weights as .safetensors
 #   - LiveLog as a callback of fit
 # For those, and for fit, MultiEMA, PostHocEMA and the Kaggle helpers, attach the ema-kit dataset
@@ -662,7 +662,7 @@ class _Watch:
 def _small(tensor: Tensor) -> bool:
     return tensor.numel() < SMALL and tensor.is_contiguous()
 
-_Stage = left_out("an EMA kept on another device than the model (device=)")
+_Stage = left_out('an EMA kept on another device than the model (device="cpu" for a GPU model)')
 
 class _Gather:
     """Small dense live tensors of one device and dtype, blended into each set as one flat tensor."""

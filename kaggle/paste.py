@@ -53,7 +53,7 @@ LEFT_OUT = {
     "ModelEMA.recompute_bn (BatchNorm statistics measured afresh)": [
         ("ema_kit.ema", "ModelEMA.recompute_bn"),
     ],
-    "an EMA kept on another device than the model (device=)": [
+    'an EMA kept on another device than the model (device="cpu" for a GPU model)': [
         ("ema_kit._shadows", "_Stage"),  # Shadows planning its update: building the EMA, or moving the model
     ],
     "saving the EMA weights as .safetensors": [

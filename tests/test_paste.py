@@ -25,10 +25,10 @@ _spec.loader.exec_module(build)
 import paste  # noqa: E402
 from paste import PasteError, paste_file  # noqa: E402
 
-# The issue asked for at most ~1,500 lines; the closure of ModelEMA (with its bf16, CPU-shadow and FSDP2
-# paths), evaluate and LiveLog was ~2,050 lines at the first build (2026-12-04), 2,465 with issue 22's live
-# log and issue 27's sharded EMA. This bound says when it grows further.
-MAX_LINES = 2_500
+# The issue asked for at most ~1,500 lines. The closure of ModelEMA, evaluate and LiveLog was ~2,050 lines at
+# the first build (2026-12-04), 2,468 with issue 22's live log and issue 27's sharded EMA; with the features
+# of paste.LEFT_OUT left out, 2,028 (2026-12-04). This bound says when it grows further.
+MAX_LINES = 2_050
 
 
 def package(**modules: str) -> dict[str, str]:
