@@ -2,16 +2,18 @@
 
 ``paste_file(sources, version)`` follows the names these need through the package, definition by
 definition (a function, a class, a constant), and writes what it reached as one flat module: the
-package's own imports between its modules dropped (``_checks.check_int`` becomes ``check_int``), the
-imports of other libraries gathered at the top, docstrings cut to their first paragraph. It works from
-the modules' syntax trees, not from line numbers, so a change to the package shows up in the next build;
-what it cannot flatten (two kept definitions of one name, a renamed internal import, an internal import
-inside a function) stops the build with the name and the place.
+package's own imports between its modules dropped (``_checks.check_int`` becomes ``_check_int``), the
+imports of other libraries gathered at the top, docstrings cut to their first paragraph. Every name it
+defines besides the roots (and ``LeftOut``) gains a leading underscore, so that the names of the notebook
+it is pasted into cannot replace its parts. It works from the modules' syntax trees, not from line
+numbers, so a change to the package shows up in the next build; what it cannot flatten (two kept
+definitions of one name, a renamed internal import, an internal import inside a function) stops the
+build with the name and the place.
 
-To stay one readable cell, it leaves out the features ``LEFT_OUT`` names: the definition where each one's
-code starts becomes a one-line stub of the same name that raises ``LeftOut``, naming the feature and the
-fix, and what only that definition needed is not followed. A stub sits where its feature is first asked
-for (building the EMA, loading its state, saving), so everything else runs as the package's own code.
+To stay one readable cell, it leaves out the features ``LEFT_OUT`` names: the definition where each
+one's code starts becomes a one-line stub of the same name that raises ``LeftOut``, naming the feature
+and the fix, and what only that definition needed is not followed. A stub sits where its feature is first
+asked for (building the EMA, loading its state, saving), so everything else runs the package's own code.
 """
 
 from __future__ import annotations
