@@ -59,8 +59,9 @@ def _left_out(feature: str):
 
     def refuse(*args, **kwargs):
         raise LeftOut(
-            f"{feature} is left out of the ema_kit paste cell, which keeps it one readable cell. Attach the "
-            "ema-kit dataset and import its wheel instead (docs/kaggle.md), then `from ema_kit import ...`."
+            f"{feature} is left out of the ema_kit paste cell, to keep it one readable cell. For it, attach "
+            "the ema-kit dataset and import its wheel (docs/kaggle.md), then `from ema_kit import ...` in "
+            "place of the pasted cell."
         )
 
     return refuse

@@ -120,7 +120,7 @@ def test_each_left_out_definition_is_a_stub_that_refuses_naming_its_feature_and_
     with pytest.raises(pasted["LeftOut"]) as refused:
         stub(object(), 1, key=2)
     assert str(refused.value).startswith(f"{feature} is left out of the ema_kit paste cell")
-    assert "Attach the ema-kit dataset and import its wheel" in str(refused.value)
+    assert "attach the ema-kit dataset and import its wheel (docs/kaggle.md)" in str(refused.value)
     assert isinstance(refused.value, NotImplementedError)
 
 
