@@ -27,7 +27,7 @@ from paste import PasteError, paste_file  # noqa: E402
 
 # The issue asked for at most ~1,500 lines. The closure of ModelEMA, evaluate and LiveLog was ~2,050 lines at
 # the first build (2026-12-04), 2,468 with issue 22's live log and issue 27's sharded EMA; with the features
-# of paste.LEFT_OUT left out, 2,030 (2026-12-04). This bound says when it grows further.
+# of paste.LEFT_OUT left out, 2,031 (2026-12-04). This bound says when it grows further.
 MAX_LINES = 2_050
 
 
