@@ -327,6 +327,13 @@ def test_a_left_out_entry_that_names_nothing_reached_or_no_definition_stops_the_
             "a.size becomes size, which the function also names a local",
         ),
         ({"b": "def root():\n    from . import a\n"}, "an import of ema_kit in a function"),
+        (
+            {
+                "b": "def size():\n    return 1\n\n\ndef _size():\n    return 2\n\n\n"
+                "def root():\n    return size() + _size()\n"
+            },
+            "size becomes _size in the paste file, which also defines that",
+        ),
     ],
 )
 def test_what_cannot_be_flattened_stops_the_build_naming_it(modules, complaint):
