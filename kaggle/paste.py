@@ -305,11 +305,6 @@ def paste_file(
             if isinstance(name, ast.Attribute):
                 binding = modules[module].imports.get(name.value.id)
                 if binding and binding[0] == "from" and f"{binding[1]}.{binding[2]}" in modules:
-                    if name.attr in local_names.get(id(name), ()):
-                        raise PasteError(
-                            f"{modules[module].path}:{name.lineno}: {name.value.id}.{name.attr} becomes "
-                            f"{name.attr}, which the function also names a local: rename the local."
-                        )
                     rewrites[module].append(name)
                     todo.append((f"{binding[1]}.{binding[2]}", name.attr))
                     continue
@@ -394,9 +389,11 @@ def paste_file(
         if not kept[module]:
             continue
         mod = modules[module]
-        edits = _docstring_edits(mod, kept[module]) + [
-            (a.lineno, a.col_offset, a.end_col_offset, renamed.get(a.attr, a.attr)) for a in rewrites[module]
-        ]
+        edits = _docstring_edits(mod, kept[module])
+        for a in rewrites[module]:  # `_checks.check_int` -> `_check_int`
+            new = renamed.get(a.attr, a.attr)
+            _check_not_local(mod, a, f"{a.value.id}.{a.attr}", new, local_names)
+            edits.append((a.lineno, a.col_offset, a.end_col_offset, new))
         for index in kept[module]:
             edits += _renames(mod, mod.statements[index], renamed, local_names)
         lines = _apply(mod.lines, edits)
@@ -463,10 +460,20 @@ def _renames(mod: _Module, statement: ast.stmt, renamed: dict[str, str], local_n
             continue
         if node.id in local_names.get(id(node), ()):  # a function's own variable of that name
             continue
+        _check_not_local(mod, node, node.id, renamed[node.id], local_names)
         if mod.lines[node.lineno - 1][node.col_offset : node.end_col_offset] != node.id:
             raise PasteError(f"{mod.path}:{node.lineno}: cannot place the name {node.id} to rename it.")
         edits.append((node.lineno, node.col_offset, node.end_col_offset, renamed[node.id]))
     return edits
+
+
+def _check_not_local(mod: _Module, node: ast.AST, old: str, new: str, local_names: dict) -> None:
+    """Refuse a rewrite of the global ``old`` to ``new`` where a function has a local variable ``new``."""
+    if new in local_names.get(id(node), ()):
+        raise PasteError(
+            f"{mod.path}:{node.lineno}: {old} becomes {new}, which the function also names a local: rename "
+            "the local."
+        )
 
 
 def _left_out_note(left_out: dict, stubs: int) -> str:

@@ -322,9 +322,13 @@ def test_a_left_out_entry_that_names_nothing_reached_or_no_definition_stops_the_
         (
             {
                 "a": "def size():\n    return 1\n",
-                "b": "from . import a\n\n\ndef root():\n    size = a.size()\n",
+                "b": "from . import a\n\n\ndef root():\n    _size = a.size()\n",
             },
-            "a.size becomes size, which the function also names a local",
+            "a.size becomes _size, which the function also names a local",
+        ),
+        (
+            {"b": "def size():\n    return 1\n\n\ndef root():\n    _size = size()\n"},
+            "size becomes _size, which the function also names a local",
         ),
         ({"b": "def root():\n    from . import a\n"}, "an import of ema_kit in a function"),
         (
