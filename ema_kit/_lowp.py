@@ -150,10 +150,13 @@ def shadow_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return torch.bfloat16 if dtype == STOCHASTIC_BF16 else dtype
 
 
-def check_noise_state(state, stochastic: bool, what: str = "The ModelEMA state") -> None:
+def new_generator(device: torch.device) -> torch.Generator:
+    """The noise's generator for new stochastic shadows on ``device``, seeded with ``SEED``."""
+    return torch.Generator(device).manual_seed(SEED)
+
+
+def check_noise_state(state, what: str = "The ModelEMA state") -> None:
     """Refuse, before any change, a stochastic EMA's state without its noise's ``{"device", "state"}``."""
-    if not stochastic:
-        return
     if (
         not isinstance(state, dict)
         or not isinstance(state.get("device"), str)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_module
-from ._lowp import SEED, STOCHASTIC_BF16, lerp_stochastic_, reseeded, shadow_dtype
+from ._lowp import STOCHASTIC_BF16, lerp_stochastic_, new_generator, reseeded, shadow_dtype
 from ._sharded import check_supported, gathered, is_dtensor, local, on_every_rank, reshard, shard_of
 from ._tensors import Slot, check_layout, model_device, saved_slots
 
@@ -340,7 +340,7 @@ class Shadows:
         if not self.stochastic:
             self.generator = None
         elif self.generator is None:
-            self.generator = torch.Generator(device).manual_seed(SEED)
+            self.generator = new_generator(device)
         elif self.generator.device != device:
             self.generator = reseeded(device, self.generator.get_state())
 

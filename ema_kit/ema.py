@@ -450,7 +450,8 @@ def checked_load(ema: ModelEMA, state) -> Callable[[], None]:
                 "not support; load it into an EMA of the unsharded model."
             )
     noise = state.get("generator") if stochastic else None
-    check_noise_state(noise, stochastic)
+    if stochastic:
+        check_noise_state(noise)
     layout = {"buffers": settings["buffers"], "dtype": settings["dtype"]}
     if shadows.count > 1 and layout != {"buffers": ema.buffers, "dtype": ema.dtype}:
         raise ValueError(

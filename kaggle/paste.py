@@ -2,11 +2,18 @@
 
 ``paste_file(sources, version)`` follows the names these need through the package, definition by
 definition (a function, a class, a constant), and writes what it reached as one flat module: the
-package's own imports between its modules dropped (``_checks.check_int`` becomes ``check_int``), the
-imports of other libraries gathered at the top, docstrings cut to their first paragraph. It works from
-the modules' syntax trees, not from line numbers, so a change to the package shows up in the next build;
-what it cannot flatten (two kept definitions of one name, a renamed internal import, an internal import
-inside a function) stops the build with the name and the place.
+package's own imports between its modules dropped (``_checks.check_int`` becomes ``_check_int``), the
+imports of other libraries gathered at the top, docstrings cut to their first paragraph. Every name it
+defines besides the roots (and ``LeftOut``) gains a leading underscore, so that the names of the notebook
+it is pasted into cannot replace its parts. It works from the modules' syntax trees, not from line
+numbers, so a change to the package shows up in the next build; what it cannot flatten (two kept
+definitions of one name, a renamed internal import, an internal import inside a function) stops the
+build with the name and the place.
+
+To stay one readable cell, it leaves out the features ``LEFT_OUT`` names: the definition where each
+one's code starts becomes a one-line stub of the same name that raises ``LeftOut``, naming the feature
+and the fix, and what only that definition needed is not followed. A stub sits where its feature is first
+asked for (building the EMA, loading its state, saving), so everything else runs the package's own code.
 """
 
 from __future__ import annotations
@@ -25,16 +32,71 @@ ROOTS = (
     ("ema_kit.training.livelog", "LiveLog"),
     ("ema_kit.training.plot", "plot_history"),
 )
+# The features the paste cell leaves out, each with the definitions (module, name or Class.method) where
+# its code starts: reached only when a user asks for the feature, they become stubs that refuse it.
+LEFT_OUT = {
+    "an EMA of a model sharded by FSDP2 (fully_shard)": [
+        ("ema_kit._shadows", "_check_shardable"),  # Shadows.__init__, as soon as the model is sharded
+        ("ema_kit._shadows", "_state_keys"),
+        ("ema_kit._shadows", "Shadows.gathered"),
+        ("ema_kit._sharded", "on_every_rank"),
+        ("ema_kit._sharded", "rank"),
+        ("ema_kit.ema", "_share_failure"),
+    ],
+    'dtype="bfloat16-stochastic" (bfloat16 shadows with stochastic rounding)': [
+        ("ema_kit._lowp", "new_generator"),  # Shadows binding stochastic shadows: building the EMA
+        ("ema_kit._lowp", "lerp_stochastic_"),
+        ("ema_kit._lowp", "reseeded"),
+    ],
+    "resuming an EMA (ModelEMA.state_dict, load_state_dict)": [
+        ("ema_kit.ema", "ModelEMA.state_dict"),
+        ("ema_kit.ema", "ModelEMA.load_state_dict"),
+    ],
+    "ModelEMA.recompute_bn (BatchNorm statistics measured afresh)": [
+        ("ema_kit.ema", "ModelEMA.recompute_bn"),
+    ],
+    'an EMA kept on another device than the model (device="cpu" for a GPU model)': [
+        ("ema_kit._shadows", "_Stage"),  # Shadows planning its update: building the EMA, or moving the model
+    ],
+    "saving the EMA weights as .safetensors": [
+        ("ema_kit.files", "_import_safetensors"),
+        ("ema_kit.files", "_crc32"),
+    ],
+    "LiveLog as a callback of fit": [
+        ("ema_kit.training.livelog", f"LiveLog.{hook}")
+        for hook in ("on_fit_start", "on_epoch_start", "on_batch_end", "on_row_added", "on_fit_end")
+    ],
+}
+# What the stubs call, written once into the paste file before the package's definitions.
+REFUSAL = '''\
+class LeftOut(NotImplementedError):
+    """A feature of ema_kit that this paste cell leaves out; the package (its wheel) has it."""
+
+def _left_out(feature: str):
+    """A stand-in for the definition where ``feature``'s code starts: it refuses, naming the fix."""
+
+    def refuse(*args, **kwargs):
+        raise LeftOut(
+            f"{feature} is left out of the ema_kit paste cell, to keep it one readable cell. For it, attach "
+            "the ema-kit dataset and import its wheel (docs/kaggle.md), then `from ema_kit import ...` in "
+            "place of the pasted cell."
+        )
+
+    return refuse
+'''
 HEADER = """\
 # ema_kit_paste.py: ema_kit {version}'s ModelEMA, evaluate and LiveLog in one cell ({count} definitions
 # from {modules} modules). Paste this whole file into a notebook cell and run it; then use ModelEMA,
 # LiveLog, evaluate, plot_history and decay_from_half_life as the README shows, without the
 # `from ema_kit import ...` line. Needs torch, numpy, pandas and matplotlib (a Kaggle image has them).
-# For fit, MultiEMA, PostHocEMA and the Kaggle helpers, attach the ema-kit dataset and use its wheel.
+{left_out}# For those, and for fit, MultiEMA, PostHocEMA and the Kaggle helpers, attach the ema-kit dataset
+# and import its wheel (docs/kaggle.md).
 # GENERATED by kaggle/build.py from ema_kit/: do not edit; change ema_kit/, then run
 #     python kaggle/build.py
-# Annotations stay strings and may name classes of ema_kit that this cell leaves out (FitState):
-# ruff: noqa: F821
+# Every name it defines besides those above and LeftOut starts with _, so that the notebook's own names
+# (accuracy = ..., size = ...) cannot replace its parts. Annotations stay strings and may name classes of
+# ema_kit that this cell leaves out (FitState); a renamed name may push a line past 110 characters:
+# ruff: noqa: F821, E501
 """
 
 
@@ -172,16 +234,22 @@ def _reads(node: ast.AST, skip=()) -> tuple[list[ast.AST], set[str]]:
     return names, attributes
 
 
-def paste_file(sources: dict[str, str], version: str, roots: Iterable[tuple[str, str]] = ROOTS) -> str:
+def paste_file(
+    sources: dict[str, str],
+    version: str,
+    roots: Iterable[tuple[str, str]] = ROOTS,
+    left_out: dict[str, list[tuple[str, str]]] = LEFT_OUT,
+) -> str:
     """The text of ema_kit_paste.py for the package ``sources`` ({"ema_kit/ema.py": source, ...}).
 
     A definition is kept when kept code reads its name; a method of a kept class when kept code names it
     (``obj.name``, or a string such as a hook's name), when it is a dunder, or when it is public on a root.
+    One that ``left_out`` lists ({feature: [(module, name or "Class.method")]}) is kept as a stub.
 
     Example:
         >>> package = {"ema_kit/__init__.py": "", "ema_kit/a.py": "import math\\nX = math.pi\\nY = 2\\n",
         ...            "ema_kit/b.py": "from .a import X\\n\\ndef f():\\n    return X\\n"}
-        >>> text = paste_file(package, "0.0", roots=[("ema_kit.b", "f")])
+        >>> text = paste_file(package, "0.0", roots=[("ema_kit.b", "f")], left_out={})
         >>> print(text[text.index("from __future__"):])
         from __future__ import annotations
         <BLANKLINE>
@@ -189,12 +257,12 @@ def paste_file(sources: dict[str, str], version: str, roots: Iterable[tuple[str,
         <BLANKLINE>
         <BLANKLINE>
         # -- ema_kit/a.py
-        X = math.pi
+        _X = math.pi
         <BLANKLINE>
         <BLANKLINE>
         # -- ema_kit/b.py
         def f():
-            return X
+            return _X
         <BLANKLINE>
     """
     roots = list(roots)
@@ -220,6 +288,11 @@ def paste_file(sources: dict[str, str], version: str, roots: Iterable[tuple[str,
     rewrites: dict[str, list[ast.Attribute]] = {name: [] for name in modules}  # `_checks.x` -> `x`
     owner: dict[str, tuple[str, int]] = {}  # a kept top-level name -> where it is defined
     todo: list[tuple[str, str]] = list(roots)
+    stubs = {place: feature for feature, places in left_out.items() for place in places}
+    stubbed: dict[tuple[str, int], str] = {}  # (module, index of a statement) -> its feature
+    stubbed_methods: dict[int, str] = {}  # id() of a method node -> its feature
+    method_names: dict[int, str] = {}  # id() of a method node of a kept class -> "Class.method"
+    reached: set[tuple[str, str]] = set()  # the places of ``left_out`` the roots reach
 
     def read(module: str, node: ast.AST, skip=()) -> None:
         names, mentioned = _reads(node, skip)
@@ -232,11 +305,6 @@ def paste_file(sources: dict[str, str], version: str, roots: Iterable[tuple[str,
             if isinstance(name, ast.Attribute):
                 binding = modules[module].imports.get(name.value.id)
                 if binding and binding[0] == "from" and f"{binding[1]}.{binding[2]}" in modules:
-                    if name.attr in local_names.get(id(name), ()):
-                        raise PasteError(
-                            f"{modules[module].path}:{name.lineno}: {name.value.id}.{name.attr} becomes "
-                            f"{name.attr}, which the function also names a local: rename the local."
-                        )
                     rewrites[module].append(name)
                     todo.append((f"{binding[1]}.{binding[2]}", name.attr))
                     continue
@@ -251,7 +319,11 @@ def paste_file(sources: dict[str, str], version: str, roots: Iterable[tuple[str,
     def keep_method(module: str, method: ast.FunctionDef) -> None:
         if id(method) not in kept_methods:
             kept_methods.add(id(method))
-            read(module, method)
+            if (module, method_names[id(method)]) in stubs:
+                stubbed_methods[id(method)] = stubs[module, method_names[id(method)]]
+                reached.add((module, method_names[id(method)]))
+            else:
+                read(module, method)
 
     seen = set()
     while todo:
@@ -275,9 +347,16 @@ def paste_file(sources: dict[str, str], version: str, roots: Iterable[tuple[str,
                         f"{defined} is defined in both {other[0]} and {module}, and the paste file needs "
                         f"both: give one of them another name."
                     )
+            if (module, name) in stubs:
+                if not isinstance(statement, ast.FunctionDef | ast.ClassDef):
+                    raise PasteError(f"LEFT_OUT: {module}.{name} is not a function or a class.")
+                stubbed[module, index] = stubs[module, name]
+                reached.add((module, name))
+                continue
             methods = _methods(statement)
             read(module, statement, skip=methods)
             for method in methods:
+                method_names[id(method)] = f"{name}.{method.name}"
                 dunder = method.name.startswith("__") and method.name.endswith("__")
                 public_on_root = (module, name) in roots and not method.name.startswith("_")
                 if dunder or public_on_root or method.name in attributes:
@@ -291,30 +370,143 @@ def paste_file(sources: dict[str, str], version: str, roots: Iterable[tuple[str,
             elif f"{binding[1]}.{binding[2]}" not in modules:  # `from .x import name`
                 todo.append((binding[1], binding[2]))
         # else: a builtin, or a name local to a function
+    unreached = sorted(stubs.keys() - reached)
+    if unreached:
+        raise PasteError(
+            f"LEFT_OUT lists {'.'.join(unreached[0])}, which the paste file does not reach (renamed, moved, "
+            "or no longer used?): update the table."
+        )
+    # In a notebook the cell's names share the namespace of the user's code: a later `accuracy = 0.9` or
+    # `size = 224` must not break evaluate. So every name the cell defines besides its API starts with _.
+    api = {name for _, name in roots}
+    renamed = {name: f"_{name}" for name in owner if not name.startswith("_") and name not in api}
+    clashes = sorted(renamed.values() & owner.keys())
+    if clashes:
+        raise PasteError(f"{clashes[0][1:]} becomes {clashes[0]} in the paste file, which also defines that.")
     parts = []
     count = 0
     for module in _module_order(modules):
         if not kept[module]:
             continue
         mod = modules[module]
-        edits = _docstring_edits(mod, kept[module]) + [
-            (a.lineno, a.col_offset, a.value.end_col_offset + 1, "") for a in rewrites[module]
-        ]
+        edits = _docstring_edits(mod, kept[module])
+        for a in rewrites[module]:  # `_checks.check_int` -> `_check_int`
+            new = renamed.get(a.attr, a.attr)
+            _check_not_local(mod, a, f"{a.value.id}.{a.attr}", new, local_names)
+            edits.append((a.lineno, a.col_offset, a.end_col_offset, new))
+        for index in kept[module]:
+            edits += _renames(mod, mod.statements[index], renamed, local_names)
         lines = _apply(mod.lines, edits)
         for index in kept[module]:
             for method in _methods(mod.statements[index]):
-                if id(method) not in kept_methods:
-                    start, end = _span(mod.lines, method)
+                start, end = _span(mod.lines, method)
+                if id(method) in stubbed_methods:
+                    stub = _stub(method.name, stubbed_methods[id(method)], " " * method.col_offset)
+                    replaced = [stub] + [_DROPPED] * (end - start - 1)
+                    if end > method.end_lineno:  # the blank line after it stays
+                        replaced[-1] = lines[end - 1]
+                    lines[start:end] = replaced
+                elif id(method) not in kept_methods:
                     lines[start:end] = [_DROPPED] * (end - start)
-        chunks = []
+        chunks, previous_stub = [], False
         for index in sorted(kept[module]):
             start, end = mod.segment(index)
-            chunks.append("\n".join(row for row in lines[start:end] if row is not _DROPPED).rstrip())
+            if (module, index) in stubbed:
+                name = mod.statements[index].name
+                stub = _stub(renamed.get(name, name), stubbed[module, index])
+                if previous_stub:  # a run of stubs reads as one block
+                    chunks[-1] += "\n" + stub
+                else:
+                    chunks.append(stub)
+                previous_stub = True
+                continue
+            text = "\n".join(row for row in lines[start:end] if row is not _DROPPED).rstrip()
+            chunks.append(_without_empty_sections(text))
+            previous_stub = False
             count += 1
         parts.append(f"# -- {mod.path}\n" + "\n\n".join(chunks))
-    head = HEADER.format(version=version, count=count, modules=sum(bool(k) for k in kept.values()))
+    head = HEADER.format(
+        version=version,
+        count=count,
+        modules=sum(bool(k) for k in kept.values()),
+        left_out=_left_out_note(left_out, len(stubbed) + len(stubbed_methods)),
+    )
+    if stubbed or stubbed_methods:
+        parts.insert(0, "# -- what the stubs of left-out features call (kaggle/paste.py)\n" + REFUSAL.strip())
     top = ["from __future__ import annotations", _sorted_imports(external)]
     return head + "\n\n".join(filter(None, top)) + "\n\n\n" + "\n\n\n".join(parts) + "\n"
+
+
+def _renames(mod: _Module, statement: ast.stmt, renamed: dict[str, str], local_names: dict) -> list[tuple]:
+    """Edits that give the names in ``renamed`` their new names in one top-level statement: where it
+    defines them, and wherever its code reads them (not a function's locals of the same name)."""
+    edits = []
+    for node in ast.walk(statement):
+        if isinstance(node, ast.ClassDef):
+            for child in _walk(node, set(_methods(node))):
+                if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store) and child.id in renamed:
+                    raise PasteError(
+                        f"{mod.path}:{child.lineno}: class {node.name} sets an attribute {child.id}, the "
+                        "name of a module-level definition the paste file renames: give one another name."
+                    )
+    if isinstance(statement, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and (
+        statement.name in renamed
+    ):
+        line = mod.lines[statement.lineno - 1]
+        start = line.index(f" {statement.name}", statement.col_offset) + 1
+        edits.append((statement.lineno, start, start + len(statement.name), renamed[statement.name]))
+    for node in ast.walk(statement):
+        if not isinstance(node, ast.Name) or node.id not in renamed:
+            continue
+        if node.id in local_names.get(id(node), ()):  # a function's own variable of that name
+            continue
+        _check_not_local(mod, node, node.id, renamed[node.id], local_names)
+        if mod.lines[node.lineno - 1][node.col_offset : node.end_col_offset] != node.id:
+            raise PasteError(f"{mod.path}:{node.lineno}: cannot place the name {node.id} to rename it.")
+        edits.append((node.lineno, node.col_offset, node.end_col_offset, renamed[node.id]))
+    return edits
+
+
+def _check_not_local(mod: _Module, node: ast.AST, old: str, new: str, local_names: dict) -> None:
+    """Refuse a rewrite of the global ``old`` to ``new`` where a function has a local variable ``new``."""
+    if new in local_names.get(id(node), ()):
+        raise PasteError(
+            f"{mod.path}:{node.lineno}: {old} becomes {new}, which the function also names a local: rename "
+            "the local."
+        )
+
+
+def _left_out_note(left_out: dict, stubs: int) -> str:
+    """The header's lines on what the cell leaves out."""
+    if not left_out:
+        return ""
+    lines = [
+        "# Left out to keep it one readable cell; asking for one raises LeftOut, which names it and the fix",
+        f"# ({stubs} one-line stubs stand in for the package's definitions where these features start):",
+    ]
+    return "\n".join(lines + [f"#   - {feature}" for feature in left_out]) + "\n"
+
+
+def _stub(name: str, feature: str, pad: str = "") -> str:
+    """The line that stands in for a left-out definition (three when it is long)."""
+    quoted = f"'{feature}'" if '"' in feature else f'"{feature}"'
+    line = f"{pad}{name} = _left_out({quoted})"
+    return line if len(line) <= LINE_LENGTH else f"{pad}{name} = _left_out(\n{pad}    {quoted}\n{pad})"
+
+
+def _without_empty_sections(text: str) -> str:
+    """A class's text without the section comments (``# -- ...``) whose methods were all dropped."""
+    lines = text.split("\n")
+    kept = []
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("# -- "):
+            following = next((row for row in lines[i + 1 :] if row.strip()), "")
+            if not following or following.lstrip().startswith("# -- "):
+                continue
+        if not line.strip() and kept and not kept[-1].strip():
+            continue  # the blank line of a dropped section
+        kept.append(line)
+    return "\n".join(kept)
 
 
 def _span(lines: list[str], node: ast.stmt) -> tuple[int, int]:

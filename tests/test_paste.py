@@ -3,14 +3,18 @@
 import ast
 import doctest
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbclient import NotebookClient
 from test_docs import blocks
 from test_notebooks import kernel_without_ema_kit  # noqa: F401  (a fixture: a kernel without ema_kit)
+
+from ema_kit import ModelEMA
 
 REPO = Path(__file__).resolve().parents[1]
 PASTE = REPO / "kaggle" / "ema_kit_paste.py"
@@ -21,10 +25,10 @@ _spec.loader.exec_module(build)
 import paste  # noqa: E402
 from paste import PasteError, paste_file  # noqa: E402
 
-# The issue asked for at most ~1,500 lines; the closure of ModelEMA (with its bf16, CPU-shadow and FSDP2
-# paths), evaluate and LiveLog was ~2,050 lines at the first build (2026-12-04), 2,465 with issue 22's live
-# log and issue 27's sharded EMA. This bound says when it grows further.
-MAX_LINES = 2_500
+# The issue asked for at most ~1,500 lines. The closure of ModelEMA, evaluate and LiveLog was ~2,050 lines at
+# the first build (2026-12-04), 2,468 with issue 22's live log and issue 27's sharded EMA; with the features
+# of paste.LEFT_OUT left out, 2,031 (2026-12-04). This bound says when it grows further.
+MAX_LINES = 2_050
 
 
 def package(**modules: str) -> dict[str, str]:
@@ -64,6 +68,134 @@ def test_paste_file_defines_what_the_readme_loops_use_and_stays_one_readable_cel
     assert "sys.meta_path" not in text  # no import hook: plain definitions
 
 
+def test_paste_file_defines_no_public_name_beyond_its_api_and_left_out():
+    public = {name for name in names_defined(PASTE.read_text(encoding="utf-8")) if not name.startswith("_")}
+    assert public == {root for _, root in paste.ROOTS} | {"LeftOut"}
+
+
+def test_the_notebooks_own_names_do_not_replace_the_paste_cells_parts(tmp_path):
+    namespace = {"__name__": "__main__"}
+    exec(compile(PASTE.read_text(encoding="utf-8"), str(PASTE), "exec"), namespace)
+    exec(
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)\n"
+        "model = torch.nn.Linear(4, 3)\n"
+        "live_log = LiveLog(progress='off', plot=False)\n"
+        "for epoch in (1, 2):\n"
+        "    for x, y in live_log.track(loader):\n"
+        "        pass\n"
+        "    accuracy = evaluate(model, loader)['accuracy']\n"  # names a notebook often uses
+        "    size, split, display, forward, direction = 224, 'val', print, None, 'min'\n"
+        "    live_log.add(live=evaluate(model, loader))\n",
+        namespace | {"torch": torch},
+    )
+
+
+# -- what it leaves out ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pasted() -> dict:
+    """The names the committed paste file defines, run as one cell (in this process)."""
+    namespace = {"__name__": "__main__"}
+    exec(compile(PASTE.read_text(encoding="utf-8"), str(PASTE), "exec"), namespace)
+    return namespace
+
+
+def _left_out_places():
+    return [(feature, module, name) for feature, places in paste.LEFT_OUT.items() for module, name in places]
+
+
+def pasted_name(name: str) -> str:
+    """A package name as the paste file spells it: the API's own, every other one with a leading _."""
+    return name if name.startswith("_") or name in {root for _, root in paste.ROOTS} else f"_{name}"
+
+
+@pytest.mark.parametrize("feature, module, name", _left_out_places(), ids=lambda v: str(v)[:40])
+def test_each_left_out_definition_is_a_stub_that_refuses_naming_its_feature_and_the_fix(
+    pasted, feature, module, name
+):
+    owner, _, method = name.rpartition(".")
+    stub = getattr(pasted[pasted_name(owner)], method) if owner else pasted[pasted_name(name)]
+    with pytest.raises(pasted["LeftOut"]) as refused:
+        stub(object(), 1, key=2)
+    assert str(refused.value).startswith(f"{feature} is left out of the ema_kit paste cell")
+    assert "attach the ema-kit dataset and import its wheel (docs/kaggle.md)" in str(refused.value)
+    assert isinstance(refused.value, NotImplementedError)
+
+
+def _ask_stochastic(ns, model, tmp_path):
+    ns["ModelEMA"](model, dtype="bfloat16-stochastic")
+
+
+def _ask_resume_save(ns, model, tmp_path):
+    ns["ModelEMA"](model).state_dict()
+
+
+def _ask_resume_load(ns, model, tmp_path):
+    ns["ModelEMA"](model).load_state_dict({})
+
+
+def _ask_recompute_bn(ns, model, tmp_path):
+    ns["ModelEMA"](model).recompute_bn([(torch.randn(4, 3), torch.zeros(4))])
+
+
+def _ask_safetensors(ns, model, tmp_path):
+    ns["ModelEMA"](model).save(tmp_path / "model_ema.safetensors")
+
+
+def _ask_fit_callback(ns, model, tmp_path):
+    ns["LiveLog"](progress="off").on_fit_start(None)
+
+
+@pytest.mark.parametrize(
+    "ask, feature",
+    [
+        (_ask_stochastic, 'dtype="bfloat16-stochastic"'),
+        (_ask_resume_save, "resuming an EMA"),
+        (_ask_resume_load, "resuming an EMA"),
+        (_ask_recompute_bn, "ModelEMA.recompute_bn"),
+        (_ask_safetensors, ".safetensors"),
+        (_ask_fit_callback, "LiveLog as a callback of fit"),
+    ],
+)
+def test_asking_the_paste_cell_for_a_left_out_feature_raises_left_out_and_changes_nothing(
+    pasted, tmp_path, ask, feature
+):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(pasted["LeftOut"], match=f"{re.escape(feature)}.* is left out of the ema_kit paste"):
+        ask(pasted, model, tmp_path)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    assert list(tmp_path.iterdir()) == []  # no file, not even a temporary one
+
+
+@pytest.mark.cuda
+def test_the_paste_cell_refuses_an_ema_kept_on_the_cpu_for_a_gpu_model(pasted):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    with pytest.raises(pasted["LeftOut"], match="another device than the model"):
+        pasted["ModelEMA"](torch.nn.Linear(3, 4).cuda(), device="cpu")
+
+
+def test_the_pasted_model_ema_averages_and_saves_as_the_package_does(pasted, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 2))
+    package_ema, pasted_ema = ModelEMA(model, decay=0.9), pasted["ModelEMA"](model, decay=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):
+        model(torch.randn(8, 3)).square().mean().backward()
+        optimizer.step()
+        package_ema.update(model)
+        pasted_ema.update(model)
+    package_ema.save(tmp_path / "package.pth")
+    pasted_ema.save(tmp_path / "pasted.pth")
+    expected = torch.load(tmp_path / "package.pth", weights_only=True)
+    got = torch.load(tmp_path / "pasted.pth", weights_only=True)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
 # -- how it is cut ---------------------------------------------------------------------------------
 
 
@@ -81,10 +213,11 @@ def test_only_what_the_roots_reach_is_kept_across_modules():
         ),
         "0.0",
         roots=[("ema_kit.b", "root")],
+        left_out={},
     )
-    assert names_defined(text) == {"X", "helper", "root"}
+    assert names_defined(text) == {"_X", "_helper", "root"}  # what is not the API starts with _
     assert "import math\n" in text and "import os" not in text
-    assert "return helper() + X" in text  # `a.X`, with the module gone, is `X`
+    assert "return _helper() + _X" in text  # `a.X`, with the module gone, is `_X`
     namespace = {}
     exec(compile(text, "paste", "exec"), namespace)
     assert namespace["root"]() == 2 * 3.141592653589793
@@ -99,6 +232,7 @@ def test_a_method_no_kept_code_names_is_dropped_and_dunders_and_public_root_meth
         ),
         "0.0",
         roots=[("ema_kit.a", "Root")],
+        left_out={},
     )
     assert "def used" in text and "def __init__" in text and "def public" in text
     assert "def unused" not in text and "def _private" not in text
@@ -106,8 +240,69 @@ def test_a_method_no_kept_code_names_is_dropped_and_dunders_and_public_root_meth
 
 def test_docstrings_are_cut_to_their_first_paragraph():
     source = 'def f():\n    """One line.\n\n    Example:\n        >>> f()\n    """\n    return 1\n'
-    text = paste_file(package(a=source), "0.0", roots=[("ema_kit.a", "f")])
+    text = paste_file(package(a=source), "0.0", roots=[("ema_kit.a", "f")], left_out={})
     assert 'def f():\n    """One line."""\n    return 1\n' in text
+
+
+def test_a_left_out_function_or_method_is_a_stub_and_what_only_it_used_is_not_kept():
+    text = paste_file(
+        package(
+            a="def helper():\n    return 1\n\n\ndef extra():\n    return helper()\n\n\n"
+            "class Root:\n    def run(self, fancy=False):\n        return extra() if fancy else 0\n\n"
+            "    def fancy_method(self):\n        return helper()\n"
+        ),
+        "0.0",
+        roots=[("ema_kit.a", "Root")],
+        left_out={"a fancy feature": [("ema_kit.a", "extra"), ("ema_kit.a", "Root.fancy_method")]},
+    )
+    assert '_extra = _left_out("a fancy feature")' in text
+    assert '    fancy_method = _left_out("a fancy feature")' in text
+    assert "def helper" not in text and "  - a fancy feature" in text
+    namespace = {}
+    exec(compile(text, "paste", "exec"), namespace)
+    assert namespace["Root"]().run() == 0
+    for ask in (lambda: namespace["Root"]().run(fancy=True), namespace["Root"]().fancy_method):
+        with pytest.raises(namespace["LeftOut"], match="^a fancy feature is left out of the ema_kit paste"):
+            ask()
+
+
+def test_names_besides_the_roots_gain_a_leading_underscore_where_defined_and_read_but_not_locals():
+    text = paste_file(
+        package(
+            a="SIZE = 2\n\n\ndef size(x):\n    return x * SIZE\n\n\n"
+            "def count(values):\n    size = len(values)\n    return size\n\n\n"
+            "def root(values):\n    return size(count(values))\n"
+        ),
+        "0.0",
+        roots=[("ema_kit.a", "root")],
+        left_out={},
+    )
+    assert "_SIZE = 2\n" in text and "def _size(x):\n    return x * _SIZE\n" in text
+    assert "def _count(values):\n    size = len(values)\n    return size\n" in text  # a local stays
+    assert "return _size(_count(values))" in text
+    namespace = {}
+    exec(compile(text, "paste", "exec"), namespace)
+    assert namespace["root"]([1, 2, 3]) == 6
+
+
+def test_a_class_attribute_named_as_a_renamed_definition_stops_the_build():
+    source = "def helper():\n    return 1\n\n\nclass Root:\n    helper = staticmethod(helper)\n"
+    with pytest.raises(PasteError, match="class Root sets an attribute helper"):
+        paste_file(package(a=source), "0.0", roots=[("ema_kit.a", "Root")], left_out={})
+
+
+@pytest.mark.parametrize(
+    "left_out, complaint",
+    [
+        ({"f": [("ema_kit.a", "gone")]}, "LEFT_OUT lists ema_kit.a.gone, which the paste file does not"),
+        ({"f": [("ema_kit.a", "Root.gone")]}, "LEFT_OUT lists ema_kit.a.Root.gone, which the paste file"),
+        ({"f": [("ema_kit.a", "X")]}, "LEFT_OUT: ema_kit.a.X is not a function or a class"),
+    ],
+)
+def test_a_left_out_entry_that_names_nothing_reached_or_no_definition_stops_the_build(left_out, complaint):
+    source = "X = 1\n\n\nclass Root:\n    def run(self):\n        return X\n"
+    with pytest.raises(PasteError, match=re.escape(complaint)):
+        paste_file(package(a=source), "0.0", roots=[("ema_kit.a", "Root")], left_out=left_out)
 
 
 @pytest.mark.parametrize(
@@ -127,16 +322,27 @@ def test_docstrings_are_cut_to_their_first_paragraph():
         (
             {
                 "a": "def size():\n    return 1\n",
-                "b": "from . import a\n\n\ndef root():\n    size = a.size()\n",
+                "b": "from . import a\n\n\ndef root():\n    _size = a.size()\n",
             },
-            "a.size becomes size, which the function also names a local",
+            "a.size becomes _size, which the function also names a local",
+        ),
+        (
+            {"b": "def size():\n    return 1\n\n\ndef root():\n    _size = size()\n"},
+            "size becomes _size, which the function also names a local",
         ),
         ({"b": "def root():\n    from . import a\n"}, "an import of ema_kit in a function"),
+        (
+            {
+                "b": "def size():\n    return 1\n\n\ndef _size():\n    return 2\n\n\n"
+                "def root():\n    return size() + _size()\n"
+            },
+            "size becomes _size in the paste file, which also defines that",
+        ),
     ],
 )
 def test_what_cannot_be_flattened_stops_the_build_naming_it(modules, complaint):
     with pytest.raises(PasteError, match=complaint.replace("(", r"\(")):
-        paste_file(package(**modules), "0.0", roots=[("ema_kit.b", "root")])
+        paste_file(package(**modules), "0.0", roots=[("ema_kit.b", "root")], left_out={})
 
 
 # -- as a user pastes it ---------------------------------------------------------------------------
