@@ -634,9 +634,14 @@ class _Watch:
     """
 
     def __init__(self, live: nn.Module, slots: list[_Slot], tensors: list[Tensor]):
-        self._children = [module._modules for module in live.modules()]  # a leaf's too: it may gain one
-        self._counts = list(map(len, self._children))  # where one module's children end: a move shows
-        self._parents = [children for children in self._children if children]
+        modules = list(live.modules())
+        self._parents = [module._modules for module in modules if module._modules]
+        # Every module's children (a leaf may gain one), parameters and buffers: how many of each, which
+        # also shows where one module's children end, so that a child moved to another parent shows.
+        self._holders_of = [
+            holder for module in modules for holder in (module._modules, module._parameters, module._buffers)
+        ]
+        self._counts = list(map(len, self._holders_of))
         self._names = list(chain.from_iterable(self._parents))
         self._modules = list(chain.from_iterable(map(dict.values, self._parents)))
         self._holders, self._keys = [slot.holder for slot in slots], [slot.name for slot in slots]
@@ -655,7 +660,7 @@ class _Watch:
             return True
         return not (
             same
-            and list(map(len, self._children)) == self._counts
+            and list(map(len, self._holders_of)) == self._counts
             and list(chain.from_iterable(self._parents)) == self._names
             and all(map(operator.is_, chain.from_iterable(map(dict.values, self._parents)), self._modules))
             and list(map(Tensor.data_ptr, self._tensors)) == self._addresses
