@@ -219,6 +219,16 @@ def nonfinite(out: Path, rank: int) -> None:
 
 
 def worker(program: str, out: str, *args: str) -> None:
+    """Run ``program`` on this rank, tear the process group down, and leave without Python's shutdown.
+
+    torch's worker threads outlive ``destroy_process_group`` here: DTensor's caches (sharding propagation,
+    redistribute plans) keep FSDP2's device mesh, and with it the process group, alive. A gloo thread that
+    frees the last reference to a tensor of a just-finished collective takes the GIL to do so; if that comes
+    after interpreter shutdown began, Python ends the thread inside a C++ destructor: "terminate called
+    without an active exception", an abort (in about one run of this file in five, in any of its torchrun
+    tests). ``os._exit`` skips that shutdown, as multiprocessing's forked children do; every file was
+    written and closed before.
+    """
     import torch.distributed as dist
 
     global DEVICE
@@ -234,6 +244,9 @@ def worker(program: str, out: str, *args: str) -> None:
         dist.barrier()  # no rank tears its process group down while another still talks to it
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # -- the tests --------------------------------------------------------------------------------------------
