@@ -1,9 +1,9 @@
-# ema_kit_paste.py: ema_kit 0.1.0's ModelEMA, evaluate and LiveLog in one cell (112 definitions
+# ema_kit_paste.py: ema_kit 0.1.0's ModelEMA, evaluate and LiveLog in one cell (108 definitions
 # from 15 modules). Paste this whole file into a notebook cell and run it; then use ModelEMA,
 # LiveLog, evaluate, plot_history and decay_from_half_life as the README shows, without the
 # `from ema_kit import ...` line. Needs torch, numpy, pandas and matplotlib (a Kaggle image has them).
 # Left out to keep it one readable cell; asking for one raises LeftOut, which names it and the fix
-# (20 one-line stubs stand in for the package's definitions where these features start):
+# (15 one-line stubs stand in for the package's definitions where these features start):
 #   - an EMA of a model sharded by FSDP2 (fully_shard)
 #   - dtype="bfloat16-stochastic" (bfloat16 shadows with stochastic rounding)
 #   - resuming an EMA (ModelEMA.state_dict, load_state_dict)
@@ -38,7 +38,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from itertools import accumulate, chain
+from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -270,9 +270,6 @@ def _reshard(model: nn.Module) -> None:
     for module in _fsdp_modules(model):
         module.reshard()
 
-_rank = _left_out("an EMA of a model sharded by FSDP2 (fully_shard)")
-_on_every_rank = _left_out("an EMA of a model sharded by FSDP2 (fully_shard)")
-
 def _check_supported(model: nn.Module) -> None:
     """Refuse, by name and with what to use instead, the ways to shard a model that an EMA cannot follow."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
@@ -308,8 +305,6 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
 
 
 # -- ema_kit/_shadows.py
-_SMALL = 16_384  # elements: smaller contiguous CPU tensors are gathered, one cat for all of them (see _Gather)
-
 _MISMATCH = "The model does not match the model this EMA was built for"
 
 _FIX = (
@@ -345,13 +340,6 @@ class _Shadows:
         self._sets: list[dict[str, Tensor]] = []  # a sharded model's shadows, key -> this rank's shard
         if self.sharded:
             _check_shardable(live, allow_sharded, self.stochastic)
-            with torch.no_grad():
-                self._sets = [
-                    {slot.key: self._new_shadow(_local(slot.tensor), slot.tensor) for slot in slots}
-                    for _ in range(count)
-                ]
-            self._bind(model)
-            return
         for _ in range(count):
             with torch.no_grad():
                 memo = {id(slot.tensor): self._new_shadow(slot.tensor, slot.tensor) for slot in slots}
@@ -425,7 +413,7 @@ class _Shadows:
             )
             for tensors in self._finite_checks
         )
-        return _on_every_rank(finite, self._device) if self.sharded else finite
+        return finite
 
     # -- other uses of the live model -----------------------------------------------------------------
 
@@ -437,10 +425,6 @@ class _Shadows:
         shadows = {slot.key: slot.tensor for slot in self._slots(k)}
         _check_layout(lives, shadows, _MISMATCH, _FIX)
         return [lives[key] for key in shadows], list(shadows.values())
-
-    # -- set k as a state dict --------------------------------------------------------------------------
-
-    gathered = _left_out("an EMA of a model sharded by FSDP2 (fully_shard)")
 
     # -- binding ----------------------------------------------------------------------------------------
 
@@ -455,7 +439,7 @@ class _Shadows:
                 "EMA holds whole weights or this rank's shards, for good. Build the EMA after sharding the "
                 "model (fully_shard), and keep it sharded."
             )
-        lives = [_local(slot.tensor) if self.sharded else slot.tensor for slot in slots]  # what the ops read
+        lives = [slot.tensor for slot in slots]  # what the ops read
         sets = [{slot.key: slot for slot in self._slots(k)} for k in range(self.count)]
         _check_layout(
             {slot.key: tensor for slot, tensor in zip(slots, lives)},
@@ -473,11 +457,7 @@ class _Shadows:
                 for shadow in shadows:
                     if not _laid_out(shadow.tensor, tensor, *placements[kind]):
                         _replace(shadow, self._new_shadow(tensor, shadow.tensor))
-        if self.sharded:
-            self._like = {slot.key: slot.tensor for slot in slots if _is_dtensor(slot.tensor)}
-            self._keys = _state_keys(live, slots)
-        else:
-            self._follow_noise(_model_device(self.modules[0]))
+        self._follow_noise(_model_device(self.modules[0]))
         self._plan(live, slots, lives, shadow_slots)
         self._model = model
         # One shadow per set is watched too: a set moved or cast by hand (ema.module.half()) is laid out anew.
@@ -487,8 +467,6 @@ class _Shadows:
 
     def _slots(self, k: int) -> list[_Slot]:
         """Where set k's shadows are held: its module's slots, or for a sharded model its dict's."""
-        if self.sharded:
-            return [_Slot(key, self._sets[k], key) for key in self._sets[k]]
         return _saved_slots(self.modules[k])
 
     def _follow_noise(self, device: torch.device) -> None:
@@ -532,14 +510,8 @@ class _Shadows:
                         f"strides {shadow.stride()} (channels_last?); build the EMA from a contiguous model "
                         "(model.to(memory_format=torch.contiguous_format)) or use dtype=torch.bfloat16."
                     )
-            elif kind != "cast" and same and source.device.type == "cpu" and _small(source):
-                kind = "gather" if kind == "lerp" else "gather copy"  # see _Gather
             groups.setdefault((kind, shadow.device, shadow.dtype, source.dtype), []).append(i)
         self._gathers = []
-        for (kind, *_), members in groups.items():
-            if kind.startswith("gather"):
-                regions = [_packed([set_slots[i] for i in members]) for set_slots in shadow_slots]
-                self._gathers.append(_Gather([sources[i] for i in members], regions, kind == "gather"))
         # The other kinds' ops read the shadows themselves: shadows[set][i], for the tensors not gathered.
         listed = [i for (kind, *_), group in groups.items() if not kind.startswith("gather") for i in group]
         shadows = [{i: set_slots[i].tensor.detach() for i in listed} for set_slots in shadow_slots]
@@ -667,60 +639,7 @@ class _Watch:
             and list(map(Tensor.size, self._resizable)) == self._shapes
         )
 
-def _small(tensor: Tensor) -> bool:
-    return tensor.numel() < _SMALL and tensor.is_contiguous()
-
 _Stage = _left_out('an EMA kept on another device than the model (device="cpu" for a GPU model)')
-
-class _Gather:
-    """Small dense live tensors of one device and dtype, blended into each set as one flat tensor."""
-
-    def __init__(self, lives: list[Tensor], regions: list[Tensor], averaged: bool):
-        self._lives = [live.view(-1) for live in lives]
-        self._regions = regions
-        self._buffer = torch.empty_like(regions[0]) if averaged else None
-
-    def blend(self, weights: list[float | None]) -> None:
-        """``Shadows.blend`` for these tensors: set k takes ``weights[k]`` (1.0 copies, None leaves it)."""
-        if self._buffer is None:  # read once into the first set's region, copied on from there
-            regions = [region for region, weight in zip(self._regions, weights) if weight is not None]
-            if regions:
-                torch.cat(self._lives, out=regions[0])
-            for region in regions[1:]:
-                region.copy_(regions[0])
-            return
-        read = False
-        for region, weight in zip(self._regions, weights):
-            if weight == 1.0:
-                torch.cat(self._lives, out=region)
-            elif weight is not None:
-                if not read:
-                    torch.cat(self._lives, out=self._buffer)
-                    read = True
-                region.lerp_(self._buffer, weight)
-
-def _packed(slots: list[_Slot]) -> Tensor:
-    """One flat tensor whose consecutive pieces are the (contiguous, same-dtype) tensors of ``slots``."""
-    tensors = [slot.tensor for slot in slots]
-    sizes = list(map(Tensor.numel, tensors))
-    first, size, itemsize = tensors[0], sum(sizes), tensors[0].element_size()
-    storage, offset = first.untyped_storage(), first.storage_offset()
-    # Pieces of one flat tensor: each starts where the one before ends, all within the first one's storage.
-    starts = list(accumulate([first.data_ptr()] + [n * itemsize for n in sizes[:-1]]))
-    if (
-        list(map(Tensor.data_ptr, tensors)) == starts
-        and all(map(Tensor.is_contiguous, tensors))
-        and (offset + size) * itemsize <= storage.nbytes()
-    ):
-        return first.new_empty(0).set_(storage, offset, (size,))
-    flat = first.new_empty(size)
-    start = 0
-    with torch.no_grad():
-        for slot, tensor in zip(slots, tensors):
-            view = flat[start : start + tensor.numel()].view(tensor.shape)
-            _replace(slot, view.copy_(tensor))
-            start += tensor.numel()
-    return flat
 
 def _averageable(tensor: Tensor) -> bool:
     return tensor.is_floating_point() or tensor.is_complex()
@@ -734,7 +653,6 @@ def _replace(slot: _Slot, shadow: Tensor) -> None:
         slot.holder[slot.name] = shadow
 
 _check_shardable = _left_out("an EMA of a model sharded by FSDP2 (fully_shard)")
-_state_keys = _left_out("an EMA of a model sharded by FSDP2 (fully_shard)")
 
 def _checked_slots(module: nn.Module, what: str) -> list[_Slot]:
     """``saved_slots(module)``, refusing tensors an EMA cannot hold: on ``meta``, or sparse."""
@@ -1072,13 +990,6 @@ class ModelEMA:
     @property
     def module(self) -> nn.Module:
         """The EMA model: a copy of the model holding the EMA weights, in eval mode, without gradients."""
-        if self._shadows.sharded:
-            raise AttributeError(
-                "This ModelEMA averages a sharded (FSDP2) model and has no module of its own: each rank "
-                "holds only its shards of the EMA weights. Run the sharded model with them, "
-                "`with ema.applied_to(model): ...`, and save them whole with ema.save(path) (gathered to "
-                "rank 0; call it on every rank)."
-            )
         return self._shadows.modules[self._index]
 
     @property
@@ -1148,21 +1059,7 @@ class ModelEMA:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the EMA weights as a plain state dict, atomically, on the CPU."""
-        if not self.sharded:
-            return _save_module(self.module, path)
-        weights = self._shadows.gathered(self._index)
-        failure = None
-        if _rank() == 0:
-            try:
-                _save_weights(weights, path)
-            except Exception as error:
-                failure = f"{type(error).__name__}: {error}"
-                raise
-            finally:
-                _share_failure(failure)
-        else:
-            _share_failure(None)
-        return Path(path)
+        return _save_module(self.module, path)
 
     state_dict = _left_out("resuming an EMA (ModelEMA.state_dict, load_state_dict)")
 
@@ -1188,8 +1085,6 @@ def _new_shadows(model: nn.Module, count: int, settings: dict, device) -> _Shado
         device=_check_device("device", device),
         allow_sharded=True,
     )
-
-_share_failure = _left_out("an EMA of a model sharded by FSDP2 (fully_shard)")
 
 def _save_module(module: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``module``'s state dict atomically on the CPU, extra state included (see ``ModelEMA.save``)."""

@@ -37,11 +37,6 @@ ROOTS = (
 LEFT_OUT = {
     "an EMA of a model sharded by FSDP2 (fully_shard)": [
         ("ema_kit._shadows", "_check_shardable"),  # Shadows.__init__, as soon as the model is sharded
-        ("ema_kit._shadows", "_state_keys"),
-        ("ema_kit._shadows", "Shadows.gathered"),
-        ("ema_kit._sharded", "on_every_rank"),
-        ("ema_kit._sharded", "rank"),
-        ("ema_kit.ema", "_share_failure"),
     ],
     'dtype="bfloat16-stochastic" (bfloat16 shadows with stochastic rounding)': [
         ("ema_kit._lowp", "new_generator"),  # Shadows binding stochastic shadows: building the EMA
@@ -66,6 +61,23 @@ LEFT_OUT = {
         ("ema_kit.training.livelog", f"LiveLog.{hook}")
         for hook in ("on_fit_start", "on_epoch_start", "on_batch_end", "on_row_added", "on_fit_end")
     ],
+}
+# Conditions False for every EMA the paste cell builds, by module: {condition as the package writes it: why}.
+# The code they guard is left out: `if C:` keeps only its else branch, `x if C else y` keeps y (`not C`,
+# `C and ...` follow), and what follows a return there. A branch that calls a stub stays: it is where the
+# cell refuses the feature (and what follows a stub's call in its block is left out: the stub raises).
+_SHARDED = "a sharded model is refused where Shadows.__init__ finds it (the _check_shardable stub)"
+_SPEED_ONLY = (
+    "speed only: small CPU tensors are blended by the plain foreach ops, not gathered into one flat tensor "
+    "(the same values bit for bit; a CPU-only speed path, and Kaggle trains on GPUs)"
+)
+KNOWN_FALSE = {
+    "ema_kit._shadows": {
+        "self.sharded": _SHARDED,
+        "_small(source)": _SPEED_ONLY,
+        "kind.startswith('gather')": "no group is of a gather kind once _small(source) is False",
+    },
+    "ema_kit.ema": {"self.sharded": _SHARDED, "self._shadows.sharded": _SHARDED},
 }
 # What the stubs call, written once into the paste file before the package's definitions.
 REFUSAL = '''\
@@ -239,6 +251,7 @@ def paste_file(
     version: str,
     roots: Iterable[tuple[str, str]] = ROOTS,
     left_out: dict[str, list[tuple[str, str]]] = LEFT_OUT,
+    known_false: dict[str, dict[str, str]] = KNOWN_FALSE,
 ) -> str:
     """The text of ema_kit_paste.py for the package ``sources`` ({"ema_kit/ema.py": source, ...}).
 
@@ -249,7 +262,7 @@ def paste_file(
     Example:
         >>> package = {"ema_kit/__init__.py": "", "ema_kit/a.py": "import math\\nX = math.pi\\nY = 2\\n",
         ...            "ema_kit/b.py": "from .a import X\\n\\ndef f():\\n    return X\\n"}
-        >>> text = paste_file(package, "0.0", roots=[("ema_kit.b", "f")], left_out={})
+        >>> text = paste_file(package, "0.0", roots=[("ema_kit.b", "f")], left_out={}, known_false={})
         >>> print(text[text.index("from __future__"):])
         from __future__ import annotations
         <BLANKLINE>
@@ -293,9 +306,14 @@ def paste_file(
     stubbed_methods: dict[int, str] = {}  # id() of a method node -> its feature
     method_names: dict[int, str] = {}  # id() of a method node of a kept class -> "Class.method"
     reached: set[tuple[str, str]] = set()  # the places of ``left_out`` the roots reach
+    pruners = {}
+    for module, mod in modules.items():
+        stub_names = {name for (m, name) in stubs if m == module}
+        stub_names |= {name for name, b in mod.imports.items() if b[0] == "from" and (b[1], b[2]) in stubs}
+        pruners[module] = _Pruner(mod, known_false.get(module, {}), stub_names)
 
     def read(module: str, node: ast.AST, skip=()) -> None:
-        names, mentioned = _reads(node, skip)
+        names, mentioned = _reads(node, set(skip) | pruners[module].skip)
         for name, annotation in names:
             if annotation:  # kept as a string: only the imports of other libraries come along for it
                 binding = modules[module].imports.get(getattr(name, "id", None) or name.value.id)
@@ -376,6 +394,12 @@ def paste_file(
             f"LEFT_OUT lists {'.'.join(unreached[0])}, which the paste file does not reach (renamed, moved, "
             "or no longer used?): update the table."
         )
+    unused = sorted((m, c) for m, cs in known_false.items() for c in cs if c not in pruners[m].used)
+    if unused:
+        raise PasteError(
+            f"KNOWN_FALSE lists {unused[0][1]} in {unused[0][0]}, which decides nothing there (renamed, "
+            "moved, or no longer used?): update the table."
+        )
     # In a notebook the cell's names share the namespace of the user's code: a later `accuracy = 0.9` or
     # `size = 224` must not break evaluate. So every name the cell defines besides its API starts with _.
     api = {name for _, name in roots}
@@ -396,7 +420,8 @@ def paste_file(
             edits.append((a.lineno, a.col_offset, a.end_col_offset, new))
         for index in kept[module]:
             edits += _renames(mod, mod.statements[index], renamed, local_names)
-        lines = _apply(mod.lines, edits)
+        edits += pruners[module].edits
+        lines = pruners[module].apply(_apply(mod.lines, _outside_deletions(edits)))
         for index in kept[module]:
             for method in _methods(mod.statements[index]):
                 start, end = _span(mod.lines, method)
@@ -586,6 +611,177 @@ def _apply(lines: list[str], edits: list[tuple]) -> list[str]:
 
 
 _DROPPED = "\0"  # a line cut from a docstring
+
+
+class _Pruner:
+    """What ``known`` (conditions known False) and the stubs leave out of one module: the nodes the traversal
+    skips, the line ranges dropped or dedented, and the column edits (``elif`` -> ``if``, ``x if C else y``
+    -> ``y``)."""
+
+    def __init__(self, mod: _Module, known: dict[str, str], stubs: set[str]):
+        self.mod, self.known, self.stubs = mod, known, stubs
+        self.skip: set[ast.AST] = set()
+        self.drops: list[tuple[int, int]] = []  # 1-based, inclusive
+        self.dedents: list[tuple[int, int, int]] = []  # first line, last line, columns
+        self.edits: list[tuple] = []
+        self.used: set[str] = set()  # the conditions of ``known`` that decided something
+        self._block(mod.tree.body, mod.tree)
+        in_strings = {id(n) for s in ast.walk(mod.tree) if isinstance(s, ast.JoinedStr) for n in ast.walk(s)}
+        for node in ast.walk(mod.tree):
+            if isinstance(node, ast.IfExp) and id(node) not in in_strings:
+                self._if_expression(node)
+
+    def value(self, test: ast.expr) -> bool | None:
+        """False or True when ``known`` decides ``test`` (``C``, ``not C``, ``C and ...``), else None."""
+        text = ast.unparse(test)
+        if text in self.known:
+            self.used.add(text)
+            return False
+        if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+            inner = self.value(test.operand)
+            return None if inner is None else not inner
+        if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And):
+            if any(self.value(operand) is False for operand in test.values):
+                return False
+        return None
+
+    def _refuses(self, statement: ast.stmt) -> bool:
+        """Whether ``statement`` calls a stub (``stub(...)``): it raises LeftOut."""
+        call = statement.value if isinstance(statement, ast.Expr) else None
+        return isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in self.stubs
+
+    def _ends(self, statement: ast.stmt) -> bool:
+        """Whether nothing after ``statement`` in its block runs: it returns, raises, or calls a stub."""
+        return isinstance(statement, ast.Return | ast.Raise) or self._refuses(statement)
+
+    def _block(self, statements: list[ast.stmt], parent: ast.AST) -> bool:
+        """Prune one block; whether any of its statements stays."""
+        stays = False
+        for i, statement in enumerate(statements):
+            outcome = self._statement(statement)
+            stays |= outcome != "dropped"
+            rest = statements[i + 1 :]
+            if outcome == "ends" and rest and not isinstance(parent, ast.Module):
+                self.drops.append((statement.end_lineno + 1, rest[-1].end_lineno))
+                self.skip.update(rest)
+                break
+        return stays
+
+    def _statement(self, statement: ast.stmt) -> str:
+        """Prune one statement: "dropped", "ends" (nothing after it runs) or "kept"."""
+        if isinstance(statement, ast.If):
+            return self._if(statement)
+        if self._ends(statement):
+            return "ends"
+        blocks = [getattr(statement, field, None) for field in ("body", "orelse", "finalbody")]
+        blocks += [handler.body for handler in getattr(statement, "handlers", [])]
+        for block in filter(None, blocks):
+            if not self._block(block, statement):
+                if isinstance(statement, ast.For) and block is statement.body and not statement.orelse:
+                    self.drops.append((statement.lineno, statement.end_lineno))  # a loop doing nothing
+                    self.skip.add(statement)
+                    return "dropped"
+                self._refuse(statement, "would leave an empty block")
+        return "kept"
+
+    def _if(self, node: ast.If, elif_: bool = False) -> str:
+        value = self.value(node.test)
+        guarded = node.orelse if value else node.body
+        if value is None or (guarded and self._refuses(guarded[0])):  # where the cell refuses: a stub first
+            if not self._block(node.body, node):
+                self._refuse(node, "would leave an empty block")
+            if (
+                node.orelse
+                and not self._block(node.orelse, node)
+                and not (isinstance(node.orelse[0], ast.If) and self._is_elif(node.orelse[0]))
+            ):
+                self._refuse(node, "would leave an empty else")  # (an elif dropped whole leaves none)
+            return "kept"
+        self.skip.add(node.test)
+        kept, dropped = (node.body, node.orelse) if value else (node.orelse, node.body)
+        self.skip.update(dropped)
+        if not kept:  # `if C:` alone, or `elif C:` ending its chain
+            self.drops.append((node.lineno, node.end_lineno))
+            self.skip.add(node)
+            return "dropped"
+        if elif_:
+            self._refuse(node, "is an elif whose other branch would stay")
+        if not value and len(kept) == 1 and isinstance(kept[0], ast.If) and self._is_elif(kept[0]):
+            inner = kept[0]  # `if C: ... elif D: ...` -> `if D: ...`
+            self.drops.append((node.lineno, inner.lineno - 1))
+            self.edits.append((inner.lineno, inner.col_offset, inner.col_offset + 4, "if"))
+            return self._if(inner)
+        if value:  # the header goes, the body moves left, any else goes
+            header_end = node.test.end_lineno
+            self.drops.append((node.lineno, header_end))
+            if node.orelse:
+                self.drops.append((node.body[-1].end_lineno + 1, node.end_lineno))
+        else:  # the header, the body and `else:` go, the else branch moves left
+            header_end = next(
+                n
+                for n in range(node.body[-1].end_lineno + 1, kept[0].lineno)
+                if self.mod.lines[n - 1].strip().startswith("else")
+            )
+            self.drops.append((node.lineno, header_end))
+        self._dedent(header_end + 1, kept[-1].end_lineno, kept[0].col_offset - node.col_offset, node)
+        self._block(kept, node)
+        return "ends" if self._ends(kept[-1]) else "kept"
+
+    def _if_expression(self, node: ast.IfExp) -> None:
+        value = self.value(node.test)
+        if value is None:
+            return
+        if node.lineno != node.end_lineno:
+            self._refuse(node, "spans several lines")
+        self.skip.update((node.test, node.orelse if value else node.body))
+        if value:  # `x if C else y` -> `x`
+            self.edits.append((node.lineno, node.body.end_col_offset, node.end_col_offset, ""))
+        else:  # -> `y`
+            self.edits.append((node.lineno, node.col_offset, node.orelse.col_offset, ""))
+
+    def _is_elif(self, node: ast.If) -> bool:
+        return self.mod.lines[node.lineno - 1][node.col_offset :].startswith("elif")
+
+    def _dedent(self, first: int, last: int, columns: int, node: ast.AST) -> None:
+        for string in ast.walk(node):
+            if isinstance(string, ast.Constant | ast.JoinedStr) and first <= string.lineno <= last:
+                source = ast.get_source_segment(self.mod.source, string) or ""
+                if string.lineno != string.end_lineno and ('"""' in source or "'''" in source):
+                    self._refuse(node, "would move a string of several lines")
+        self.dedents.append((first, last, columns))
+
+    def _refuse(self, node: ast.AST, why: str) -> None:
+        raise PasteError(
+            f"{self.mod.path}:{node.lineno}: what KNOWN_FALSE decides here {why}; write it otherwise, or "
+            "take the condition out of KNOWN_FALSE."
+        )
+
+    def apply(self, lines: list[str]) -> list[str]:
+        """``lines`` (column edits made) with the dropped lines marked and the kept branches moved left."""
+        lines = list(lines)
+        for first, last, columns in self.dedents:
+            for n in range(first - 1, last):
+                row = lines[n]
+                if row == _DROPPED or not row.strip():
+                    continue
+                if row[:columns].strip():
+                    raise PasteError(f"{self.mod.path}:{n + 1}: cannot move this line {columns} columns left")
+                lines[n] = row[columns:]
+        for first, last in self.drops:
+            lines[first - 1 : last] = [_DROPPED] * (last - first + 1)
+        return lines
+
+
+def _outside_deletions(edits: list[tuple]) -> list[tuple]:
+    """``edits`` less those inside a stretch another edit deletes (a renamed name in a dropped ``x if C``)."""
+    deletions = [e for e in edits if len(e) == 4 and e[3] == ""]
+    return [
+        e
+        for e in edits
+        if not any(
+            e is not d and len(e) == 4 and e[0] == d[0] and d[1] <= e[1] and e[2] <= d[2] for d in deletions
+        )
+    ]
 
 
 def _sorted_imports(lines: set[str]) -> str:
