@@ -372,10 +372,6 @@ class _Shadows:
                 self._weight_lists = [
                     list(weights) * (len(lives) // len(weights)) for _, lives in self._lerps
                 ]
-            # The small copies first, while follow() has just brought their tensors' metadata into cache:
-            # after the lerp has streamed the weights through it they cost 3% of a ResNet-50 step, not 0.3%.
-            for gather in self._gathers:
-                gather.blend(weights)
             for shadows, lives in self._copies:
                 torch._foreach_copy_(shadows, lives)
             for (shadows, lives), per_tensor in zip(self._lerps, self._weight_lists):
@@ -400,8 +396,6 @@ class _Shadows:
     def copy(self) -> None:
         """Make every set an exact copy of the live weights (also mends a shadow holding NaN)."""
         self._stage()
-        for gather in self._gathers:
-            gather.blend([1.0] * self.count)
         per_set = [pair for pairs in self._casts + self._stochastic for pair in pairs]
         for shadows, lives in self._copies + self._lerps + per_set:
             torch._foreach_copy_(shadows, lives)
@@ -508,14 +502,6 @@ class _Shadows:
         for i, (source, shadow) in enumerate(zip(sources, firsts)):
             same = source.dtype == shadow.dtype
             kind = "copy" if not averaged[i] else "lerp" if same else "cast"
-            if kind != "copy" and self.stochastic and shadow.dtype == torch.bfloat16:
-                kind = "stochastic"  # rounded at random (_lowp), one op list per set
-                if not shadow.is_contiguous():  # _lowp blends through flat views
-                    raise ValueError(
-                        f"dtype={_STOCHASTIC_BF16!r} blends contiguous shadows only, but {slots[i].key} has "
-                        f"strides {shadow.stride()} (channels_last?); build the EMA from a contiguous model "
-                        "(model.to(memory_format=torch.contiguous_format)) or use dtype=torch.bfloat16."
-                    )
             groups.setdefault((kind, shadow.device, shadow.dtype, source.dtype), []).append(i)
         self._gathers = []
         # The other kinds' ops read the shadows themselves: shadows[set][i], for the tensors not gathered.
@@ -554,8 +540,6 @@ class _Shadows:
 
     def _blend_set(self, j: int, weight: float) -> None:
         lists = self._per_set[j]
-        for gather in self._gathers:
-            gather.blend([weight if k == j else None for k in range(self.count)])
         for shadows, lives in sum(lists.values(), []) if weight == 1.0 else lists["copy"]:
             torch._foreach_copy_(shadows, lives)
         if weight != 1.0:
@@ -1023,7 +1007,7 @@ class ModelEMA:
     @property
     def dtype(self) -> torch.dtype | str | None:
         """The shadow's dtype as given: a torch dtype, ``"bfloat16-stochastic"``, or None (the default)."""
-        return _STOCHASTIC_BF16 if self._shadows.stochastic else self._shadows.dtype
+        return self._shadows.dtype
 
     @property
     def device(self) -> torch.device | None:
@@ -1854,8 +1838,6 @@ class LiveLog(_Callback):
     @property
     def train_loss(self) -> float:
         """The mean training loss per row since the last row was added (NaN before any loss)."""
-        if self._state is not None:
-            return self._state.train_loss
         return float(self._loss_sum) / self._loss_rows if self._loss_rows else math.nan
 
     def add(self, row: Mapping | None = None, /, **columns) -> None:

@@ -67,20 +67,32 @@ LEFT_OUT = {
 }
 # Conditions False for every EMA the paste cell builds, by module: {condition as the package writes it: why}.
 # The code they guard is left out: `if C:` keeps only its else branch, `x if C else y` keeps y (`not C`,
-# `C and ...` follow), and what follows a return there. A branch that calls a stub stays: it is where the
-# cell refuses the feature (and what follows a stub's call in its block is left out: the stub raises).
+# `C and ...` follow), a loop `for x in C:` (an empty list) goes, and so does what follows a return there.
+# A branch that calls a stub stays: it is where the cell refuses the feature (and what follows a stub's call
+# in its block is left out: the stub raises).
 _SHARDED = "a sharded model is refused where Shadows.__init__ finds it (the _check_shardable stub)"
+_STOCHASTIC = "stochastic shadows are refused as the EMA is built (the _new_generator stub, binding them)"
 _SPEED_ONLY = (
     "speed only: small CPU tensors are blended by the plain foreach ops, not gathered into one flat tensor "
     "(the same values bit for bit; a CPU-only speed path, and Kaggle trains on GPUs)"
 )
+_GATHERED = "no group is gathered once _small(source) is False"
 KNOWN_FALSE = {
     "ema_kit._shadows": {
         "self.sharded": _SHARDED,
+        "self.stochastic": _STOCHASTIC,
         "_small(source)": _SPEED_ONLY,
-        "kind.startswith('gather')": "no group is of a gather kind once _small(source) is False",
+        "kind.startswith('gather')": _GATHERED,
+        "self._gathers": _GATHERED,
     },
-    "ema_kit.ema": {"self.sharded": _SHARDED, "self._shadows.sharded": _SHARDED},
+    "ema_kit.ema": {
+        "self.sharded": _SHARDED,
+        "self._shadows.sharded": _SHARDED,
+        "self._shadows.stochastic": _STOCHASTIC,
+    },
+    "ema_kit.training.livelog": {
+        "self._state is not None": "only fit's callbacks set it (on_fit_start), and those are left out",
+    },
 }
 # What the stubs call, written once into the paste file before the package's definitions.
 REFUSAL = '''\
@@ -397,7 +409,9 @@ def paste_file(
             f"LEFT_OUT lists {'.'.join(unreached[0])}, which the paste file does not reach (renamed, moved, "
             "or no longer used?): update the table."
         )
-    unused = sorted((m, c) for m, cs in known_false.items() for c in cs if c not in pruners[m].used)
+    unused = sorted(
+        (m, c) for m, cs in known_false.items() for c in cs if m not in pruners or c not in pruners[m].used
+    )
     if unused:
         raise PasteError(
             f"KNOWN_FALSE lists {unused[0][1]} in {unused[0][0]}, which decides nothing there (renamed, "
@@ -657,6 +671,19 @@ class _Pruner:
                 return False
         return None
 
+    def _calls_stub(self, statements: list[ast.stmt]) -> bool:
+        calls = (n for s in statements for n in ast.walk(s) if isinstance(n, ast.Call))
+        return any(isinstance(call.func, ast.Name) and call.func.id in self.stubs for call in calls)
+
+    def _drop(self, statement: ast.stmt) -> str:
+        """Leave out a whole statement, with the comment lines right above it (they are about it)."""
+        start = statement.lineno
+        while start > 1 and self.mod.lines[start - 2].lstrip().startswith("#"):
+            start -= 1
+        self.drops.append((start, statement.end_lineno))
+        self.skip.add(statement)
+        return "dropped"
+
     def _refuses(self, statement: ast.stmt) -> bool:
         """Whether ``statement`` calls a stub (``stub(...)``): it raises LeftOut."""
         call = statement.value if isinstance(statement, ast.Expr) else None
@@ -685,22 +712,22 @@ class _Pruner:
             return self._if(statement)
         if self._ends(statement):
             return "ends"
+        if isinstance(statement, ast.For) and not statement.orelse and self.value(statement.iter) is False:
+            if not self._calls_stub(statement.body):  # a loop over an empty list
+                return self._drop(statement)
         blocks = [getattr(statement, field, None) for field in ("body", "orelse", "finalbody")]
         blocks += [handler.body for handler in getattr(statement, "handlers", [])]
         for block in filter(None, blocks):
             if not self._block(block, statement):
                 if isinstance(statement, ast.For) and block is statement.body and not statement.orelse:
-                    self.drops.append((statement.lineno, statement.end_lineno))  # a loop doing nothing
-                    self.skip.add(statement)
-                    return "dropped"
+                    return self._drop(statement)  # a loop left with nothing to do
                 self._refuse(statement, "would leave an empty block")
         return "kept"
 
     def _if(self, node: ast.If, elif_: bool = False) -> str:
         value = self.value(node.test)
         dropped = node.orelse if value else node.body
-        calls = (n for s in dropped for n in ast.walk(s) if isinstance(n, ast.Call))
-        if value is None or any(isinstance(c.func, ast.Name) and c.func.id in self.stubs for c in calls):
+        if value is None or self._calls_stub(dropped):
             # A branch that calls a stub stays: where the cell refuses (a sharded model, at build) is left in.
             if not self._block(node.body, node):
                 self._refuse(node, "would leave an empty block")
@@ -715,9 +742,11 @@ class _Pruner:
         kept = node.body if value else node.orelse
         self.skip.update(dropped)
         if not kept:  # `if C:` alone, or `elif C:` ending its chain
-            self.drops.append((node.lineno, node.end_lineno))
-            self.skip.add(node)
-            return "dropped"
+            if elif_ or self._is_elif(node):
+                self.drops.append((node.lineno, node.end_lineno))
+                self.skip.add(node)
+                return "dropped"
+            return self._drop(node)
         if elif_:
             self._refuse(node, "is an elif whose other branch would stay")
         if not value and len(kept) == 1 and isinstance(kept[0], ast.If) and self._is_elif(kept[0]):
