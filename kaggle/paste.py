@@ -724,7 +724,9 @@ class _Pruner:
                 self._refuse(statement, "would leave an empty block")
         return "kept"
 
-    def _if(self, node: ast.If, elif_: bool = False) -> str:
+    def _if(self, node: ast.If, elif_: bool | None = None) -> str:
+        """Prune an ``if`` (an ``elif`` when ``elif_``, by default as the source reads)."""
+        elif_ = self._is_elif(node) if elif_ is None else elif_
         value = self.value(node.test)
         dropped = node.orelse if value else node.body
         if value is None or self._calls_stub(dropped):
@@ -742,18 +744,18 @@ class _Pruner:
         kept = node.body if value else node.orelse
         self.skip.update(dropped)
         if not kept:  # `if C:` alone, or `elif C:` ending its chain
-            if elif_ or self._is_elif(node):
+            if elif_:
                 self.drops.append((node.lineno, node.end_lineno))
                 self.skip.add(node)
                 return "dropped"
             return self._drop(node)
-        if elif_:
+        if elif_:  # its kept branch would need an `else:` of its own
             self._refuse(node, "is an elif whose other branch would stay")
         if not value and len(kept) == 1 and isinstance(kept[0], ast.If) and self._is_elif(kept[0]):
             inner = kept[0]  # `if C: ... elif D: ...` -> `if D: ...`
             self.drops.append((node.lineno, inner.lineno - 1))
             self.edits.append((inner.lineno, inner.col_offset, inner.col_offset + 4, "if"))
-            return self._if(inner)
+            return self._if(inner, elif_=False)
         if value:  # the header goes, the body moves left, any else goes
             header_end = node.test.end_lineno
             self.drops.append((node.lineno, header_end))

@@ -419,13 +419,16 @@ def test_a_branch_calling_a_left_out_stub_stays_and_what_follows_the_call_is_lef
             {"ema_kit.a": {"self.fancy": ""}},
             "ema_kit/a.py:3: what KNOWN_FALSE decides here would leave an empty block",
         ),
+        ({"ema_kit.a": {"self.odd": ""}}, "ema_kit/a.py:10: what KNOWN_FALSE decides here is an elif whose"),
     ],
 )
-def test_a_known_false_condition_that_decides_nothing_or_empties_a_block_stops_the_build(
+def test_a_known_false_condition_that_decides_nothing_empties_a_block_or_splits_an_elif_stops_the_build(
     known_false, complaint
 ):
     source = "class Root:\n    def run(self):\n        while True:  # nothing left to loop on\n"
-    source += "            if self.fancy:\n                pass\n"
+    source += "            if self.fancy:\n                pass\n\n"
+    source += "    def pick(self, n):\n        if n:\n            return 1\n        elif self.odd:\n"
+    source += "            return 2\n        else:\n            return 3\n"
     with pytest.raises(PasteError, match=re.escape(complaint)):
         paste_file(
             package(a=source), "0.0", roots=[("ema_kit.a", "Root")], left_out={}, known_false=known_false
