@@ -13,6 +13,7 @@ import torch
 from nbclient import NotebookClient
 from test_docs import blocks
 from test_notebooks import kernel_without_ema_kit  # noqa: F401  (a fixture: a kernel without ema_kit)
+from test_sharded import one_process, sharded_model  # noqa: F401  (one_process: a process group of one)
 
 from ema_kit import ModelEMA
 
@@ -174,6 +175,14 @@ def test_asking_the_paste_cell_for_a_left_out_feature_raises_left_out_and_change
         ask(pasted, model, tmp_path)
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
     assert list(tmp_path.iterdir()) == []  # no file, not even a temporary one
+
+
+@pytest.mark.usefixtures("one_process")
+def test_the_paste_cell_refuses_a_sharded_model_where_it_builds_the_ema(pasted):
+    # paste.KNOWN_FALSE leaves out every later branch on a sharded model: this refusal is what makes it so.
+    model = sharded_model()
+    with pytest.raises(pasted["LeftOut"], match="sharded by FSDP2"):
+        pasted["ModelEMA"](model)
 
 
 @pytest.mark.cuda
