@@ -184,6 +184,14 @@ def to_device(value, device: torch.device):
     return value
 
 
+def batches_per_epoch(loader) -> int | None:
+    """How many batches ``loader`` yields per epoch; None when it has no ``len()`` (an IterableDataset's)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 def size(targets) -> int:
     """Rows in a batch, counted on its targets."""
     return len(targets) if hasattr(targets, "__len__") else 1

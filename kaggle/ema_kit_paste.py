@@ -781,6 +781,13 @@ def _to_device(value, device: torch.device):
         return {k: _to_device(v, device) for k, v in value.items()}
     return value
 
+def _batches_per_epoch(loader) -> int | None:
+    """How many batches ``loader`` yields per epoch; None when it has no ``len()`` (an IterableDataset's)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
 def _size(targets) -> int:
     """Rows in a batch, counted on its targets."""
     return len(targets) if hasattr(targets, "__len__") else 1
@@ -1807,7 +1814,7 @@ class LiveLog(_Callback):
         """Yield ``loader``'s batches as one epoch, each counted on the progress bar when the loop is done
         with it."""
         self._epoch += 1
-        self._start_epoch(self._epoch, _length(loader))
+        self._start_epoch(self._epoch, _batches_per_epoch(loader))
         try:
             for self._batch, batch in enumerate(loader, start=1):
                 self._rows = _rows(batch)
@@ -1906,12 +1913,6 @@ class LiveLog(_Callback):
         self._live_plot.update(self.history, best_epoch=self.best_epoch, in_epoch=in_epoch)
         self._drawn = time.perf_counter()
         self._draw_seconds = self._drawn - started
-
-def _length(loader) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:  # an IterableDataset's loader: the bar counts up
-        return None
 
 def _rows(batch) -> int:
     """Rows in a batch: the length of its first tensor (in a tuple, list or dict), or 1."""

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from .. import _checks
+from .._batches import batches_per_epoch
 from . import _env
 from .callbacks import Callback, FitState, is_main_process
 from .history import append_row, score_row, write_csv
@@ -117,7 +118,7 @@ class LiveLog(Callback):
         """Yield ``loader``'s batches as one epoch, each counted on the progress bar when the loop is done
         with it."""
         self._epoch += 1
-        self._start_epoch(self._epoch, _length(loader))
+        self._start_epoch(self._epoch, batches_per_epoch(loader))
         try:
             for self._batch, batch in enumerate(loader, start=1):
                 self._rows = _rows(batch)
@@ -197,7 +198,7 @@ class LiveLog(Callback):
                 self._draw()
 
     def on_epoch_start(self, state: FitState) -> None:
-        self._start_epoch(state.epoch, _length(state.train_loader))
+        self._start_epoch(state.epoch, batches_per_epoch(state.train_loader))
 
     def on_batch_end(self, state: FitState) -> None:
         self._batch_done(_rows(state.targets))
@@ -247,13 +248,6 @@ class LiveLog(Callback):
         self._live_plot.update(self.history, best_epoch=self.best_epoch, in_epoch=in_epoch)
         self._drawn = time.perf_counter()
         self._draw_seconds = self._drawn - started
-
-
-def _length(loader) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:  # an IterableDataset's loader: the bar counts up
-        return None
 
 
 def _rows(batch) -> int:

@@ -730,11 +730,10 @@ def _best(history: pd.DataFrame, monitors: list[str], mode: str) -> tuple[str, i
 
 def _length(loader, name: str) -> int | None:
     """Batches per epoch; None for a loader without a length (an IterableDataset's)."""
-    try:
-        length = len(loader)
-    except TypeError:
+    length = _batches.batches_per_epoch(loader)
+    if length is None:
         if not isinstance(loader, Iterable):
-            raise TypeError(f"{name} must be an iterable of batches, such as a DataLoader.") from None
+            raise TypeError(f"{name} must be an iterable of batches, such as a DataLoader.")
         return None
     if length == 0:
         raise ValueError(

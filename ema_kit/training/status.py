@@ -54,7 +54,9 @@ class RunStatus(Callback):
         self._write(state, epoch=state.epoch, saved_epoch=state.epoch, best_epoch=state.best_epoch)
 
     def on_epoch_start(self, state: FitState) -> None:
-        self._write(state, epoch=state.epoch, batch=0, batches=_length(state.train_loader), rows=0)
+        self._write(
+            state, epoch=state.epoch, batch=0, batches=_batches.batches_per_epoch(state.train_loader), rows=0
+        )
 
     def on_batch_end(self, state: FitState) -> None:
         self.fields["batch"] = self.fields.get("batch", 0) + 1
@@ -93,13 +95,6 @@ def read_status(out_dir: str | os.PathLike) -> dict | None:
     try:
         return json.loads((Path(out_dir) / STATUS_FILE).read_text())
     except FileNotFoundError:
-        return None
-
-
-def _length(loader) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
         return None
 
 
