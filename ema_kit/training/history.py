@@ -108,6 +108,20 @@ def best_row(history: pd.DataFrame, monitor: str, mode: str) -> int | None:
     return values.idxmin() if mode == "min" else values.idxmax()
 
 
+def finished_epochs(history: pd.DataFrame) -> int:
+    """The last epoch whose own row (at its end: a whole number) is in the log; 0 for none.
+
+    Example:
+        >>> finished_epochs(pd.DataFrame({"epoch": [1, 1.5, 2, 2.5]}))
+        2
+    """
+    if "epoch" not in history:
+        return 0
+    epochs = history["epoch"].astype(float)
+    ends = epochs[epochs.map(math.isfinite) & (epochs == epochs.round())]
+    return int(ends.max()) if len(ends) else 0
+
+
 def write_csv(history: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write the log to ``path`` atomically, so a kill mid-write leaves the previous epochs' file."""
     return atomic_write_text(history.to_csv(index=False), path)

@@ -28,7 +28,7 @@ from . import _env
 from .callbacks import CallbackList, FitState, check_callbacks, is_main_process
 from .checkpoint import Checkpoint, loader_generators, rng_state, set_rng_state
 from .evaluate import accuracy, check_metrics, cross_entropy, evaluate, resolve_amp, resolve_device
-from .history import append_row, best_row, direction, score_row
+from .history import append_row, best_row, direction, finished_epochs, score_row
 from .livelog import LiveLog
 from .progress import format_value
 from .status import RunStatus
@@ -234,7 +234,7 @@ def fit(
 
 def _stopped(state: FitState, out_dir: Path | None) -> str:
     """What the stop button kept, in words."""
-    finished = len(state.history) and _finished_epochs(state.history)
+    finished = finished_epochs(state.history)
     when = "after" if finished == state.epoch else "during"
     said = f"Stopped by the user {when} epoch {state.epoch} of {state.epochs}: "
     if not len(state.history):
@@ -245,7 +245,7 @@ def _stopped(state: FitState, out_dir: Path | None) -> str:
 def _kept(history: pd.DataFrame, out_dir: Path | None) -> str:
     """What is kept, in words: "kept 2 finished epochs (the last kept: epoch 2); runs/x holds them, with a
     checkpoint of epoch 2 to resume from"."""
-    finished = _finished_epochs(history)
+    finished = finished_epochs(history)
     within = int((history["epoch"].astype(float) > finished).sum())  # rows of the epoch cut short
     kept = "kept " + _count(finished, "finished epoch")
     if within:
@@ -255,13 +255,6 @@ def _kept(history: pd.DataFrame, out_dir: Path | None) -> str:
         return kept + " in the log (out_dir= would write them, with a checkpoint to resume from)."
     resume = f"a checkpoint of epoch {finished} to resume from" if finished else "no checkpoint yet"
     return kept + f"; {out_dir} holds them, with {resume}."
-
-
-def _finished_epochs(history: pd.DataFrame) -> int:
-    """The last epoch whose own row (at its end, a whole number) is in the log; 0 for none."""
-    epochs = history["epoch"].astype(float)
-    ends = epochs[epochs == epochs.round()]
-    return int(ends.max()) if len(ends) else 0
 
 
 def _count(number: int, thing: str) -> str:

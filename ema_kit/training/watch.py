@@ -4,7 +4,6 @@ and show it as ``fit`` shows its own: the live plot, the table and the progress,
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import _checks
+from .history import finished_epochs
 from .launch import Job
 from .livelog import LiveLog
 from .status import read_status
@@ -187,7 +187,4 @@ def _saved_epoch(status: dict | None, history: pd.DataFrame) -> int:
     """The last epoch whose files are in the folder: status.json's, else the log's last whole epoch."""
     if status is not None:
         return status.get("saved_epoch", 0)
-    if not len(history):
-        return 0
-    whole = [epoch for epoch in history["epoch"] if math.isfinite(epoch) and float(epoch).is_integer()]
-    return int(max(whole, default=0))
+    return finished_epochs(history)
