@@ -6,10 +6,13 @@ The global batch is 64 whatever N is (64 // N rows per process), so runs with 1 
 the same batches. The model has no BatchNorm: with per-process batches BatchNorm normalises each by its own
 statistics (SyncBatchNorm, which would not, runs on GPUs only), so N would change what is computed. Every
 process saves its EMA to OUT_DIR/../ema_rank<r>.pth. ``--pause`` sleeps after each batch (the kill test
-needs an epoch that lasts).
+needs an epoch that lasts). It leaves with ``os._exit(0)``, as docs/distributed.md's script does: DDP keeps
+gloo's threads alive past ``destroy_process_group``, and one can abort the process as Python shuts down.
 """
 
 import argparse
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -63,6 +66,8 @@ def main() -> None:
         out_dir=args.out_dir, resume=args.resume, callbacks=callbacks)  # fmt: skip
     torch.save(ema.module.state_dict(), args.out_dir.parent / f"ema_rank{rank}.pth")
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
