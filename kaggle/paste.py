@@ -270,9 +270,8 @@ def paste_file(
 ) -> str:
     """The text of ema_kit_paste.py for the package ``sources`` ({"ema_kit/ema.py": source, ...}).
 
-    A definition is kept when kept code reads its name; a method of a kept class when kept code names it
-    (``obj.name``, or a string such as a hook's name), when it is a dunder, or when it is public on a root.
-    One that ``left_out`` lists ({feature: [(module, name or "Class.method")]}) is kept as a stub.
+    It keeps what ``roots`` need (``_Reach`` says what that is) as stubs where ``left_out`` lists a place
+    ({feature: [(module, name or "Class.method")]}), and drops what ``known_false`` rules out.
 
     Example:
         >>> package = {"ema_kit/__init__.py": "", "ema_kit/a.py": "import math\\nX = math.pi\\nY = 2\\n",
@@ -297,113 +296,14 @@ def paste_file(
     modules = {}
     for path, source in sources.items():
         modules[module_name(path)] = _Module(module_name(path), path, source, path.endswith("__init__.py"))
-    local_names = {}  # id() of each node in a function -> the names local to that function
-    for mod in modules.values():
-        for function in ast.walk(mod.tree):
-            if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
-                names = {a.arg for a in ast.walk(function.args) if isinstance(a, ast.arg)}
-                stored = (
-                    n for n in ast.walk(function) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
-                )
-                names |= {n.id for n in stored}
-                for node in ast.walk(function):
-                    local_names[id(node)] = local_names.get(id(node), set()) | names
-    kept: dict[str, set[int]] = {name: set() for name in modules}
-    kept_methods: set[int] = set()  # id() of the method nodes kept
-    waiting: dict[str, list] = {}  # attribute name -> [(module, method node)] kept once the name is read
-    attributes: set[str] = set()
-    external: set[str] = set()
-    rewrites: dict[str, list[ast.Attribute]] = {name: [] for name in modules}  # `_checks.x` -> `x`
-    owner: dict[str, tuple[str, int]] = {}  # a kept top-level name -> where it is defined
-    todo: list[tuple[str, str]] = list(roots)
     stubs = {place: feature for feature, places in left_out.items() for place in places}
-    stubbed: dict[tuple[str, int], str] = {}  # (module, index of a statement) -> its feature
-    stubbed_methods: dict[int, str] = {}  # id() of a method node -> its feature
-    method_names: dict[int, str] = {}  # id() of a method node of a kept class -> "Class.method"
-    reached: set[tuple[str, str]] = set()  # the places of ``left_out`` the roots reach
     pruners = {}
     for module, mod in modules.items():
         stub_names = {name for (m, name) in stubs if m == module}
         stub_names |= {name for name, b in mod.imports.items() if b[0] == "from" and (b[1], b[2]) in stubs}
         pruners[module] = _Pruner(mod, known_false.get(module, {}), stub_names)
-
-    def read(module: str, node: ast.AST, skip=()) -> None:
-        names, mentioned = _reads(node, set(skip) | pruners[module].skip)
-        for name, annotation in names:
-            if annotation:  # kept as a string: only the imports of other libraries come along for it
-                binding = modules[module].imports.get(getattr(name, "id", None) or name.value.id)
-                if binding and binding[0] == "external":
-                    external.add(binding[1])
-                continue
-            if isinstance(name, ast.Attribute):
-                binding = modules[module].imports.get(name.value.id)
-                if binding and binding[0] == "from" and f"{binding[1]}.{binding[2]}" in modules:
-                    rewrites[module].append(name)
-                    todo.append((f"{binding[1]}.{binding[2]}", name.attr))
-                    continue
-                todo.append((module, name.value.id))
-            else:
-                todo.append((module, name.id))
-        for name in mentioned - attributes:
-            attributes.add(name)
-            for waiting_module, method in waiting.pop(name, []):
-                keep_method(waiting_module, method)
-
-    def keep_method(module: str, method: ast.FunctionDef) -> None:
-        if id(method) not in kept_methods:
-            kept_methods.add(id(method))
-            if (module, method_names[id(method)]) in stubs:
-                stubbed_methods[id(method)] = stubs[module, method_names[id(method)]]
-                reached.add((module, method_names[id(method)]))
-            else:
-                read(module, method)
-
-    seen = set()
-    while todo:
-        module, name = todo.pop()
-        if (module, name) in seen:
-            continue
-        seen.add((module, name))
-        if module not in modules:
-            raise PasteError(f"{module} is not a module of the package (looking for {name}).")
-        mod = modules[module]
-        if name in mod.defined:
-            index = mod.defined[name]
-            if index in kept[module]:
-                continue
-            kept[module].add(index)
-            statement = mod.statements[index]
-            for defined in _defines(statement):
-                other = owner.setdefault(defined, (module, index))
-                if other != (module, index):
-                    raise PasteError(
-                        f"{defined} is defined in both {other[0]} and {module}, and the paste file needs "
-                        f"both: give one of them another name."
-                    )
-            if (module, name) in stubs:
-                if not isinstance(statement, ast.FunctionDef | ast.ClassDef):
-                    raise PasteError(f"LEFT_OUT: {module}.{name} is not a function or a class.")
-                stubbed[module, index] = stubs[module, name]
-                reached.add((module, name))
-                continue
-            methods = _methods(statement)
-            read(module, statement, skip=methods)
-            for method in methods:
-                method_names[id(method)] = f"{name}.{method.name}"
-                dunder = method.name.startswith("__") and method.name.endswith("__")
-                public_on_root = (module, name) in roots and not method.name.startswith("_")
-                if dunder or public_on_root or method.name in attributes:
-                    keep_method(module, method)
-                else:
-                    waiting.setdefault(method.name, []).append((module, method))
-        elif name in mod.imports:
-            binding = mod.imports[name]
-            if binding[0] == "external":
-                external.add(binding[1])
-            elif f"{binding[1]}.{binding[2]}" not in modules:  # `from .x import name`
-                todo.append((binding[1], binding[2]))
-        # else: a builtin, or a name local to a function
-    unreached = sorted(stubs.keys() - reached)
+    reach = _Reach(modules, roots, stubs, {module: pruner.skip for module, pruner in pruners.items()})
+    unreached = sorted(stubs.keys() - reach.reached)
     if unreached:
         raise PasteError(
             f"LEFT_OUT lists {'.'.join(unreached[0])}, which the paste file does not reach (renamed, moved, "
@@ -420,64 +320,193 @@ def paste_file(
     # In a notebook the cell's names share the namespace of the user's code: a later `accuracy = 0.9` or
     # `size = 224` must not break evaluate. So every name the cell defines besides its API starts with _.
     api = {name for _, name in roots}
-    renamed = {name: f"_{name}" for name in owner if not name.startswith("_") and name not in api}
-    clashes = sorted(renamed.values() & owner.keys())
+    renamed = {name: f"_{name}" for name in reach.owner if not name.startswith("_") and name not in api}
+    clashes = sorted(renamed.values() & reach.owner.keys())
     if clashes:
         raise PasteError(f"{clashes[0][1:]} becomes {clashes[0]} in the paste file, which also defines that.")
+    local_names = _local_names(modules)
     parts = []
-    count = 0
     for module in _module_order(modules):
-        if not kept[module]:
-            continue
-        mod = modules[module]
-        edits = _docstring_edits(mod, kept[module])
-        for a in rewrites[module]:  # `_checks.check_int` -> `_check_int`
-            new = renamed.get(a.attr, a.attr)
-            _check_not_local(mod, a, f"{a.value.id}.{a.attr}", new, local_names)
-            edits.append((a.lineno, a.col_offset, a.end_col_offset, new))
-        for index in kept[module]:
-            edits += _renames(mod, mod.statements[index], renamed, local_names)
-        edits += pruners[module].edits
-        lines = pruners[module].apply(_apply(mod.lines, _outside_deletions(edits)))
-        for index in kept[module]:
-            for method in _methods(mod.statements[index]):
-                start, end = _span(mod.lines, method)
-                if id(method) in stubbed_methods:
-                    stub = _stub(method.name, stubbed_methods[id(method)], " " * method.col_offset)
-                    replaced = [stub] + [_DROPPED] * (end - start - 1)
-                    if end > method.end_lineno:  # the blank line after it stays
-                        replaced[-1] = lines[end - 1]
-                    lines[start:end] = replaced
-                elif id(method) not in kept_methods:
-                    lines[start:end] = [_DROPPED] * (end - start)
-        chunks, previous_stub = [], False
-        for index in sorted(kept[module]):
-            start, end = mod.segment(index)
-            if (module, index) in stubbed:
-                name = mod.statements[index].name
-                stub = _stub(renamed.get(name, name), stubbed[module, index])
-                if previous_stub:  # a run of stubs reads as one block
-                    chunks[-1] += "\n" + stub
-                else:
-                    chunks.append(stub)
-                previous_stub = True
-                continue
-            text = "\n".join(row for row in lines[start:end] if row is not _DROPPED).rstrip()
-            chunks.append(_without_empty_sections(text))
-            previous_stub = False
-            count += 1
-        parts.append(f"# -- {mod.path}\n" + "\n\n".join(chunks))
+        if reach.kept[module]:
+            text = _module_text(modules[module], reach, pruners[module], renamed, local_names)
+            parts.append(f"# -- {modules[module].path}\n{text}")
+    stubs_written = len(reach.stubbed) + len(reach.stubbed_methods)
     head = HEADER.format(
         version=version,
-        count=count,
-        modules=sum(bool(k) for k in kept.values()),
-        left_out=_left_out_note(left_out, len(stubbed) + len(stubbed_methods)),
+        count=sum(len(kept) for kept in reach.kept.values()) - len(reach.stubbed),
+        modules=sum(bool(kept) for kept in reach.kept.values()),
+        left_out=_left_out_note(left_out, stubs_written),
         known_false=_speed_note(known_false),
     )
-    if stubbed or stubbed_methods:
+    if stubs_written:
         parts.insert(0, "# -- what the stubs of left-out features call (kaggle/paste.py)\n" + REFUSAL.strip())
-    top = ["from __future__ import annotations", _sorted_imports(external)]
+    top = ["from __future__ import annotations", _sorted_imports(reach.external)]
     return head + "\n\n".join(filter(None, top)) + "\n\n\n" + "\n\n\n".join(parts) + "\n"
+
+
+class _Reach:
+    """What the roots need, followed definition by definition through the package's modules.
+
+    A definition is kept when kept code reads its name; a method of a kept class when kept code names it
+    (``obj.name``, or a string such as a hook's name), when it is a dunder, or when it is public on a root.
+    A place that ``stubs`` lists is kept as a stub, and what only it needed is not followed. ``skip`` holds,
+    per module, the nodes that pruning drops.
+    """
+
+    def __init__(self, modules: dict[str, _Module], roots: list, stubs: dict, skip: dict[str, set]):
+        self.modules, self.roots, self.stubs, self.skip = modules, roots, stubs, skip
+        self.kept: dict[str, set[int]] = {name: set() for name in modules}  # indexes of top-level statements
+        self.kept_methods: set[int] = set()  # id() of the method nodes kept
+        self.external: set[str] = set()  # import lines of other libraries
+        self.rewrites: dict[str, list[ast.Attribute]] = {name: [] for name in modules}  # `_checks.x` -> `x`
+        self.owner: dict[str, tuple[str, int]] = {}  # a kept top-level name -> where it is defined
+        self.stubbed: dict[tuple[str, int], str] = {}  # (module, index of a statement) -> its feature
+        self.stubbed_methods: dict[int, str] = {}  # id() of a method node -> its feature
+        self.reached: set[tuple[str, str]] = set()  # the places of ``stubs`` the roots reach
+        self._method_names: dict[int, str] = {}  # id() of a method node of a kept class -> "Class.method"
+        self._waiting: dict[str, list] = {}  # attribute name -> [(module, method node)] kept once it is read
+        self._attributes: set[str] = set()
+        self._todo: list[tuple[str, str]] = list(roots)
+        seen = set()
+        while self._todo:
+            place = self._todo.pop()
+            if place not in seen:
+                seen.add(place)
+                self._follow(*place)
+
+    def _follow(self, module: str, name: str) -> None:
+        if module not in self.modules:
+            raise PasteError(f"{module} is not a module of the package (looking for {name}).")
+        mod = self.modules[module]
+        if name in mod.defined:
+            self._keep(module, name, mod.defined[name])
+        elif name in mod.imports:
+            binding = mod.imports[name]
+            if binding[0] == "external":
+                self.external.add(binding[1])
+            elif f"{binding[1]}.{binding[2]}" not in self.modules:  # `from .x import name`
+                self._todo.append((binding[1], binding[2]))
+        # else: a builtin, or a name local to a function
+
+    def _keep(self, module: str, name: str, index: int) -> None:
+        if index in self.kept[module]:
+            return
+        self.kept[module].add(index)
+        statement = self.modules[module].statements[index]
+        for defined in _defines(statement):
+            other = self.owner.setdefault(defined, (module, index))
+            if other != (module, index):
+                raise PasteError(
+                    f"{defined} is defined in both {other[0]} and {module}, and the paste file needs "
+                    f"both: give one of them another name."
+                )
+        if (module, name) in self.stubs:
+            if not isinstance(statement, ast.FunctionDef | ast.ClassDef):
+                raise PasteError(f"LEFT_OUT: {module}.{name} is not a function or a class.")
+            self.stubbed[module, index] = self.stubs[module, name]
+            self.reached.add((module, name))
+            return
+        methods = _methods(statement)
+        self._read(module, statement, skip=methods)
+        for method in methods:
+            self._method_names[id(method)] = f"{name}.{method.name}"
+            dunder = method.name.startswith("__") and method.name.endswith("__")
+            public_on_root = (module, name) in self.roots and not method.name.startswith("_")
+            if dunder or public_on_root or method.name in self._attributes:
+                self._keep_method(module, method)
+            else:
+                self._waiting.setdefault(method.name, []).append((module, method))
+
+    def _read(self, module: str, node: ast.AST, skip=()) -> None:
+        names, mentioned = _reads(node, set(skip) | self.skip[module])
+        imports = self.modules[module].imports
+        for name, annotation in names:
+            if annotation:  # kept as a string: only the imports of other libraries come along for it
+                binding = imports.get(getattr(name, "id", None) or name.value.id)
+                if binding and binding[0] == "external":
+                    self.external.add(binding[1])
+                continue
+            if isinstance(name, ast.Attribute):
+                binding = imports.get(name.value.id)
+                if binding and binding[0] == "from" and f"{binding[1]}.{binding[2]}" in self.modules:
+                    self.rewrites[module].append(name)
+                    self._todo.append((f"{binding[1]}.{binding[2]}", name.attr))
+                    continue
+                self._todo.append((module, name.value.id))
+            else:
+                self._todo.append((module, name.id))
+        for name in mentioned - self._attributes:
+            self._attributes.add(name)
+            for waiting_module, method in self._waiting.pop(name, []):
+                self._keep_method(waiting_module, method)
+
+    def _keep_method(self, module: str, method: ast.FunctionDef) -> None:
+        if id(method) in self.kept_methods:
+            return
+        self.kept_methods.add(id(method))
+        place = (module, self._method_names[id(method)])
+        if place in self.stubs:
+            self.stubbed_methods[id(method)] = self.stubs[place]
+            self.reached.add(place)
+        else:
+            self._read(module, method)
+
+
+def _local_names(modules: dict[str, _Module]) -> dict[int, set[str]]:
+    """id() of each node inside a function -> the names local to that function (and those around it)."""
+    local_names: dict[int, set[str]] = {}
+    for mod in modules.values():
+        for function in ast.walk(mod.tree):
+            if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                names = {a.arg for a in ast.walk(function.args) if isinstance(a, ast.arg)}
+                stored = (
+                    n for n in ast.walk(function) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+                )
+                names |= {n.id for n in stored}
+                for node in ast.walk(function):
+                    local_names[id(node)] = local_names.get(id(node), set()) | names
+    return local_names
+
+
+def _module_text(mod: _Module, reach: _Reach, pruner: _Pruner, renamed: dict, local_names: dict) -> str:
+    """What the paste file keeps of one module: its kept definitions, edited, stubs in their places."""
+    kept = reach.kept[mod.name]
+    edits = _docstring_edits(mod, kept)
+    for a in reach.rewrites[mod.name]:  # `_checks.check_int` -> `_check_int`
+        new = renamed.get(a.attr, a.attr)
+        _check_not_local(mod, a, f"{a.value.id}.{a.attr}", new, local_names)
+        edits.append((a.lineno, a.col_offset, a.end_col_offset, new))
+    for index in kept:
+        edits += _renames(mod, mod.statements[index], renamed, local_names)
+    edits += pruner.edits
+    lines = pruner.apply(_apply(mod.lines, _outside_deletions(edits)))
+    for index in kept:
+        for method in _methods(mod.statements[index]):
+            start, end = _span(mod.lines, method)
+            if id(method) in reach.stubbed_methods:
+                stub = _stub(method.name, reach.stubbed_methods[id(method)], " " * method.col_offset)
+                replaced = [stub] + [_DROPPED] * (end - start - 1)
+                if end > method.end_lineno:  # the blank line after it stays
+                    replaced[-1] = lines[end - 1]
+                lines[start:end] = replaced
+            elif id(method) not in reach.kept_methods:
+                lines[start:end] = [_DROPPED] * (end - start)
+    chunks, previous_stub = [], False
+    for index in sorted(kept):
+        start, end = mod.segment(index)
+        if (mod.name, index) in reach.stubbed:
+            name = mod.statements[index].name
+            stub = _stub(renamed.get(name, name), reach.stubbed[mod.name, index])
+            if previous_stub:  # a run of stubs reads as one block
+                chunks[-1] += "\n" + stub
+            else:
+                chunks.append(stub)
+            previous_stub = True
+            continue
+        text = "\n".join(row for row in lines[start:end] if row is not _DROPPED).rstrip()
+        chunks.append(_without_empty_sections(text))
+        previous_stub = False
+    return "\n\n".join(chunks)
 
 
 def _renames(mod: _Module, statement: ast.stmt, renamed: dict[str, str], local_names: dict) -> list[tuple]:
