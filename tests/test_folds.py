@@ -255,6 +255,21 @@ def test_plot_folds_draws_one_figure_with_the_scores_and_the_curves(data, tmp_pa
     assert len(curves.get_lines()) == 6  # live and EMA of each fold
 
 
+def test_plot_folds_keeps_an_accuracy_axis_within_0_and_1(tmp_path):
+    # Scores up to 1.0: the margin that shows their differences must not draw an accuracy of 1.005.
+    scores = {"live_loss": [0.05, 0.04, 0.045], "ema_loss": [0.03, 0.04, 0.035],
+              "live_accuracy": [0.99, 0.997, 0.9935], "ema_accuracy": [1.0, 0.997, 0.9985]}  # fmt: skip
+    pd.DataFrame({"fold": ["0", "1", "oof"], "rows": [50, 50, 100], **scores}).to_csv(
+        tmp_path / "folds.csv", index=False
+    )
+    for fold in "01":
+        (tmp_path / f"fold_{fold}").mkdir()
+        history = {"epoch": [1, 2], **{column: [0.9, 0.99] for column in scores}}
+        pd.DataFrame(history).to_csv(tmp_path / f"fold_{fold}" / "history.csv", index=False)
+    bars, _ = plot_folds(tmp_path).axes
+    assert bars.get_ylim() == pytest.approx((0.985, 1.0))
+
+
 # -- loading the folds back -------------------------------------------------------------------------
 
 

@@ -261,11 +261,14 @@ def plot_folds(run: str | os.PathLike) -> NotebookFigure:
     low = min(table[f"live_{score}"].min(), table[f"ema_{score}"].min())
     high = max(table[f"live_{score}"].max(), table[f"ema_{score}"].max())
     margin = (high - low) * 0.5 or abs(high) * 0.05 or 0.05
-    bars.set_ylim(low - margin, high + margin)  # the differences, not the bars' common height, matter
+    limits = [low - margin, high + margin]  # the differences, not the bars' common height, matter
+    if 0 <= low and high <= 1:  # a fraction such as an accuracy: no axis past 1.0 or below 0
+        limits = [max(limits[0], 0), min(limits[1], 1)]
+    bars.set_ylim(*limits)
     bars.set_xticks(where, [f"fold {i}" if i != "oof" else "OOF" for i in table.index])
     bars.set_ylabel(score)
-    bars.set_title(f"{score} per fold and out of fold")
-    bars.legend(frameon=False)
+    bars.set_title(f"{score} per fold and OOF", loc="left")
+    bars.legend(frameon=False, ncols=2, loc="lower right", bbox_to_anchor=(1, 1))  # above the bars
     histories = {i: pd.read_csv(run / f"fold_{i}" / "history.csv") for i in table.index if i != "oof"}
     # fit may have scored other metrics than the folds' table: then the curves show the loss.
     logged = score if all(f"live_{score}" in h for h in histories.values()) else "loss"
