@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ._checks import check_module
 from ._lowp import STOCHASTIC_BF16, lerp_stochastic_, new_generator, reseeded, shadow_dtype
 from ._sharded import check_supported, gathered, is_dtensor, local, on_every_rank, reshard, shard_of
-from ._tensors import Slot, check_layout, model_device, saved_slots
+from ._tensors import Slot, check_layout, layout_mismatch, model_device, saved_slots
 
 SMALL = 16_384  # elements: smaller contiguous CPU tensors are gathered, one cat for all of them (see _Gather)
 _MISMATCH = "The model does not match the model this EMA was built for"
@@ -299,6 +299,8 @@ class Shadows:
                 "model (fully_shard), and keep it sharded."
             )
         lives = [local(slot.tensor) if self.sharded else slot.tensor for slot in slots]  # what the ops read
+        if not self.sharded:
+            _check_keys(live, slots, self.modules[0])
         sets = [{slot.key: slot for slot in self._slots(k)} for k in range(self.count)]
         check_layout(
             {slot.key: tensor for slot, tensor in zip(slots, lives)},
@@ -326,7 +328,7 @@ class Shadows:
         # One shadow per set is watched too: a set moved or cast by hand (ema.module.half()) is laid out anew.
         first = next(i for i, slot in enumerate(slots) if _averageable(slot.tensor))
         firsts = [set_slots[first] for set_slots in shadow_slots]
-        self._watch = _Watch(live, slots + firsts, lives + [slot.tensor for slot in firsts])
+        self._watch = _Watch(live, firsts, lives + [slot.tensor for slot in firsts])
 
     def _slots(self, k: int) -> list[Slot]:
         """Where set k's shadows are held: its module's slots, or for a sharded model its dict's."""
@@ -479,14 +481,16 @@ class _Watch:
 
     Noted when the shadows bind: every module's children (names and objects: ``model[3] = layer`` and
     ``model._modules["3"] = layer`` alike), how many parameters and buffers each module holds (one
-    registered anew), the tensor objects in the watched slots
-    (``load_state_dict(assign=True)``, buffers replaced by ``.to()``), the addresses of ``tensors``, what
-    the update reads from each slot (``.data`` swaps, parameters moved or cast in place; a DTensor's local
-    shard), and the shapes of those ``resize_`` can change in place. A check builds each list with C-level
-    ``map``s and compares it whole: no Python loop per module or tensor.
+    registered anew), what every parameter and saved buffer entry holds, ``None`` and tied weights
+    included (``load_state_dict(assign=True)``, buffers replaced by ``.to()``, a bias set where there was
+    none, tied weights untied), and the addresses and shapes of ``tensors``, what the update reads from
+    each slot (``.data`` swaps and ``resize_``, parameters moved or cast in place; a DTensor's local shard).
+    A check builds each list with C-level ``map``s and compares it whole: no Python loop per module or
+    tensor. Not seen: a ``.data`` swap to a view of the same memory with the same shape but other strides
+    (``p.data = p.data.t()`` on a square weight).
     """
 
-    def __init__(self, live: nn.Module, slots: list[Slot], tensors: list[Tensor]):
+    def __init__(self, live: nn.Module, also: list[Slot], tensors: list[Tensor]):
         modules = list(live.modules())
         self._parents = [module._modules for module in modules if module._modules]
         # Every module's children (a leaf may gain one), parameters and buffers: how many of each, which
@@ -497,14 +501,24 @@ class _Watch:
         self._counts = list(map(len, self._holders_of))
         self._names = list(chain.from_iterable(self._parents))
         self._modules = list(chain.from_iterable(map(dict.values, self._parents)))
-        self._holders, self._keys = [slot.holder for slot in slots], [slot.name for slot in slots]
-        self._objects = [slot.tensor for slot in slots]
+        # Every entry a state dict saves, not only the averaged slots: ``None`` (no bias) and the later keys
+        # of a tied tensor are entries too. Non-persistent buffers are left out: a model may reassign one
+        # in every forward (a cache), which is no change to its EMA.
+        entries = [
+            (holder, name)
+            for module in modules
+            for holder, skip in (
+                (module._parameters, ()),
+                (module._buffers, module._non_persistent_buffers_set),
+            )
+            for name in holder
+            if name not in skip
+        ] + [(slot.holder, slot.name) for slot in also]
+        self._holders, self._keys = [holder for holder, _ in entries], [name for _, name in entries]
+        self._objects = list(map(operator.getitem, self._holders, self._keys))
         self._tensors = tensors
         self._addresses = list(map(Tensor.data_ptr, tensors))
-        # resize_ keeps the address when it shrinks or keeps the size; torch refuses it on tensors that
-        # require grad.
-        self._resizable = [tensor for tensor in tensors if not tensor.requires_grad]
-        self._shapes = list(map(Tensor.size, self._resizable))
+        self._shapes = list(map(Tensor.size, tensors))  # resize_ and .data swaps can keep the address
 
     def changed(self) -> bool:
         try:
@@ -517,7 +531,7 @@ class _Watch:
             and list(chain.from_iterable(self._parents)) == self._names
             and all(map(operator.is_, chain.from_iterable(map(dict.values, self._parents)), self._modules))
             and list(map(Tensor.data_ptr, self._tensors)) == self._addresses
-            and list(map(Tensor.size, self._resizable)) == self._shapes
+            and list(map(Tensor.size, self._tensors)) == self._shapes
         )
 
 
@@ -665,6 +679,25 @@ def _state_keys(live: nn.Module, slots: list[Slot]) -> dict[str, str]:
                 if tensor is not None and name not in skip:
                     keys[dot + name] = first[id(tensor)]
     return keys
+
+
+def _check_keys(live: nn.Module, slots: list[Slot], module: nn.Module) -> None:
+    """Refuse ``live`` when its state dict's keys, or which of them share a tensor, differ from those of the
+    EMA's ``module``: a module shared under a second name, weights tied or untied. (``check_layout`` then
+    compares the tensors, each once.)"""
+    keys, expected = _state_keys(live, slots), _state_keys(module, saved_slots(module))
+    if keys != expected:
+        retied = (
+            f"tied differently: the model's {key} is {_tensor_of(key, keys[key])}, the EMA's "
+            f"{_tensor_of(key, expected[key])}"
+            for key in keys
+            if keys[key] != expected[key]
+        )
+        raise ValueError(f"{_MISMATCH} ({layout_mismatch(keys, expected) or next(retied)}). {_FIX}")
+
+
+def _tensor_of(key: str, first: str) -> str:
+    return "its own tensor" if first == key else f"the same tensor as {first}"
 
 
 def _checked_slots(module: nn.Module, what: str) -> list[Slot]:

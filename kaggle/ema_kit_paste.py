@@ -1,9 +1,9 @@
-# ema_kit_paste.py: ema_kit 0.1.0's ModelEMA, evaluate and LiveLog in one cell (108 definitions
+# ema_kit_paste.py: ema_kit 0.1.0's ModelEMA, evaluate and LiveLog in one cell (111 definitions
 # from 15 modules). Paste this whole file into a notebook cell and run it; then use ModelEMA,
 # LiveLog, evaluate, plot_history and decay_from_half_life as the README shows, without the
 # `from ema_kit import ...` line. Needs torch, numpy, pandas and matplotlib (a Kaggle image has them).
 # Left out to keep it one readable cell; asking for one raises LeftOut, which names it and the fix
-# (16 one-line stubs stand in for the package's definitions where these features start):
+# (15 one-line stubs stand in for the package's definitions where these features start):
 #   - an EMA of a model sharded by FSDP2 (fully_shard)
 #   - dtype="bfloat16-stochastic" (bfloat16 shadows with stochastic rounding)
 #   - resuming an EMA (ModelEMA.state_dict, load_state_dict)
@@ -436,6 +436,7 @@ class _Shadows:
                 "model (fully_shard), and keep it sharded."
             )
         lives = [slot.tensor for slot in slots]  # what the ops read
+        _check_keys(live, slots, self.modules[0])
         sets = [{slot.key: slot for slot in self._slots(k)} for k in range(self.count)]
         _check_layout(
             {slot.key: tensor for slot, tensor in zip(slots, lives)},
@@ -453,17 +454,13 @@ class _Shadows:
                 for shadow in shadows:
                     if not _laid_out(shadow.tensor, tensor, *placements[kind]):
                         _replace(shadow, self._new_shadow(tensor, shadow.tensor))
-        if self.sharded:
-            self._like = {slot.key: slot.tensor for slot in slots if _is_dtensor(slot.tensor)}
-            self._keys = _state_keys(live, slots)
-        else:
-            self._follow_noise(_model_device(self.modules[0]))
+        self._follow_noise(_model_device(self.modules[0]))
         self._plan(live, slots, lives, shadow_slots)
         self._model = model
         # One shadow per set is watched too: a set moved or cast by hand (ema.module.half()) is laid out anew.
         first = next(i for i, slot in enumerate(slots) if _averageable(slot.tensor))
         firsts = [set_slots[first] for set_slots in shadow_slots]
-        self._watch = _Watch(live, slots + firsts, lives + [slot.tensor for slot in firsts])
+        self._watch = _Watch(live, firsts, lives + [slot.tensor for slot in firsts])
 
     def _slots(self, k: int) -> list[_Slot]:
         """Where set k's shadows are held: its module's slots, or for a sharded model its dict's."""
@@ -595,7 +592,7 @@ class _Watch:
     """What ``Shadows.follow`` compares to tell that the model changed: read from the model alone, no hooks.
     """
 
-    def __init__(self, live: nn.Module, slots: list[_Slot], tensors: list[Tensor]):
+    def __init__(self, live: nn.Module, also: list[_Slot], tensors: list[Tensor]):
         modules = list(live.modules())
         self._parents = [module._modules for module in modules if module._modules]
         # Every module's children (a leaf may gain one), parameters and buffers: how many of each, which
@@ -606,14 +603,24 @@ class _Watch:
         self._counts = list(map(len, self._holders_of))
         self._names = list(chain.from_iterable(self._parents))
         self._modules = list(chain.from_iterable(map(dict.values, self._parents)))
-        self._holders, self._keys = [slot.holder for slot in slots], [slot.name for slot in slots]
-        self._objects = [slot.tensor for slot in slots]
+        # Every entry a state dict saves, not only the averaged slots: ``None`` (no bias) and the later keys
+        # of a tied tensor are entries too. Non-persistent buffers are left out: a model may reassign one
+        # in every forward (a cache), which is no change to its EMA.
+        entries = [
+            (holder, name)
+            for module in modules
+            for holder, skip in (
+                (module._parameters, ()),
+                (module._buffers, module._non_persistent_buffers_set),
+            )
+            for name in holder
+            if name not in skip
+        ] + [(slot.holder, slot.name) for slot in also]
+        self._holders, self._keys = [holder for holder, _ in entries], [name for _, name in entries]
+        self._objects = list(map(operator.getitem, self._holders, self._keys))
         self._tensors = tensors
         self._addresses = list(map(Tensor.data_ptr, tensors))
-        # resize_ keeps the address when it shrinks or keeps the size; torch refuses it on tensors that
-        # require grad.
-        self._resizable = [tensor for tensor in tensors if not tensor.requires_grad]
-        self._shapes = list(map(Tensor.size, self._resizable))
+        self._shapes = list(map(Tensor.size, tensors))  # resize_ and .data swaps can keep the address
 
     def changed(self) -> bool:
         try:
@@ -626,7 +633,7 @@ class _Watch:
             and list(chain.from_iterable(self._parents)) == self._names
             and all(map(operator.is_, chain.from_iterable(map(dict.values, self._parents)), self._modules))
             and list(map(Tensor.data_ptr, self._tensors)) == self._addresses
-            and list(map(Tensor.size, self._resizable)) == self._shapes
+            and list(map(Tensor.size, self._tensors)) == self._shapes
         )
 
 _Stage = _left_out('an EMA kept on another device than the model (device="cpu" for a GPU model)')
@@ -643,7 +650,36 @@ def _replace(slot: _Slot, shadow: Tensor) -> None:
         slot.holder[slot.name] = shadow
 
 _check_shardable = _left_out("an EMA of a model sharded by FSDP2 (fully_shard)")
-_state_keys = _left_out("an EMA of a model sharded by FSDP2 (fully_shard)")
+
+def _state_keys(live: nn.Module, slots: list[_Slot]) -> dict[str, str]:
+    """Every key of ``live``'s state dict that holds a tensor, in order, with the slot key it is saved
+    under (tied weights: several keys, one slot)."""
+    first = {id(slot.tensor): slot.key for slot in slots}
+    keys = {}
+    for prefix, module in live.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for holder, skip in ((module._parameters, ()), (module._buffers, module._non_persistent_buffers_set)):
+            for name, tensor in holder.items():
+                if tensor is not None and name not in skip:
+                    keys[dot + name] = first[id(tensor)]
+    return keys
+
+def _check_keys(live: nn.Module, slots: list[_Slot], module: nn.Module) -> None:
+    """Refuse ``live`` when its state dict's keys, or which of them share a tensor, differ from those of the
+    EMA's ``module``: a module shared under a second name, weights tied or untied. (``check_layout`` then
+    compares the tensors, each once.)"""
+    keys, expected = _state_keys(live, slots), _state_keys(module, _saved_slots(module))
+    if keys != expected:
+        retied = (
+            f"tied differently: the model's {key} is {_tensor_of(key, keys[key])}, the EMA's "
+            f"{_tensor_of(key, expected[key])}"
+            for key in keys
+            if keys[key] != expected[key]
+        )
+        raise ValueError(f"{_MISMATCH} ({_layout_mismatch(keys, expected) or next(retied)}). {_FIX}")
+
+def _tensor_of(key: str, first: str) -> str:
+    return "its own tensor" if first == key else f"the same tensor as {first}"
 
 def _checked_slots(module: nn.Module, what: str) -> list[_Slot]:
     """``saved_slots(module)``, refusing tensors an EMA cannot hold: on ``meta``, or sparse."""

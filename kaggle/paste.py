@@ -39,7 +39,6 @@ ROOTS = (
 LEFT_OUT = {
     "an EMA of a model sharded by FSDP2 (fully_shard)": [
         ("ema_kit._shadows", "_check_shardable"),  # Shadows.__init__, as soon as the model is sharded
-        ("ema_kit._shadows", "_state_keys"),
     ],
     'dtype="bfloat16-stochastic" (bfloat16 shadows with stochastic rounding)': [
         ("ema_kit._lowp", "new_generator"),  # Shadows binding stochastic shadows: building the EMA

@@ -265,3 +265,56 @@ def test_module_tree_changed_through_modules_is_a_clear_error_before_any_change(
         shadows.follow(model)
     for module, state in zip(shadows.modules, before):
         assert all(torch.equal(value, state[key]) for key, value in module.state_dict().items())
+
+
+def tied() -> nn.Module:
+    """A model whose state dict holds more than its tensors: a tied weight, a missing bias, no statistics."""
+    model = nn.Module()
+    model.enc, model.dec = nn.Linear(4, 4, bias=False), nn.Linear(4, 4)
+    model.norm = nn.BatchNorm1d(4, track_running_stats=False)
+    model.dec.weight = model.enc.weight
+    return model
+
+
+def operate(model: nn.Module, how: str) -> None:
+    """Surgery that keeps every module's count of tensors, or the tensors' addresses."""
+    weight = model.enc.weight
+    if how == "a bias set where there was none":
+        model.enc.bias = nn.Parameter(torch.zeros(4))
+    elif how == "running statistics switched on":
+        model.norm.running_mean = torch.zeros(4)
+    elif how == "tied weights untied":
+        model.dec.weight = nn.Parameter(weight.detach().clone())
+    elif how == "weights tied anew":
+        model.norm.weight = model.dec.bias
+    elif how == "a module shared under a second name":
+        model.again = model.dec
+    elif how == "a weight sliced through .data":
+        weight.data = weight.data[:2]  # the same address, another shape
+    elif how == "a weight reshaped through .data":
+        weight.data = weight.data.view(2, 8)
+    else:
+        weight.requires_grad_(False).resize_(2, 4)
+
+
+@pytest.mark.parametrize(
+    ("how", "problem"),
+    [
+        ("a bias set where there was none", r"unexpected \['enc.bias'\]"),
+        ("running statistics switched on", r"unexpected \['norm.running_mean'\]"),
+        ("tied weights untied", "tied differently: the model's dec.weight is its own tensor, the EMA"),
+        ("weights tied anew", "tied differently: the model's norm.weight is the same tensor as dec.bias"),
+        ("a module shared under a second name", r"unexpected \['again.weight', 'again.bias'\]"),
+        ("a weight sliced through .data", r"shape mismatch \['enc.weight: \(2, 4\) vs \(4, 4\)'\]"),
+        ("a weight reshaped through .data", r"shape mismatch \['enc.weight: \(2, 8\) vs \(4, 4\)'\]"),
+        ("a weight resized in place", r"shape mismatch \['enc.weight: \(2, 4\) vs \(4, 4\)'\]"),
+    ],
+)
+def test_surgery_on_the_state_dict_of_the_same_tensors_is_a_clear_error_before_any_change(how, problem):
+    model = tied()
+    shadows = Shadows(model, 1, average_buffers=True, dtype=None, device=None)
+    before = copy.deepcopy(shadows.modules[0].state_dict())
+    operate(model, how)
+    with pytest.raises(ValueError, match=f"built for \\({problem}.*\\). An EMA averages one fixed set"):
+        shadows.follow(model)
+    assert all(torch.equal(value, before[key]) for key, value in shadows.modules[0].state_dict().items())
