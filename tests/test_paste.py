@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 import torch
 from nbclient import NotebookClient
@@ -29,9 +30,9 @@ from paste import PasteError  # noqa: E402
 # The issue asked for at most ~1,500 lines. The closure of ModelEMA, evaluate and LiveLog was ~2,050 lines at
 # the first build (2026-12-04), 2,468 with issue 22's live log and issue 27's sharded EMA; with the features
 # of paste.LEFT_OUT left out, 2,031 (2026-12-04); with the branches paste.KNOWN_FALSE rules out, 1,920
-# (2026-12-04); 1,957 with the change check comparing the state dict's keys and ties (2026-12-04). This bound
-# says when it grows further.
-MAX_LINES = 1_960
+# (2026-12-04); 1,957 with the change check comparing the state dict's keys and ties; 1,975 with the display
+# hooks kept and the imports renamed too (2026-12-04). This bound says when it grows further.
+MAX_LINES = 1_975
 
 
 def paste_file(sources: dict[str, str], version: str, **options):
@@ -77,26 +78,49 @@ def test_paste_file_defines_what_the_readme_loops_use_and_stays_one_readable_cel
 
 
 def test_paste_file_defines_no_public_name_beyond_its_api_and_left_out():
-    public = {name for name in names_defined(PASTE.read_text(encoding="utf-8")) if not name.startswith("_")}
+    text = PASTE.read_text(encoding="utf-8")
+    public = {name for name in names_defined(text) if not name.startswith("_")}
     assert public == {root for _, root in paste.ROOTS} | {"LeftOut"}
+    imports = [node for node in ast.parse(text).body if isinstance(node, ast.Import | ast.ImportFrom)]
+    imported = {alias.asname or alias.name for node in imports for alias in node.names}
+    public_imports = {name for name in imported if not name.startswith("_")}
+    assert public_imports == paste.SHARED_IMPORTS & imported | {"annotations"}  # from __future__
 
 
 def test_the_notebooks_own_names_do_not_replace_the_paste_cells_parts(tmp_path):
-    namespace = {"__name__": "__main__"}
+    namespace = {"__name__": "__main__", "out_dir": tmp_path}
     exec(compile(PASTE.read_text(encoding="utf-8"), str(PASTE), "exec"), namespace)
-    exec(
+    exec(  # in the cell's own namespace, as the notebook's next cells run
+        "from copy import copy\n"
+        "from glob import glob\n"
+        "from time import time\n"
+        "io = math = os = re = signal = sys = tempfile = threading = warnings = Path = Tensor = 'mine'\n"
         "from torch.utils.data import DataLoader, TensorDataset\n"
         "loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)\n"
         "model = torch.nn.Linear(4, 3)\n"
-        "live_log = LiveLog(progress='off', plot=False)\n"
+        "ema = ModelEMA(model)\n"
+        "live_log = LiveLog(progress='text', out_dir=out_dir)\n"
         "for epoch in (1, 2):\n"
         "    for x, y in live_log.track(loader):\n"
-        "        pass\n"
+        "        ema.update(model)\n"
         "    accuracy = evaluate(model, loader)['accuracy']\n"  # names a notebook often uses
         "    size, split, display, forward, direction = 224, 'val', print, None, 'min'\n"
-        "    live_log.add(live=evaluate(model, loader))\n",
-        namespace | {"torch": torch},
+        "    live_log.add(live=evaluate(model, loader), ema=evaluate(ema.module, loader))\n"
+        "ema.save(out_dir / 'ema.pth')\n",
+        namespace,
     )
+    assert {path.name for path in tmp_path.iterdir()} == {"history.csv", "history.png", "ema.pth"}
+
+
+def test_the_paste_cell_keeps_the_notebooks_own_names():
+    namespace = {"__name__": "__main__", "time": "mine", "glob": "mine", "Path": "mine", "copy": "mine"}
+    exec(compile(PASTE.read_text(encoding="utf-8"), str(PASTE), "exec"), namespace)
+    assert all(namespace[name] == "mine" for name in ("time", "glob", "Path", "copy"))
+
+
+def test_the_paste_cells_figures_and_tables_show_in_a_notebook(pasted):
+    history = pd.DataFrame({"epoch": [1, 2], "live_loss": [1.0, 0.5], "ema_loss": [1.1, 0.6]})
+    assert pasted["plot_history"](history)._repr_png_().startswith(b"\x89PNG")
 
 
 # -- what it leaves out ----------------------------------------------------------------------------
@@ -235,7 +259,7 @@ def test_only_what_the_roots_reach_is_kept_across_modules():
         left_out={},
     )
     assert names_defined(text) == {"_X", "_helper", "root"}  # what is not the API starts with _
-    assert "import math\n" in text and "import os" not in text
+    assert "import math as _math\n" in text and "import os" not in text  # the notebook's `math` is its own
     assert "return _helper() + _X" in text  # `a.X`, with the module gone, is `_X`
     namespace = {}
     exec(compile(text, "paste", "exec"), namespace)
@@ -246,7 +270,8 @@ def test_a_method_no_kept_code_names_is_dropped_and_dunders_and_public_root_meth
     text = paste_file(
         package(
             a="class Helper:\n    def __init__(self):\n        self.used()\n\n"
-            "    def used(self):\n        pass\n\n    def unused(self):\n        pass\n\n\n"
+            "    def used(self):\n        pass\n\n    def unused(self):\n        pass\n\n"
+            "    def _repr_html_(self):\n        pass\n\n\n"
             "class Root:\n    def public(self):\n        Helper()\n\n    def _private(self):\n        pass\n"
         ),
         "0.0",
@@ -254,6 +279,8 @@ def test_a_method_no_kept_code_names_is_dropped_and_dunders_and_public_root_meth
         left_out={},
     )
     assert "def used" in text and "def __init__" in text and "def public" in text
+    assert "def _repr_html_" in text  # IPython calls its display hooks by name, as Python calls dunders
+
     assert "def unused" not in text and "def _private" not in text
 
 
