@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ._checks import check_module
 from ._lowp import STOCHASTIC_BF16, lerp_stochastic_, new_generator, reseeded, shadow_dtype
 from ._sharded import check_supported, gathered, is_dtensor, local, on_every_rank, reshard, shard_of
-from ._tensors import Slot, check_layout, layout_mismatch, model_device, saved_slots
+from ._tensors import Slot, check_layout, layout_mismatch, model_device, saved_entries, saved_slots
 
 SMALL = 16_384  # elements: smaller contiguous CPU tensors are gathered, one cat for all of them (see _Gather)
 _MISMATCH = "The model does not match the model this EMA was built for"
@@ -504,16 +504,8 @@ class _Watch:
         # Every entry a state dict saves, not only the averaged slots: ``None`` (no bias) and the later keys
         # of a tied tensor are entries too. Non-persistent buffers are left out: a model may reassign one
         # in every forward (a cache), which is no change to its EMA.
-        entries = [
-            (holder, name)
-            for module in modules
-            for holder, skip in (
-                (module._parameters, ()),
-                (module._buffers, module._non_persistent_buffers_set),
-            )
-            for name in holder
-            if name not in skip
-        ] + [(slot.holder, slot.name) for slot in also]
+        entries = [entry for module in modules for entry in saved_entries(module)]
+        entries += [(slot.holder, slot.name) for slot in also]
         self._holders, self._keys = [holder for holder, _ in entries], [name for _, name in entries]
         self._objects = list(map(operator.getitem, self._holders, self._keys))
         self._tensors = tensors
@@ -674,10 +666,9 @@ def _state_keys(live: nn.Module, slots: list[Slot]) -> dict[str, str]:
     keys = {}
     for prefix, module in live.named_modules(remove_duplicate=False):
         dot = prefix + "." if prefix else ""
-        for holder, skip in ((module._parameters, ()), (module._buffers, module._non_persistent_buffers_set)):
-            for name, tensor in holder.items():
-                if tensor is not None and name not in skip:
-                    keys[dot + name] = first[id(tensor)]
+        for holder, name in saved_entries(module):
+            if holder[name] is not None:
+                keys[dot + name] = first[id(holder[name])]
     return keys
 
 

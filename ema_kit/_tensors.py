@@ -56,6 +56,16 @@ class Slot(NamedTuple):
         return self.holder[self.name]
 
 
+def saved_entries(module: nn.Module) -> list[tuple[dict, str]]:
+    """(holder dict, name) of each parameter and persistent buffer of ``module`` itself, ``None`` ones too."""
+    return [
+        (holder, name)
+        for holder, skip in ((module._parameters, ()), (module._buffers, module._non_persistent_buffers_set))
+        for name in holder
+        if name not in skip
+    ]
+
+
 def saved_slots(module: nn.Module) -> list[Slot]:
     """Every parameter and persistent buffer of ``module``, in state-dict order, each tensor once.
 
@@ -65,17 +75,17 @@ def saved_slots(module: nn.Module) -> list[Slot]:
     slots, seen = [], set()
     for prefix, mod in module.named_modules():
         dot = prefix + "." if prefix else ""
-        for holder, skip in ((mod._parameters, ()), (mod._buffers, mod._non_persistent_buffers_set)):
-            for name, tensor in holder.items():
-                if tensor is None or name in skip or id(tensor) in seen:
-                    continue
-                if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
-                    raise ValueError(
-                        f"{dot}{name} is not initialized yet (a lazy module): run one forward pass "
-                        "through the model before building the EMA."
-                    )
-                seen.add(id(tensor))
-                slots.append(Slot(dot + name, holder, name))
+        for holder, name in saved_entries(mod):
+            tensor = holder[name]
+            if tensor is None or id(tensor) in seen:
+                continue
+            if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+                raise ValueError(
+                    f"{dot}{name} is not initialized yet (a lazy module): run one forward pass "
+                    "through the model before building the EMA."
+                )
+            seen.add(id(tensor))
+            slots.append(Slot(dot + name, holder, name))
     return slots
 
 

@@ -1,4 +1,4 @@
-# ema_kit_paste.py: ema_kit 0.1.0's ModelEMA, evaluate and LiveLog in one cell (111 definitions
+# ema_kit_paste.py: ema_kit 0.1.0's ModelEMA, evaluate and LiveLog in one cell (112 definitions
 # from 15 modules). Paste this whole file into a notebook cell and run it; then use ModelEMA,
 # LiveLog, evaluate, plot_history and decay_from_half_life as the README shows, without the
 # `from ema_kit import ...` line. Needs torch, numpy, pandas and matplotlib (a Kaggle image has them).
@@ -113,22 +113,31 @@ class _Slot(_NamedTuple):
     def tensor(self) -> torch.Tensor:
         return self.holder[self.name]
 
+def _saved_entries(module: nn.Module) -> list[tuple[dict, str]]:
+    """(holder dict, name) of each parameter and persistent buffer of ``module`` itself, ``None`` ones too."""
+    return [
+        (holder, name)
+        for holder, skip in ((module._parameters, ()), (module._buffers, module._non_persistent_buffers_set))
+        for name in holder
+        if name not in skip
+    ]
+
 def _saved_slots(module: nn.Module) -> list[_Slot]:
     """Every parameter and persistent buffer of ``module``, in state-dict order, each tensor once."""
     slots, seen = [], set()
     for prefix, mod in module.named_modules():
         dot = prefix + "." if prefix else ""
-        for holder, skip in ((mod._parameters, ()), (mod._buffers, mod._non_persistent_buffers_set)):
-            for name, tensor in holder.items():
-                if tensor is None or name in skip or id(tensor) in seen:
-                    continue
-                if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
-                    raise ValueError(
-                        f"{dot}{name} is not initialized yet (a lazy module): run one forward pass "
-                        "through the model before building the EMA."
-                    )
-                seen.add(id(tensor))
-                slots.append(_Slot(dot + name, holder, name))
+        for holder, name in _saved_entries(mod):
+            tensor = holder[name]
+            if tensor is None or id(tensor) in seen:
+                continue
+            if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+                raise ValueError(
+                    f"{dot}{name} is not initialized yet (a lazy module): run one forward pass "
+                    "through the model before building the EMA."
+                )
+            seen.add(id(tensor))
+            slots.append(_Slot(dot + name, holder, name))
     return slots
 
 def _layout_mismatch(given: dict, expected: dict) -> str | None:
@@ -616,16 +625,8 @@ class _Watch:
         # Every entry a state dict saves, not only the averaged slots: ``None`` (no bias) and the later keys
         # of a tied tensor are entries too. Non-persistent buffers are left out: a model may reassign one
         # in every forward (a cache), which is no change to its EMA.
-        entries = [
-            (holder, name)
-            for module in modules
-            for holder, skip in (
-                (module._parameters, ()),
-                (module._buffers, module._non_persistent_buffers_set),
-            )
-            for name in holder
-            if name not in skip
-        ] + [(slot.holder, slot.name) for slot in also]
+        entries = [entry for module in modules for entry in _saved_entries(module)]
+        entries += [(slot.holder, slot.name) for slot in also]
         self._holders, self._keys = [holder for holder, _ in entries], [name for _, name in entries]
         self._objects = list(map(_operator.getitem, self._holders, self._keys))
         self._tensors = tensors
@@ -668,10 +669,9 @@ def _state_keys(live: nn.Module, slots: list[_Slot]) -> dict[str, str]:
     keys = {}
     for prefix, module in live.named_modules(remove_duplicate=False):
         dot = prefix + "." if prefix else ""
-        for holder, skip in ((module._parameters, ()), (module._buffers, module._non_persistent_buffers_set)):
-            for name, tensor in holder.items():
-                if tensor is not None and name not in skip:
-                    keys[dot + name] = first[id(tensor)]
+        for holder, name in _saved_entries(module):
+            if holder[name] is not None:
+                keys[dot + name] = first[id(holder[name])]
     return keys
 
 def _check_keys(live: nn.Module, slots: list[_Slot], module: nn.Module) -> None:

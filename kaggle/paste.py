@@ -910,6 +910,6 @@ def _sorted_imports(lines: set[str]) -> str:
                 plain.append(line)
             else:
                 grouped.setdefault(module, []).append(line.split(" import ")[1])
-        froms = [_from_import(module, sorted(names)) for module, names in sorted(grouped.items())]
+        froms = [_from_import(module, names) for module, names in sorted(grouped.items())]
         sections.append("\n".join(sorted(plain) + froms))
     return "\n\n".join(section for section in sections if section)
