@@ -479,49 +479,59 @@ def _laid_out(shadow: Tensor, live: Tensor, device: torch.device, dtype: torch.d
 class _Watch:
     """What ``Shadows.follow`` compares to tell that the model changed: read from the model alone, no hooks.
 
-    Noted when the shadows bind: every module's children (names and objects: ``model[3] = layer`` and
-    ``model._modules["3"] = layer`` alike), how many parameters and buffers each module holds (one
-    registered anew), what every parameter and saved buffer entry holds, ``None`` and tied weights
-    included (``load_state_dict(assign=True)``, buffers replaced by ``.to()``, a bias set where there was
-    none, tied weights untied), and the addresses and shapes of ``tensors``, what the update reads from
-    each slot (``.data`` swaps and ``resize_``, parameters moved or cast in place; a DTensor's local shard).
-    A check builds each list with C-level ``map``s and compares it whole: no Python loop per module or
-    tensor. Not seen: a ``.data`` swap to a view of the same memory with the same shape but other strides
+    Noted when the shadows bind, and compared whole by C code (no Python loop per module or tensor):
+    - a copy of every module's ``_modules``, ``_parameters`` and ``_buffers`` dict, compared with ``==``:
+      their names and their values, by identity first (a child swapped in, ``model._modules["3"] = layer``
+      included; a parameter or buffer registered, deleted or replaced: ``load_state_dict(assign=True)``,
+      buffers replaced by ``.to()``, a bias set where there was none, tied weights untied);
+    - by identity alone, what ``==`` could call equal though replaced: every child (a module class may
+      define ``==``) and every one-element tensor (its ``==`` compares values); and the saved entries of a
+      module with non-persistent buffers (a model may reassign one in every forward: no change to its
+      EMA), with that dict's size;
+    - the address and shape of ``tensors``, what the update reads from each slot (``.data`` swaps and
+      ``resize_``, parameters moved or cast in place; a DTensor's local shard).
+    Not seen: a ``.data`` swap to a view of the same memory with the same shape but other strides
     (``p.data = p.data.t()`` on a square weight).
     """
 
     def __init__(self, live: nn.Module, also: list[Slot], tensors: list[Tensor]):
         modules = list(live.modules())
-        self._parents = [module._modules for module in modules if module._modules]
-        # Every module's children (a leaf may gain one), parameters and buffers: how many of each, which
-        # also shows where one module's children end, so that a child moved to another parent shows.
-        self._holders_of = [
-            holder for module in modules for holder in (module._modules, module._parameters, module._buffers)
+        self._dicts, self._sized, entries = [], [], []
+        for module in modules:
+            self._dicts += [module._modules, module._parameters]
+            if module._non_persistent_buffers_set:
+                self._sized.append(module._buffers)
+                entries += [entry for entry in saved_entries(module) if entry[0] is module._buffers]
+            else:
+                self._dicts.append(module._buffers)
+        self._copies = list(map(dict, self._dicts))
+        entries += [
+            (holder, name)
+            for holder in self._dicts
+            for name, value in holder.items()
+            if isinstance(value, Tensor) and value.numel() == 1
         ]
-        self._counts = list(map(len, self._holders_of))
-        self._names = list(chain.from_iterable(self._parents))
-        self._modules = list(chain.from_iterable(map(dict.values, self._parents)))
-        # Every entry a state dict saves, not only the averaged slots: ``None`` (no bias) and the later keys
-        # of a tied tensor are entries too. Non-persistent buffers are left out: a model may reassign one
-        # in every forward (a cache), which is no change to its EMA.
-        entries = [entry for module in modules for entry in saved_entries(module)]
         entries += [(slot.holder, slot.name) for slot in also]
         self._holders, self._keys = [holder for holder, _ in entries], [name for _, name in entries]
         self._objects = list(map(operator.getitem, self._holders, self._keys))
+        self._sizes = list(map(len, self._sized))
+        self._parents = [module._modules for module in modules if module._modules]
+        self._children = list(chain.from_iterable(map(dict.values, self._parents)))
         self._tensors = tensors
         self._addresses = list(map(Tensor.data_ptr, tensors))
         self._shapes = list(map(Tensor.size, tensors))  # resize_ and .data swaps can keep the address
 
     def changed(self) -> bool:
         try:
-            same = all(map(operator.is_, map(operator.getitem, self._holders, self._keys), self._objects))
-        except KeyError:  # a parameter or buffer was deleted
+            same = self._dicts == self._copies and all(
+                map(operator.is_, map(operator.getitem, self._holders, self._keys), self._objects)
+            )
+        except Exception:  # an entry deleted, or == of a tensor and the one that replaced it
             return True
         return not (
             same
-            and list(map(len, self._holders_of)) == self._counts
-            and list(chain.from_iterable(self._parents)) == self._names
-            and all(map(operator.is_, chain.from_iterable(map(dict.values, self._parents)), self._modules))
+            and list(map(len, self._sized)) == self._sizes
+            and all(map(operator.is_, chain.from_iterable(map(dict.values, self._parents)), self._children))
             and list(map(Tensor.data_ptr, self._tensors)) == self._addresses
             and list(map(Tensor.size, self._tensors)) == self._shapes
         )

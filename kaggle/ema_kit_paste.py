@@ -613,36 +613,42 @@ class _Watch:
 
     def __init__(self, live: nn.Module, also: list[_Slot], tensors: list[_Tensor]):
         modules = list(live.modules())
-        self._parents = [module._modules for module in modules if module._modules]
-        # Every module's children (a leaf may gain one), parameters and buffers: how many of each, which
-        # also shows where one module's children end, so that a child moved to another parent shows.
-        self._holders_of = [
-            holder for module in modules for holder in (module._modules, module._parameters, module._buffers)
+        self._dicts, self._sized, entries = [], [], []
+        for module in modules:
+            self._dicts += [module._modules, module._parameters]
+            if module._non_persistent_buffers_set:
+                self._sized.append(module._buffers)
+                entries += [entry for entry in _saved_entries(module) if entry[0] is module._buffers]
+            else:
+                self._dicts.append(module._buffers)
+        self._copies = list(map(dict, self._dicts))
+        entries += [
+            (holder, name)
+            for holder in self._dicts
+            for name, value in holder.items()
+            if isinstance(value, _Tensor) and value.numel() == 1
         ]
-        self._counts = list(map(len, self._holders_of))
-        self._names = list(_chain.from_iterable(self._parents))
-        self._modules = list(_chain.from_iterable(map(dict.values, self._parents)))
-        # Every entry a state dict saves, not only the averaged slots: ``None`` (no bias) and the later keys
-        # of a tied tensor are entries too. Non-persistent buffers are left out: a model may reassign one
-        # in every forward (a cache), which is no change to its EMA.
-        entries = [entry for module in modules for entry in _saved_entries(module)]
         entries += [(slot.holder, slot.name) for slot in also]
         self._holders, self._keys = [holder for holder, _ in entries], [name for _, name in entries]
         self._objects = list(map(_operator.getitem, self._holders, self._keys))
+        self._sizes = list(map(len, self._sized))
+        self._parents = [module._modules for module in modules if module._modules]
+        self._children = list(_chain.from_iterable(map(dict.values, self._parents)))
         self._tensors = tensors
         self._addresses = list(map(_Tensor.data_ptr, tensors))
         self._shapes = list(map(_Tensor.size, tensors))  # resize_ and .data swaps can keep the address
 
     def changed(self) -> bool:
         try:
-            same = all(map(_operator.is_, map(_operator.getitem, self._holders, self._keys), self._objects))
-        except KeyError:  # a parameter or buffer was deleted
+            same = self._dicts == self._copies and all(
+                map(_operator.is_, map(_operator.getitem, self._holders, self._keys), self._objects)
+            )
+        except Exception:  # an entry deleted, or == of a tensor and the one that replaced it
             return True
         return not (
             same
-            and list(map(len, self._holders_of)) == self._counts
-            and list(_chain.from_iterable(self._parents)) == self._names
-            and all(map(_operator.is_, _chain.from_iterable(map(dict.values, self._parents)), self._modules))
+            and list(map(len, self._sized)) == self._sizes
+            and all(map(_operator.is_, _chain.from_iterable(map(dict.values, self._parents)), self._children))
             and list(map(_Tensor.data_ptr, self._tensors)) == self._addresses
             and list(map(_Tensor.size, self._tensors)) == self._shapes
         )

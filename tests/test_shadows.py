@@ -226,6 +226,64 @@ def test_tensors_put_straight_into_their_dicts_are_followed():
     assert torch.equal(shadows.modules[0][3].scale, model[3].scale)
 
 
+class SameConfig(nn.Linear):
+    """A module class whose ``==`` compares configurations, so that two of them may compare equal."""
+
+    def __eq__(self, other):
+        return isinstance(other, nn.Linear) and self.weight.shape == other.weight.shape
+
+    __hash__ = nn.Module.__hash__
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "a one-element parameter replaced by an equal one",
+        "a weight replaced by an equal one",
+        "a child replaced by one whose == says equal",
+    ],
+)
+def test_replacements_that_compare_equal_are_followed(monkeypatch, how):
+    model = layered()
+    model[3].scale = nn.Parameter(torch.tensor(1.0))
+    model[2] = SameConfig(4, 4)
+    shadows = Shadows(model, 1, average_buffers=True, dtype=None, device=None)
+    calls = count_plans(monkeypatch)
+    if how == "a one-element parameter replaced by an equal one":
+        model[3].scale = nn.Parameter(torch.tensor(1.0))  # == gives tensor(True)
+        replaced = model[3].scale
+    elif how == "a weight replaced by an equal one":
+        model[3].weight = nn.Parameter(model[3].weight.detach().clone())
+        replaced = model[3].weight
+    else:
+        model._modules["2"] = SameConfig(4, 4)
+        replaced = model[2].weight
+    shadows.follow(model)
+    assert len(calls) == 1  # seen at once, while the values are still equal
+    with torch.no_grad():
+        replaced.fill_(3.0)  # only the new tensor trains on
+    shadows.follow(model)
+    shadows.copy()
+    assert torch.equal(dict(shadows.modules[0].named_parameters())[name_of(model, replaced)], replaced)
+
+
+def name_of(model: nn.Module, tensor: torch.Tensor) -> str:
+    return next(name for name, parameter in model.named_parameters() if parameter is tensor)
+
+
+def test_a_non_persistent_buffer_reassigned_every_step_makes_no_replan(monkeypatch):
+    model = layered()
+    model[3].register_buffer("cache", torch.zeros(3), persistent=False)
+    shadows = Shadows(model, 1, average_buffers=True, dtype=None, device=None)
+    calls = count_plans(monkeypatch)
+    for step in range(3):
+        model[3].cache = torch.full((3,), float(step))  # as a forward that caches does
+        perturb(model, step)
+        shadows.follow(model)
+        shadows.blend([0.5])
+    assert calls == []
+
+
 def rearrange(model: nn.Module, how: str) -> None:
     """Changes to the module tree made through ``_modules``, which fire no hook."""
     if how == "the last child renamed":
