@@ -11,8 +11,9 @@ shadows are views into (integer counters: one ``cat``, then a ``copy_`` per furt
 
 Before each update, ``follow(model)`` checks that the lists still point at the model's tensors. The check
 reads the model alone (``_Watch``: each module's dicts of children, parameters and buffers against copies,
-and its tensors' addresses and shapes), so nothing else in the process can make it fail. When the model changed, it is walked again: the
-shadows rebind to its current tensors, or an error names what no longer matches.
+and its tensors' addresses and shapes), so nothing else in the process can make it fail. When the model
+changed, it is walked again: the shadows rebind to its current tensors, or an error names what no longer
+matches.
 
 A model sharded by FSDP2 (``_sharded``) cannot be copied: its shadows are plain tensors of each rank's
 local shards, kept in one dict per set instead of a module, and everything above runs on those shards.
