@@ -27,6 +27,7 @@ from itertools import accumulate, chain
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ._checks import check_module
 from ._lowp import STOCHASTIC_BF16, lerp_stochastic_, new_generator, reseeded, shadow_dtype
@@ -477,18 +478,33 @@ def _laid_out(shadow: Tensor, live: Tensor, device: torch.device, dtype: torch.d
     return strides == live.stride() or strides == torch.empty_like(live, device="meta").stride()
 
 
+class _Replaced(Exception):
+    """Raised inside ``_Watch.changed``'s ``==`` when it reaches torch: an entry holds another tensor."""
+
+
+class _NoValues(TorchFunctionMode):
+    """Any torch call raises ``_Replaced``: ``==`` reaches torch only for a tensor that replaced another, and
+    must not compare values then (a broadcast to N x N, a GPU sync, a subclass's own ``==`` or ``bool``)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        raise _Replaced
+
+
+_NO_VALUES = _NoValues()
+
+
 class _Watch:
     """What ``Shadows.follow`` compares to tell that the model changed: read from the model alone, no hooks.
 
     Noted when the shadows bind, and compared whole by C code (no Python loop per module or tensor):
     - a copy of every module's ``_modules``, ``_parameters`` and ``_buffers`` dict, compared with ``==``:
-      their names and their values, by identity first (a child swapped in, ``model._modules["3"] = layer``
+      their names and their values by identity (a child swapped in, ``model._modules["3"] = layer``
       included; a parameter or buffer registered, deleted or replaced: ``load_state_dict(assign=True)``,
-      buffers replaced by ``.to()``, a bias set where there was none, tied weights untied);
-    - by identity alone, what ``==`` could call equal though replaced: every child (a module class may
-      define ``==``) and every one-element tensor (its ``==`` compares values); and the saved entries of a
-      module with non-persistent buffers (a model may reassign one in every forward: no change to its
-      EMA), with that dict's size;
+      buffers replaced by ``.to()``, a bias set where there was none, tied weights untied). A value that is
+      not the same object falls back to its own ``==``: for a tensor that raises (``_NoValues``); every
+      child is also compared by identity alone, as a module class may define ``==``;
+    - a module with non-persistent buffers: its saved entries by identity, and its number of buffers (a
+      model may reassign such a buffer, a cache, in every forward: no change to its EMA);
     - the address and shape of ``tensors``, what the update reads from each slot (``.data`` swaps and
       ``resize_``, parameters moved or cast in place; a DTensor's local shard).
     Not seen: a ``.data`` swap to a view of the same memory with the same shape but other strides
@@ -497,7 +513,7 @@ class _Watch:
 
     def __init__(self, live: nn.Module, also: list[Slot], tensors: list[Tensor]):
         modules = list(live.modules())
-        self._dicts, self._sized, entries = [], [], []
+        self._dicts, self._sized, entries = [], [], [(slot.holder, slot.name) for slot in also]
         for module in modules:
             self._dicts += [module._modules, module._parameters]
             if module._non_persistent_buffers_set:
@@ -506,13 +522,6 @@ class _Watch:
             else:
                 self._dicts.append(module._buffers)
         self._copies = list(map(dict, self._dicts))
-        entries += [
-            (holder, name)
-            for holder in self._dicts
-            for name, value in holder.items()
-            if isinstance(value, Tensor) and value.numel() == 1
-        ]
-        entries += [(slot.holder, slot.name) for slot in also]
         self._holders, self._keys = [holder for holder, _ in entries], [name for _, name in entries]
         self._objects = list(map(operator.getitem, self._holders, self._keys))
         self._sizes = list(map(len, self._sized))
@@ -524,10 +533,11 @@ class _Watch:
 
     def changed(self) -> bool:
         try:
-            same = self._dicts == self._copies and all(
-                map(operator.is_, map(operator.getitem, self._holders, self._keys), self._objects)
-            )
-        except Exception:  # an entry deleted, or == of a tensor and the one that replaced it
+            with _NO_VALUES:
+                same = self._dicts == self._copies
+            held = map(operator.getitem, self._holders, self._keys)
+            same = same and all(map(operator.is_, held, self._objects))
+        except Exception:  # _Replaced; an entry deleted; a child's own == failed
             return True
         return not (
             same

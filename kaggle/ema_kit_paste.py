@@ -1,4 +1,4 @@
-# ema_kit_paste.py: ema_kit 0.1.0's ModelEMA, evaluate and LiveLog in one cell (112 definitions
+# ema_kit_paste.py: ema_kit 0.1.0's ModelEMA, evaluate and LiveLog in one cell (115 definitions
 # from 15 modules). Paste this whole file into a notebook cell and run it; then use ModelEMA,
 # LiveLog, evaluate, plot_history and decay_from_half_life as the README shows, without the
 # `from ema_kit import ...` line. Needs torch, numpy, pandas and matplotlib (a Kaggle image has them).
@@ -60,6 +60,7 @@ from matplotlib.ticker import MaxNLocator as _MaxNLocator
 from matplotlib.ticker import NullLocator as _NullLocator
 from torch import Tensor as _Tensor
 from torch import nn
+from torch.overrides import TorchFunctionMode as _TorchFunctionMode
 
 
 # -- what the stubs of left-out features call (kaggle/paste.py)
@@ -607,13 +608,25 @@ def _laid_out(shadow: _Tensor, live: _Tensor, device: torch.device, dtype: torch
     strides = shadow.stride()
     return strides == live.stride() or strides == torch.empty_like(live, device="meta").stride()
 
+class _Replaced(Exception):
+    """Raised inside ``_Watch.changed``'s ``==`` when it reaches torch: an entry holds another tensor."""
+
+class _NoValues(_TorchFunctionMode):
+    """Any torch call raises ``_Replaced``: ``==`` reaches torch only for a tensor that replaced another, and
+    must not compare values then (a broadcast to N x N, a GPU sync, a subclass's own ``==`` or ``bool``)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        raise _Replaced
+
+_NO_VALUES = _NoValues()
+
 class _Watch:
     """What ``Shadows.follow`` compares to tell that the model changed: read from the model alone, no hooks.
     """
 
     def __init__(self, live: nn.Module, also: list[_Slot], tensors: list[_Tensor]):
         modules = list(live.modules())
-        self._dicts, self._sized, entries = [], [], []
+        self._dicts, self._sized, entries = [], [], [(slot.holder, slot.name) for slot in also]
         for module in modules:
             self._dicts += [module._modules, module._parameters]
             if module._non_persistent_buffers_set:
@@ -622,13 +635,6 @@ class _Watch:
             else:
                 self._dicts.append(module._buffers)
         self._copies = list(map(dict, self._dicts))
-        entries += [
-            (holder, name)
-            for holder in self._dicts
-            for name, value in holder.items()
-            if isinstance(value, _Tensor) and value.numel() == 1
-        ]
-        entries += [(slot.holder, slot.name) for slot in also]
         self._holders, self._keys = [holder for holder, _ in entries], [name for _, name in entries]
         self._objects = list(map(_operator.getitem, self._holders, self._keys))
         self._sizes = list(map(len, self._sized))
@@ -640,10 +646,11 @@ class _Watch:
 
     def changed(self) -> bool:
         try:
-            same = self._dicts == self._copies and all(
-                map(_operator.is_, map(_operator.getitem, self._holders, self._keys), self._objects)
-            )
-        except Exception:  # an entry deleted, or == of a tensor and the one that replaced it
+            with _NO_VALUES:
+                same = self._dicts == self._copies
+            held = map(_operator.getitem, self._holders, self._keys)
+            same = same and all(map(_operator.is_, held, self._objects))
+        except Exception:  # _Replaced; an entry deleted; a child's own == failed
             return True
         return not (
             same

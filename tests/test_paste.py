@@ -31,9 +31,9 @@ from paste import PasteError  # noqa: E402
 # the first build (2026-12-04), 2,468 with issue 22's live log and issue 27's sharded EMA; with the features
 # of paste.LEFT_OUT left out, 2,031 (2026-12-04); with the branches paste.KNOWN_FALSE rules out, 1,920
 # (2026-12-04); 1,957 with the change check comparing the state dict's keys and ties; 1,975 with the display
-# hooks kept and the imports renamed too (2026-12-04); 1,981 with the change check comparing each module's
-# dicts whole (2026-12-04). This bound says when it grows further.
-MAX_LINES = 1_981
+# hooks kept and the imports renamed too (2026-12-04); 1,988 with the change check comparing each module's
+# dicts whole, no tensor by value (2026-12-04). This bound says when it grows further.
+MAX_LINES = 1_988
 
 
 def paste_file(sources: dict[str, str], version: str, **options):

@@ -271,6 +271,39 @@ def name_of(model: nn.Module, tensor: torch.Tensor) -> str:
     return next(name for name, parameter in model.named_parameters() if parameter is tensor)
 
 
+class Truthy(torch.Tensor):
+    """A tensor whose truth is always True, so that ``==`` of it with any tensor reads as equal."""
+
+    def __bool__(self):
+        return True
+
+
+class Logged(torch.Tensor):
+    """A tensor that records every torch function called on it."""
+
+    calls: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_replaced_tensor_is_never_compared_by_value():
+    model = layered()
+    model[3].register_buffer("stat", torch.zeros(2))
+    shadows = Shadows(model, 1, average_buffers=True, dtype=None, device=None)
+    model[3].stat = torch.full((2,), 7.0).as_subclass(Truthy)  # its == with the old one would read as equal
+    shadows.follow(model)
+    shadows.copy()
+    assert torch.equal(shadows.modules[0][3].stat, torch.full((2,), 7.0))
+    Logged.calls.clear()
+    model[3].stat = torch.zeros(2, 1).as_subclass(Logged)  # == with the old (2,) would broadcast to 2 x 2
+    with pytest.raises(ValueError, match=r"shape mismatch \['3.stat: \(2, 1\) vs \(2,\)'\]"):
+        shadows.follow(model)
+    assert torch.Tensor.__eq__ not in Logged.calls
+
+
 def test_a_non_persistent_buffer_reassigned_every_step_makes_no_replan(monkeypatch):
     model = layered()
     model[3].register_buffer("cache", torch.zeros(3), persistent=False)
