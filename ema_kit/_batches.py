@@ -142,7 +142,16 @@ def call(model: nn.Module, inputs):
         (tensor([2.]), None)
     """
     if isinstance(inputs, Mapping):
-        return model(**inputs)
+        try:
+            return model(**inputs)
+        except TypeError as error:
+            if "unexpected keyword argument" in str(error):  # e.g. a timm model given image=...
+                error.add_note(
+                    f"ema_kit: a dict batch's entries other than the target ({list(inputs)}) go to the model "
+                    "as keyword arguments, model(**inputs). For a model that takes one tensor, make the "
+                    "dataset return (image, label) pairs instead."
+                )
+            raise
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
@@ -192,6 +201,22 @@ def batches_per_epoch(loader) -> int | None:
         return None
 
 
-def size(targets) -> int:
-    """Rows in a batch, counted on its targets."""
-    return len(targets) if hasattr(targets, "__len__") else 1
+def rows(batch) -> int:
+    """Rows in a batch, or in its targets: the length of the first tensor in it (looked for in tuples, lists
+    and dicts, first item first), as for multi-task targets ``(labels, boxes)``; a list of other items
+    (strings) counts its items; anything else is one row.
+
+    Example:
+        >>> rows((torch.zeros(8, 3), {"label": torch.zeros(8), "box": torch.zeros(8, 4)}))
+        8
+        >>> rows(["a cat", "a dog"]), rows(torch.tensor(3.0))
+        (2, 1)
+    """
+    holder = None
+    while isinstance(batch, (tuple, list, Mapping)) and len(batch):
+        holder, batch = batch, next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
+    if isinstance(batch, torch.Tensor) and batch.dim():
+        return len(batch)
+    if isinstance(batch, (tuple, list, Mapping)):  # empty
+        return 0
+    return len(holder) if isinstance(holder, (tuple, list)) else 1

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from ema_kit._batches import each_batch
+from ema_kit import evaluate
+from ema_kit._batches import each_batch, rows
 
 
 def pairs(count=3, size=4):
@@ -70,3 +71,28 @@ def test_a_batch_of_the_wrong_shape_names_the_caller():
     with pytest.raises(ValueError, match=r"target_key='labels' \(recompute_bn takes it"):
         each_batch(nn.Linear(3, 2), [{"x": torch.ones(2, 3), "labels": 1}], lambda x, y: None,
                    caller="recompute_bn")  # fmt: skip
+
+
+def test_a_dict_batch_for_a_model_without_those_keywords_keeps_torchs_error_and_says_why():
+    batches = [{"image": torch.ones(4, 3), "label": torch.zeros(4)}]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'image'") as raised:
+        evaluate(nn.Linear(3, 2), batches, target_key="label", loss_fn=lambda outputs, targets: outputs.sum())
+    (note,) = raised.value.__notes__
+    assert "model(**inputs)" in note and "(image, label) pairs" in note
+
+
+@pytest.mark.parametrize(
+    ("batch", "count"),
+    [
+        ((torch.ones(8, 3), torch.zeros(8)), 8),
+        ((torch.ones(8, 3), (torch.zeros(8), torch.zeros(8, 4))), 8),  # multi-task targets: rows, not tasks
+        ({"image": torch.ones(5, 3), "label": torch.zeros(5)}, 5),
+        ((["a cat", "a dog", "a cow"], torch.zeros(3)), 3),  # raw text
+        (torch.tensor(2.0), 1),
+        ([torch.tensor(1), torch.tensor(2)], 2),  # a list of one-row tensors
+        (torch.zeros(0, 3), 0),
+        ([], 0),
+    ],
+)
+def test_rows_counts_the_rows_of_a_batch_or_its_targets(batch, count):
+    assert rows(batch) == count

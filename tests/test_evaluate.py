@@ -45,6 +45,53 @@ def test_streamed_loss_and_mean_metrics_equal_the_all_at_once_computation_weight
     assert scores["mse"] == pytest.approx(mse(outputs, targets).item(), rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    "packed",
+    [
+        lambda labels, aux: (labels, aux),
+        lambda labels, aux: [labels, aux],
+        lambda labels, aux: {"labels": labels, "aux": aux},
+    ],
+    ids=["tuple", "list", "dict"],
+)
+def test_multi_task_targets_weigh_each_batch_by_its_rows_not_by_its_number_of_tasks(packed):
+    torch.manual_seed(0)
+    model, batches = small_cnn(), uneven_batches(sizes=(32, 32, 1))
+    tasks = [(x, packed(y, y.float())) for x, y in batches]
+
+    def labels_of(targets):
+        return targets["labels"] if isinstance(targets, dict) else targets[0]
+
+    scores = evaluate(
+        model,
+        tasks,
+        loss_fn=lambda outputs, targets: nn.functional.cross_entropy(outputs, labels_of(targets)),
+        metrics={"accuracy": lambda outputs, targets: accuracy(outputs, labels_of(targets))},
+    )
+    outputs, targets = all_at_once(model, batches)
+    correct = (outputs.argmax(1) == targets).double().mean().item()
+    assert scores["accuracy"] == pytest.approx(correct, rel=1e-15)
+    assert scores["loss"] == pytest.approx(nn.functional.cross_entropy(outputs, targets).item(), rel=1e-6)
+
+
+def test_with_one_hot_or_soft_targets_accuracy_counts_the_most_likely_class():
+    torch.manual_seed(0)
+    model, batches = small_cnn(), uneven_batches(sizes=(10, 16, 10))  # a batch as long as the classes
+    soft = [(x, 0.9 * nn.functional.one_hot(y, 10).float() + 0.01) for x, y in batches]
+    assert evaluate(model, soft)["accuracy"] == evaluate(model, batches)["accuracy"]
+
+
+@pytest.mark.parametrize("reduction", ["none", "per-image"])
+def test_a_loss_fn_that_gives_one_loss_per_row_is_refused_naming_loss_fn_and_the_fix(reduction):
+    def loss_fn(outputs, targets):
+        losses = nn.functional.cross_entropy(outputs, targets, reduction="none")
+        return losses if reduction == "none" else losses.tolist()
+
+    got = "a tensor of shape \\(7,\\)" if reduction == "none" else "a list"
+    with pytest.raises(ValueError, match=f"^loss_fn returned {got}: .* reduction='mean'"):
+        evaluate(small_cnn(), uneven_batches(), loss_fn=loss_fn)
+
+
 def test_segmentation_scores_stream_per_pixel_as_over_the_whole_set():
     torch.manual_seed(0)
     model = nn.Conv2d(3, 4, 3, padding=1)

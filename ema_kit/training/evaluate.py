@@ -29,14 +29,19 @@ _NOT_MEANS = (
 
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Share of rows (or pixels, for outputs shaped ``(N, C, H, W)``) whose highest score is the target class.
+    """Share of rows (or pixels, for outputs shaped ``(N, C, H, W)``) whose highest score is the target class:
+    the class index, or for class probabilities (one-hot, mixup, label smoothing) the most likely class.
 
     A mean over rows, so ``evaluate`` averages it over batches exactly.
 
     Example:
         >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
         0.5
+        >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([[0.2, 0.8], [0.3, 0.7]]))
+        0.5
     """
+    if targets.is_floating_point() and targets.shape == outputs.shape:
+        targets = targets.argmax(dim=1)
     return (outputs.argmax(dim=1) == targets).sum().item() / targets.numel()
 
 
@@ -109,11 +114,18 @@ def evaluate(
     rows, kept_outputs, kept_targets = [0], [], []
 
     def score(inputs, targets) -> None:
-        count = _batches.size(targets)
+        count = _batches.rows(targets)
         if count == 0:  # adds nothing to a mean; its loss and metrics would be NaN or 0/0
             return
         output = _batches.forward(model, inputs, output_key)
         loss = loss_fn(output, targets)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            tensor = isinstance(loss, torch.Tensor)
+            got = f"a tensor of shape {tuple(loss.shape)}" if tensor else f"a {type(loss).__name__}"
+            raise ValueError(
+                f"loss_fn returned {got}: evaluate and fit need the batch's mean loss as a one-element "
+                "tensor. Use reduction='mean' (the default of torch's losses), or return loss.mean()."
+            )
         with torch.autocast(device.type, enabled=False):  # metrics in float32, as after the loop
             output = output.detach().float()
             sums["loss"] += loss.float().item() * count

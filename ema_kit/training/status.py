@@ -60,7 +60,7 @@ class RunStatus(Callback):
 
     def on_batch_end(self, state: FitState) -> None:
         self.fields["batch"] = self.fields.get("batch", 0) + 1
-        self.fields["rows"] = self.fields.get("rows", 0) + _batches.size(state.targets) * _processes()
+        self.fields["rows"] = self.fields.get("rows", 0) + _batches.rows(state.targets) * _processes()
         if time.time() - self._written >= self.every:
             self._write(state)
 
