@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,7 +16,7 @@ from ema_kit import Callback, LiveLog, ModelEMA, evaluate, fit
 from ema_kit.examples.demo import SmallCNN
 from ema_kit.examples.digits import digits_loaders
 from ema_kit.training import _env, livelog
-from ema_kit.training.plot import LivePlot
+from ema_kit.training.plot import LivePlot, plot_history
 from ema_kit.training.progress import Progress
 
 
@@ -152,6 +153,75 @@ def test_a_row_without_a_loss_given_has_no_train_loss_column():
     live_log.add(live={"loss": 0.5, "accuracy": 0.9})
     assert live_log.history.columns.tolist() == ["epoch", "live_loss", "live_accuracy", "seconds"]
     assert math.isnan(live_log.train_loss)
+
+
+def test_scores_and_columns_given_as_tensors_or_numpy_values_are_logged_as_numbers(tmp_path):
+    live_log = LiveLog(out_dir=tmp_path, progress="off")
+    live_log.add(live={"loss": torch.tensor(0.5)}, ema={"loss": np.float32(0.25)}, lr=torch.tensor([0.1]))
+    row = live_log.history.iloc[0]
+    assert (row["live_loss"], row["ema_loss"]) == (0.5, 0.25) and row["lr"] == pytest.approx(0.1)
+    assert all(live_log.history[column].dtype.kind == "f" for column in ("live_loss", "ema_loss", "lr"))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "history.csv"), live_log.history)
+
+
+@pytest.mark.parametrize(
+    ("row", "error", "message"),
+    [
+        ({"ema_fast": {"loss": 0.4}}, ValueError, r"model named 'ema_fast'.*no underscore.*emaslow"),
+        ({"student": {"loss": 0.4}}, ValueError, r"model named 'student': .* live="),
+        (
+            {"live": {"loss": torch.tensor([0.4, 0.5])}},
+            TypeError,
+            r"live\['loss'\] is a Tensor of shape \(2,\)",
+        ),
+        ({"live": {"loss": "low"}}, TypeError, r"live\['loss'\] is str 'low'; a score is one number"),
+        ({"live": {"loss": 0.4}, "lr": np.array([0.1, 0.2])}, TypeError, r"lr is a ndarray of shape \(2,\)"),
+    ],
+)
+def test_a_row_that_cannot_be_logged_is_refused_before_anything_is_written(tmp_path, row, error, message):
+    live_log = LiveLog(out_dir=tmp_path, progress="off")
+    live_log.add(live={"loss": 0.5}, ema={"loss": 0.6})
+    before = (tmp_path / "history.csv").read_bytes()
+    with pytest.raises(error, match=message):
+        live_log.add(row)
+    assert len(live_log.history) == 1 and (tmp_path / "history.csv").read_bytes() == before
+
+
+def test_rows_without_scores_log_and_plot_the_training_loss_alone(tmp_path):
+    live_log = LiveLog(out_dir=tmp_path, progress="off")
+    live_log.add(epoch=0, lr=0.1)  # nothing to draw yet: no plot, no error
+    assert not (tmp_path / "history.png").exists()
+    live_log.add(epoch=1, train_loss=0.9, lr=0.1)
+    live_log.add(epoch=2, train_loss=0.7, lr=0.05)
+    assert live_log.history["train_loss"].tolist()[1:] == [0.9, 0.7]
+    figure = plot_history(live_log.history)
+    assert [ax.get_title() for ax in figure.axes] == ["loss"]
+    assert (tmp_path / "history.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_epoch_stopped_midway_is_tracked_again_as_the_same_epoch_without_its_losses():
+    loader = [(torch.zeros(2, 1), torch.zeros(2)) for _ in range(4)]
+    live_log, stream = LiveLog(progress="text", plot=False, epochs=3), io.StringIO()
+    live_log.progress.stream = stream
+
+    def run_epoch(loss, stop_at=None):
+        for batch_index, _ in enumerate(live_log.track(loader)):
+            if batch_index == stop_at:
+                raise KeyboardInterrupt  # the stop button
+            live_log.add_loss(loss)
+
+    run_epoch(1.0)
+    live_log.add(live={"loss": 0.5})
+    kept = []  # as a notebook's last traceback keeps the stopped loop's frames, and its generator open
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run_epoch(100.0, stop_at=2)
+    kept.append(stopped)
+    for loss in (2.0, 3.0):  # the cell run again: epoch 2, then 3
+        run_epoch(loss)
+        live_log.add(live={"loss": 0.5})
+    assert live_log.history["epoch"].tolist() == [1, 2, 3]
+    assert live_log.history["train_loss"].tolist() == [1.0, 2.0, 3.0]
+    assert "epoch 4" not in stream.getvalue()
 
 
 def test_the_progress_shown_with_a_row_has_that_rows_train_loss():

@@ -9,6 +9,7 @@ was scored: a whole number at an epoch's end, a fraction for a row scored mid-ep
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -19,7 +20,8 @@ import pandas as pd
 from ..files import atomic_write_text
 
 # "<model>_<quantity>", where model is "live", "ema" or "ema<decay>" (a decay has no underscore).
-_SCORE = re.compile(r"^(live|ema[^_]*)_(.+)$")
+_MODEL = r"live|ema[^_]*"
+_SCORE = re.compile(rf"^({_MODEL})_(.+)$")
 
 
 def score_columns(history: pd.DataFrame) -> dict[str, dict[str, str]]:
@@ -39,19 +41,57 @@ def score_columns(history: pd.DataFrame) -> dict[str, dict[str, str]]:
 
 
 def score_row(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """One row's score columns from each model's scores, by quantity and then by model.
+    """One row's score columns from each model's scores, by quantity and then by model. A model's name is
+    ``live`` or starts with ``ema``, without an underscore; each score is one number (a tensor or array of
+    one element counts). Raises before anything is logged.
 
     Example:
         >>> score_row({"live": {"loss": 0.3, "accuracy": 0.9}, "ema": {"loss": 0.2, "accuracy": 0.95}})
         {'live_loss': 0.3, 'ema_loss': 0.2, 'live_accuracy': 0.9, 'ema_accuracy': 0.95}
     """
+    for model in scores:
+        if not (isinstance(model, str) and re.fullmatch(_MODEL, model)):
+            raise ValueError(
+                f"Scores were given for a model named {model!r}: a model's scores go under live=..., or "
+                "a name that starts with ema and holds no underscore (ema=..., emaslow=..., or "
+                "**{'ema0.999': ...}): its columns are <model>_<quantity>, and ema_slow_loss would read as "
+                "model ema, score slow_loss."
+            )
     quantities = dict.fromkeys(quantity for values in scores.values() for quantity in values)
     return {
-        f"{model}_{quantity}": values[quantity]
+        f"{model}_{quantity}": log_value(f"{model}[{quantity!r}]", values[quantity], score=True)
         for quantity in quantities
         for model, values in scores.items()
         if quantity in values
     }
+
+
+def log_value(name: str, value, *, score: bool = False):
+    """``value`` as one cell of the log: a tensor or numpy value of one element as its Python number; a
+    score must be a number, and becomes a float.
+
+    Example:
+        >>> import torch
+        >>> log_value("lr", torch.tensor(0.5)), log_value("ema['acc']", 1, score=True)
+        (0.5, 1.0)
+    """
+    if not isinstance(value, (str, bytes)) and callable(getattr(value, "item", None)):
+        try:
+            value = value.item()  # a 0-d tensor would log as the text "tensor(0.5000)"
+        except (ValueError, RuntimeError):
+            shape = tuple(getattr(value, "shape", ()))
+            raise TypeError(
+                f"{name} is a {type(value).__name__} of shape {shape}; a log cell holds one value per row (a "
+                "number, or a tensor or array with one element)."
+            ) from None
+    if score:
+        if not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"{name} is {type(value).__name__} {value!r:.60}; a score is one number (a float, or a "
+                "tensor or array with one element)."
+            )
+        return float(value)
+    return value
 
 
 def append_row(history: pd.DataFrame, row: Mapping) -> pd.DataFrame:

@@ -15,10 +15,10 @@ import pandas as pd
 import torch
 
 from .. import _checks
-from .._batches import batches_per_epoch
+from .._batches import batches_per_epoch, rows
 from . import _env
 from .callbacks import Callback, FitState, is_main_process
-from .history import append_row, score_row, write_csv
+from .history import append_row, log_value, score_row, write_csv
 from .plot import LivePlot
 from .progress import Progress
 
@@ -102,6 +102,8 @@ class LiveLog(Callback):
         self._live_plot: LivePlot | None = None
         self._state: FitState | None = None  # fit's, while fit runs this log
         self._epoch = 0  # epochs tracked
+        self._cut_short = False  # the tracked epoch ended early (stop button, error, break), no row since
+        self._tracking: object | None = None  # the track() call running now
         self._batch: int | None = None  # the batch of the tracked epoch being trained (1-based), if any
         self._rows = 1  # rows of the batch being trained, which weigh its loss
         self._loss_sum: torch.Tensor | float = 0.0
@@ -116,16 +118,23 @@ class LiveLog(Callback):
 
     def track(self, loader: Iterable) -> Iterator:
         """Yield ``loader``'s batches as one epoch, each counted on the progress bar when the loop is done
-        with it."""
-        self._epoch += 1
+        with it. An epoch cut short (the stop button, an error, a ``break``) and followed by no row is
+        tracked again as the same epoch, without the losses of its batches so far."""
+        if self._cut_short:
+            self._loss_sum, self._loss_rows = 0.0, 0
+        else:
+            self._epoch += 1
+        self._cut_short, self._tracking = True, (tracking := object())
         self._start_epoch(self._epoch, batches_per_epoch(loader))
         try:
             for self._batch, batch in enumerate(loader, start=1):
-                self._rows = _rows(batch)
+                self._rows = rows(batch)
                 yield batch
                 self._batch_done(self._rows)
+            self._cut_short = False
         finally:
-            self._batch = None
+            if self._tracking is tracking:  # a loop stopped in a notebook may be closed much later
+                self._batch = None
 
     def add_loss(self, loss: torch.Tensor | float) -> None:
         """Count one training batch's (mean) loss, weighted by the rows of the batch being tracked."""
@@ -164,7 +173,7 @@ class LiveLog(Callback):
         """
         columns = {**(row or {}), **columns}
         scores = {name: value for name, value in columns.items() if isinstance(value, Mapping)}
-        others = {name: value for name, value in columns.items() if name not in scores}
+        others = {name: log_value(name, value) for name, value in columns.items() if name not in scores}
         new = {"epoch": others.pop("epoch") if "epoch" in others else self._epoch_now()}
         if "train_loss" in others or self._loss_rows:
             new["train_loss"] = others.pop("train_loss", self.train_loss)
@@ -174,6 +183,7 @@ class LiveLog(Callback):
             self.history = append_row(self.history, new)
             self._show()  # the bar's last line still shows the loss of the row
             self._loss_sum, self._loss_rows, self._started = 0.0, 0, time.perf_counter()
+            self._cut_short = False
             if self.epochs is not None and new["epoch"] >= self.epochs:  # the last row: the bar is done
                 self.progress.close()
 
@@ -201,7 +211,7 @@ class LiveLog(Callback):
         self._start_epoch(state.epoch, batches_per_epoch(state.train_loader))
 
     def on_batch_end(self, state: FitState) -> None:
-        self._batch_done(_rows(state.targets))
+        self._batch_done(rows(state.targets))
 
     def on_row_added(self, state: FitState) -> None:
         self.history, self.best_epoch = state.history, state.best_epoch
@@ -248,10 +258,3 @@ class LiveLog(Callback):
         self._live_plot.update(self.history, best_epoch=self.best_epoch, in_epoch=in_epoch)
         self._drawn = time.perf_counter()
         self._draw_seconds = self._drawn - started
-
-
-def _rows(batch) -> int:
-    """Rows in a batch: the length of its first tensor (in a tuple, list or dict), or 1."""
-    while isinstance(batch, (tuple, list, Mapping)) and len(batch):
-        batch = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
-    return len(batch) if isinstance(batch, torch.Tensor) and batch.dim() else 1

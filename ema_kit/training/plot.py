@@ -97,13 +97,12 @@ def plot_history(
         >>> [ax.get_title() for ax in fig.axes]
         ['loss']
     """
-    groups = score_columns(history)
-    if in_epoch is not None:
-        groups = {"loss": {}} | groups  # the training loss is drawn before the first row has scores
+    groups = _panels(history, in_epoch)
     if not groups:
         raise ValueError(
-            "The history has no score columns (live_<metric>, ema_<metric>); pass fit's DataFrame or the "
-            f"history.csv it wrote. Columns given: {list(history.columns)}."
+            "The history has no score columns (live_<metric>, ema_<metric>) and no train_loss: pass a "
+            "training log (a LiveLog's history, fit's DataFrame, or the history.csv either wrote). Columns "
+            f"given: {list(history.columns)}."
         )
     if figure is None:
         figure = NotebookFigure()
@@ -176,6 +175,15 @@ def plot_history(
     return figure
 
 
+def _panels(history: pd.DataFrame, in_epoch: pd.DataFrame | None) -> dict[str, dict[str, str]]:
+    """The quantities to draw, each with its models' score columns; a training loss alone (within the first
+    epoch, or a log without scores) is drawn in a loss panel of its own."""
+    groups = score_columns(history)
+    if in_epoch is not None or "train_loss" in history:
+        groups = {"loss": {}} | groups
+    return groups
+
+
 def _legend_inches(labels: list[str]) -> float:
     """Room for the legend beside the panels: the line sample and the longest label, in small text.
 
@@ -209,11 +217,9 @@ class LivePlot:
         self, history: pd.DataFrame, *, best_epoch: float | None = None, in_epoch: pd.DataFrame | None = None
     ) -> None:
         """Draw ``history`` (and ``in_epoch``: see ``plot_history``; shown only, the file is the log's)."""
-        if in_epoch is not None and not self.show:
-            return
+        if not (self.show or (self.path and in_epoch is None)) or not _panels(history, in_epoch):
+            return  # nothing would show or keep the figure, or nothing to draw yet (a row of lr alone)
         plot_history(history, best_epoch=best_epoch, figure=self.figure, in_epoch=in_epoch)
-        if not (self.path or self.show):
-            return
         png = io.BytesIO()
         self.figure.savefig(png, format="png", dpi=90)
         if self.path is not None and in_epoch is None:
