@@ -18,7 +18,7 @@ from ._shadows import Shadows
 from ._sharded import rank, reshard
 from ._tensors import check_layout, cpu_state
 from .bn import recompute_bn
-from .files import atomic_save, save_weights
+from .files import atomic_save, is_safetensors, save_weights
 
 # Warmup caps the decay at (1 - 1/n) ** 8 for the n-th update: a power-function EMA (Karras et al.
 # 2024, gamma = 7) that averages over the latest ~10% of the updates so far (sigma_rel = 0.10). Measured on
@@ -119,7 +119,7 @@ class Schedule:
                 "ModelEMA skipped an update: the model's weights hold NaN or Inf; the EMA keeps its "
                 "last finite weights (ema.num_skipped counts the skips).",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=3,  # the line that called update: advance < update < it
             )
             return None
         if not averaging:
@@ -486,7 +486,7 @@ def save_module(module: nn.Module, path: str | os.PathLike) -> Path:
     extra = [key for key, value in weights.items() if not isinstance(value, torch.Tensor)]
     if not extra:
         return save_weights(weights, path)
-    if Path(path).suffix == ".safetensors":
+    if is_safetensors(path):
         raise ValueError(
             f"{Path(path).name}: the model's {extra[:3]} are extra state (get_extra_state), not "
             "tensors, which safetensors cannot hold; save to a .pth name instead."

@@ -96,7 +96,7 @@ def save_weights(weights: dict[str, torch.Tensor], path: str | os.PathLike) -> P
             f"save_weights writes a state dict (names to tensors), but {not_tensors[:3]} hold "
             f"{type(weights[not_tensors[0]]).__name__}; use atomic_save for other objects."
         )
-    if Path(path).suffix != ".safetensors":
+    if not is_safetensors(path):
         return atomic_save(cpu_state(weights), path)
     safetensors_torch = _import_safetensors(path)
     copies = {
@@ -108,6 +108,11 @@ def save_weights(weights: dict[str, torch.Tensor], path: str | os.PathLike) -> P
 
 
 _CRC_KEY = "ema_kit.crc32"
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a safetensors file: its name ends with ``.safetensors``, in any case."""
+    return Path(path).suffix.lower() == ".safetensors"
 
 
 def _crc32(tensors: dict[str, torch.Tensor]) -> str:
@@ -148,7 +153,7 @@ def load_weights(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No weights file at {path}.")
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         safetensors_torch = _import_safetensors(path)
         try:
             with safetensors_torch.safe_open(path, framework="pt", device="cpu") as f:

@@ -89,7 +89,10 @@ class MultiEMA:
                 finite.append(self._shadows.all_finite())
             return finite[0]
 
-        self._shadows.blend([schedule.advance(all_finite) for schedule in self._schedules])
+        weights = []
+        for schedule in self._schedules:  # not a comprehension, a frame of its own before Python 3.12: a
+            weights.append(schedule.advance(all_finite))  # skip's warning names the line that called update
+        self._shadows.blend(weights)
 
     def state_dict(self) -> dict:
         """Every EMA's ``state_dict``, in order; loads with ``torch.load(..., weights_only=True)``."""

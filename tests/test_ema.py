@@ -1,6 +1,7 @@
 """ModelEMA (ema_kit/ema.py): numerics, warmup, buffers, precision, wrappers, swap, resume, files, errors."""
 
 import copy
+import inspect
 import math
 import os
 import warnings
@@ -442,8 +443,9 @@ def test_skip_non_finite_keeps_the_last_good_ema(model):
     good = copy.deepcopy(ema.module.state_dict())
     with torch.no_grad():
         model[7].weight[0, 0] = float("nan")
-    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+    with pytest.warns(RuntimeWarning, match="NaN or Inf") as warned:
         ema.update(model)
+    assert (warned[0].filename, warned[0].lineno) == (__file__, inspect.currentframe().f_lineno - 1)
     assert ema.num_skipped == 1 and ema.num_updates == 3
     assert all(torch.equal(v, good[k]) for k, v in ema.module.state_dict().items())
     with torch.no_grad():

@@ -174,6 +174,12 @@ def test_ema_saves_safetensors_that_load_strict_with_tied_weights_and_any_layout
     assert torch.equal(fresh[3].weight, ema.module[3].weight)
 
 
+def test_a_safetensors_name_in_capitals_is_written_and_read_as_safetensors(trained_ema, tmp_path):
+    path = trained_ema.save(tmp_path / "MODEL_EMA.SafeTensors")
+    assert_same_weights(safetensors.torch.load_file(path), trained_ema.module.state_dict())
+    assert_same_weights(load_weights(path), trained_ema.module.state_dict())
+
+
 def test_safetensors_without_the_package_is_an_import_error_naming_pip_install(
     trained_ema, tmp_path, monkeypatch
 ):

@@ -1,6 +1,7 @@
 """MultiEMA (ema_kit/multi.py): one EMA per decay, numerics, the one-pass update, resume, errors."""
 
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -179,8 +180,9 @@ def test_non_finite_weights_skip_every_ema_after_one_check(model):
     before = {decay: copy.deepcopy(ema.module.state_dict()) for decay, ema in multi.emas.items()}
     with torch.no_grad():
         model[0].weight[0, 0, 0, 0] = float("nan")
-    with pytest.warns(RuntimeWarning, match="skipped an update"):
+    with pytest.warns(RuntimeWarning, match="skipped an update") as warned:
         multi.update(model)
+    assert (warned[0].filename, warned[0].lineno) == (__file__, inspect.currentframe().f_lineno - 1)
     for decay, ema in multi.emas.items():
         assert ema.num_skipped == 1 and ema.num_updates == 3
         assert max_error(ema.module.state_dict(), before[decay]) == 0.0
