@@ -1,7 +1,7 @@
-# ema_kit_paste.py: ema_kit 0.1.0's ModelEMA, evaluate and LiveLog in one cell (115 definitions
+# ema_kit_paste.py: ema_kit 0.1.0's ModelEMA, evaluate and LiveLog in one cell (119 definitions
 # from 15 modules). Paste this whole file into a notebook cell and run it; then use ModelEMA,
-# LiveLog, evaluate, plot_history and decay_from_half_life as the README shows, without the
-# `from ema_kit import ...` line. Needs torch, numpy, pandas and matplotlib (a Kaggle image has them).
+# LiveLog, evaluate (whole_set for its metrics), plot_history and decay_from_half_life as the README
+# shows, without the `from ema_kit import ...` line. Needs torch, numpy, pandas and matplotlib (a Kaggle image has them).
 # Left out to keep it one readable cell; asking for one raises LeftOut, which names it and the fix
 # (15 one-line stubs stand in for the package's definitions where these features start):
 #   - an EMA of a model sharded by FSDP2 (fully_shard)
@@ -801,7 +801,16 @@ def _forward(model: nn.Module, inputs, output_key: int | str | None):
 def _call(model: nn.Module, inputs):
     """The model's whole output for ``inputs``, spread as ``forward`` spreads them (nothing picked)."""
     if isinstance(inputs, _Mapping):
-        return model(**inputs)
+        try:
+            return model(**inputs)
+        except TypeError as error:
+            if "unexpected keyword argument" in str(error):  # e.g. a timm model given image=...
+                error.add_note(
+                    f"ema_kit: a dict batch's entries other than the target ({list(inputs)}) go to the model "
+                    "as keyword arguments, model(**inputs). For a model that takes one tensor, make the "
+                    "dataset return (image, label) pairs instead."
+                )
+            raise
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
@@ -847,9 +856,19 @@ def _batches_per_epoch(loader) -> int | None:
     except TypeError:
         return None
 
-def _size(targets) -> int:
-    """Rows in a batch, counted on its targets."""
-    return len(targets) if hasattr(targets, "__len__") else 1
+def _rows(batch) -> int:
+    """Rows in a batch, or in its targets: the length of the first tensor in it (looked for in tuples, lists
+    and dicts, first item first), as for multi-task targets ``(labels, boxes)``; a list of other items
+    (strings) counts its items; anything else is one row.
+    """
+    holder = None
+    while isinstance(batch, (tuple, list, _Mapping)) and len(batch):
+        holder, batch = batch, next(iter(batch.values())) if isinstance(batch, _Mapping) else batch[0]
+    if isinstance(batch, torch.Tensor) and batch.dim():
+        return len(batch)
+    if isinstance(batch, (tuple, list, _Mapping)):  # empty
+        return 0
+    return len(holder) if isinstance(holder, (tuple, list)) else 1
 
 
 # -- ema_kit/files.py
@@ -906,7 +925,7 @@ def _save_weights(weights: dict[str, torch.Tensor], path: str | _os.PathLike) ->
             f"save_weights writes a state dict (names to tensors), but {not_tensors[:3]} hold "
             f"{type(weights[not_tensors[0]]).__name__}; use atomic_save for other objects."
         )
-    if _Path(path).suffix != ".safetensors":
+    if not _is_safetensors(path):
         return _atomic_save(_cpu_state(weights), path)
     safetensors_torch = _import_safetensors(path)
     copies = {
@@ -917,6 +936,10 @@ def _save_weights(weights: dict[str, torch.Tensor], path: str | _os.PathLike) ->
     return _atomic_write(path, lambda f: f.write(data))
 
 _CRC_KEY = "ema_kit.crc32"
+
+def _is_safetensors(path: str | _os.PathLike) -> bool:
+    """Whether ``path`` names a safetensors file: its name ends with ``.safetensors``, in any case."""
+    return _Path(path).suffix.lower() == ".safetensors"
 
 _crc32 = _left_out("saving the EMA weights as .safetensors")
 _import_safetensors = _left_out("saving the EMA weights as .safetensors")
@@ -1000,7 +1023,7 @@ class _Schedule:
                 "ModelEMA skipped an update: the model's weights hold NaN or Inf; the EMA keeps its "
                 "last finite weights (ema.num_skipped counts the skips).",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=3,  # the line that called update: advance < update < it
             )
             return None
         if not averaging:
@@ -1149,7 +1172,7 @@ def _save_module(module: nn.Module, path: str | _os.PathLike) -> _Path:
     extra = [key for key, value in weights.items() if not isinstance(value, torch.Tensor)]
     if not extra:
         return _save_weights(weights, path)
-    if _Path(path).suffix == ".safetensors":
+    if _is_safetensors(path):
         raise ValueError(
             f"{_Path(path).name}: the model's {extra[:3]} are extra state (get_extra_state), not "
             "tensors, which safetensors cannot hold; save to a .pth name instead."
@@ -1186,8 +1209,11 @@ _NOT_MEANS = (
 )  # fmt: skip
 
 def _accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Share of rows (or pixels, for outputs shaped ``(N, C, H, W)``) whose highest score is the target class.
+    """Share of rows (or pixels, for outputs shaped ``(N, C, H, W)``) whose highest score is the target class:
+    the class index, or for class probabilities (one-hot, mixup, label smoothing) the most likely class.
     """
+    if targets.is_floating_point() and targets.shape == outputs.shape:
+        targets = targets.argmax(dim=1)
     return (outputs.argmax(dim=1) == targets).sum().item() / targets.numel()
 
 @_dataclass(frozen=True)
@@ -1198,6 +1224,12 @@ class _WholeSet:
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor):
         return self.metric(outputs, targets)
+
+def whole_set(metric: Metric) -> _WholeSet:
+    """Mark ``metric`` as one that needs every output of the set at once, as AUC, QWK, F1 or RMSE do."""
+    if not callable(metric):
+        raise TypeError(f"whole_set takes a function(outputs, targets) -> number, got {metric!r}.")
+    return _WholeSet(metric)
 
 def evaluate(
     model: nn.Module,
@@ -1221,11 +1253,18 @@ def evaluate(
     rows, kept_outputs, kept_targets = [0], [], []
 
     def score(inputs, targets) -> None:
-        count = _size(targets)
+        count = _rows(targets)
         if count == 0:  # adds nothing to a mean; its loss and metrics would be NaN or 0/0
             return
         output = _forward(model, inputs, output_key)
         loss = loss_fn(output, targets)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            tensor = isinstance(loss, torch.Tensor)
+            got = f"a tensor of shape {tuple(loss.shape)}" if tensor else f"a {type(loss).__name__}"
+            raise ValueError(
+                f"loss_fn returned {got}: evaluate and fit need the batch's mean loss as a one-element "
+                "tensor. Use reduction='mean' (the default of torch's losses), or return loss.mean()."
+            )
         with torch.autocast(device.type, enabled=False):  # metrics in float32, as after the loop
             output = output.detach().float()
             sums["loss"] += loss.float().item() * count
@@ -1437,7 +1476,9 @@ def _finish_before_stopping() -> _Iterator[None]:
 
 # -- ema_kit/training/history.py
 # "<model>_<quantity>", where model is "live", "ema" or "ema<decay>" (a decay has no underscore).
-_SCORE = _re.compile(r"^(live|ema[^_]*)_(.+)$")
+_MODEL = r"live|ema[^_]*"
+
+_SCORE = _re.compile(rf"^({_MODEL})_(.+)$")
 
 def _score_columns(history: pd.DataFrame) -> dict[str, dict[str, str]]:
     """Score columns grouped by quantity, then by model: ``{"loss": {"live": "live_loss", ...}, ...}``."""
@@ -1449,14 +1490,47 @@ def _score_columns(history: pd.DataFrame) -> dict[str, dict[str, str]]:
     return groups
 
 def _score_row(scores: _Mapping[str, _Mapping[str, float]]) -> dict[str, float]:
-    """One row's score columns from each model's scores, by quantity and then by model."""
+    """One row's score columns from each model's scores, by quantity and then by model. A model's name is
+    ``live`` or starts with ``ema``, without an underscore; each score is one number (a tensor or array of
+    one element counts). Raises before anything is logged.
+    """
+    for model in scores:
+        if not (isinstance(model, str) and _re.fullmatch(_MODEL, model)):
+            raise ValueError(
+                f"Scores were given for a model named {model!r}: a model's scores go under live=..., or "
+                "a name that starts with ema and holds no underscore (ema=..., emaslow=..., or "
+                "**{'ema0.999': ...}): its columns are <model>_<quantity>, and ema_slow_loss would read as "
+                "model ema, score slow_loss."
+            )
     quantities = dict.fromkeys(quantity for values in scores.values() for quantity in values)
     return {
-        f"{model}_{quantity}": values[quantity]
+        f"{model}_{quantity}": _log_value(f"{model}[{quantity!r}]", values[quantity], score=True)
         for quantity in quantities
         for model, values in scores.items()
         if quantity in values
     }
+
+def _log_value(name: str, value, *, score: bool = False):
+    """``value`` as one cell of the log: a tensor or numpy value of one element as its Python number; a
+    score must be a number, and becomes a float.
+    """
+    if not isinstance(value, (str, bytes)) and callable(getattr(value, "item", None)):
+        try:
+            value = value.item()  # a 0-d tensor would log as the text "tensor(0.5000)"
+        except (ValueError, RuntimeError):
+            shape = tuple(getattr(value, "shape", ()))
+            raise TypeError(
+                f"{name} is a {type(value).__name__} of shape {shape}; a log cell holds one value per row (a "
+                "number, or a tensor or array with one element)."
+            ) from None
+    if score:
+        if not isinstance(value, _numbers.Real):
+            raise TypeError(
+                f"{name} is {type(value).__name__} {value!r:.60}; a score is one number (a float, or a "
+                "tensor or array with one element)."
+            )
+        return float(value)
+    return value
 
 def _append_row(history: pd.DataFrame, row: _Mapping) -> pd.DataFrame:
     """``history`` with ``row`` added; a column new in ``row`` goes last (empty in the rows before it)."""
@@ -1548,13 +1622,12 @@ def plot_history(
     in_epoch: pd.DataFrame | None = None,
 ) -> _Figure:
     """Draw a training log (``fit``'s DataFrame, or ``pd.read_csv("history.csv")``) as live vs EMA curves."""
-    groups = _score_columns(history)
-    if in_epoch is not None:
-        groups = {"loss": {}} | groups  # the training loss is drawn before the first row has scores
+    groups = _panels(history, in_epoch)
     if not groups:
         raise ValueError(
-            "The history has no score columns (live_<metric>, ema_<metric>); pass fit's DataFrame or the "
-            f"history.csv it wrote. Columns given: {list(history.columns)}."
+            "The history has no score columns (live_<metric>, ema_<metric>) and no train_loss: pass a "
+            "training log (a LiveLog's history, fit's DataFrame, or the history.csv either wrote). Columns "
+            f"given: {list(history.columns)}."
         )
     if figure is None:
         figure = _NotebookFigure()
@@ -1626,6 +1699,14 @@ def plot_history(
     )
     return figure
 
+def _panels(history: pd.DataFrame, in_epoch: pd.DataFrame | None) -> dict[str, dict[str, str]]:
+    """The quantities to draw, each with its models' score columns; a training loss alone (within the first
+    epoch, or a log without scores) is drawn in a loss panel of its own."""
+    groups = _score_columns(history)
+    if in_epoch is not None or "train_loss" in history:
+        groups = {"loss": {}} | groups
+    return groups
+
 def _legend_inches(labels: list[str]) -> float:
     """Room for the legend beside the panels: the line sample and the longest label, in small text."""
     return 0.5 + 0.065 * max(len("best (epoch 100)"), *map(len, labels))
@@ -1643,11 +1724,9 @@ class _LivePlot:
         self, history: pd.DataFrame, *, best_epoch: float | None = None, in_epoch: pd.DataFrame | None = None
     ) -> None:
         """Draw ``history`` (and ``in_epoch``: see ``plot_history``; shown only, the file is the log's)."""
-        if in_epoch is not None and not self.show:
-            return
+        if not (self.show or (self.path and in_epoch is None)) or not _panels(history, in_epoch):
+            return  # nothing would show or keep the figure, or nothing to draw yet (a row of lr alone)
         plot_history(history, best_epoch=best_epoch, figure=self.figure, in_epoch=in_epoch)
-        if not (self.path or self.show):
-            return
         png = _io.BytesIO()
         self.figure.savefig(png, format="png", dpi=90)
         if self.path is not None and in_epoch is None:
@@ -1865,6 +1944,8 @@ class LiveLog(_Callback):
         self._live_plot: _LivePlot | None = None
         self._state: FitState | None = None  # fit's, while fit runs this log
         self._epoch = 0  # epochs tracked
+        self._cut_short = False  # the tracked epoch ended early (stop button, error, break), no row since
+        self._tracking: object | None = None  # the track() call running now
         self._batch: int | None = None  # the batch of the tracked epoch being trained (1-based), if any
         self._rows = 1  # rows of the batch being trained, which weigh its loss
         self._loss_sum: torch.Tensor | float = 0.0
@@ -1879,16 +1960,23 @@ class LiveLog(_Callback):
 
     def track(self, loader: _Iterable) -> _Iterator:
         """Yield ``loader``'s batches as one epoch, each counted on the progress bar when the loop is done
-        with it."""
-        self._epoch += 1
+        with it. An epoch cut short (the stop button, an error, a ``break``) and followed by no row is
+        tracked again as the same epoch, without the losses of its batches so far."""
+        if self._cut_short:
+            self._loss_sum, self._loss_rows = 0.0, 0
+        else:
+            self._epoch += 1
+        self._cut_short, self._tracking = True, (tracking := object())
         self._start_epoch(self._epoch, _batches_per_epoch(loader))
         try:
             for self._batch, batch in enumerate(loader, start=1):
                 self._rows = _rows(batch)
                 yield batch
                 self._batch_done(self._rows)
+            self._cut_short = False
         finally:
-            self._batch = None
+            if self._tracking is tracking:  # a loop stopped in a notebook may be closed much later
+                self._batch = None
 
     def add_loss(self, loss: torch.Tensor | float) -> None:
         """Count one training batch's (mean) loss, weighted by the rows of the batch being tracked."""
@@ -1918,7 +2006,7 @@ class LiveLog(_Callback):
         """Add a row to ``history``, then show and write it (the table, the plot, the files)."""
         columns = {**(row or {}), **columns}
         scores = {name: value for name, value in columns.items() if isinstance(value, _Mapping)}
-        others = {name: value for name, value in columns.items() if name not in scores}
+        others = {name: _log_value(name, value) for name, value in columns.items() if name not in scores}
         new = {"epoch": others.pop("epoch") if "epoch" in others else self._epoch_now()}
         if "train_loss" in others or self._loss_rows:
             new["train_loss"] = others.pop("train_loss", self.train_loss)
@@ -1928,6 +2016,7 @@ class LiveLog(_Callback):
             self.history = _append_row(self.history, new)
             self._show()  # the bar's last line still shows the loss of the row
             self._loss_sum, self._loss_rows, self._started = 0.0, 0, _time.perf_counter()
+            self._cut_short = False
             if self.epochs is not None and new["epoch"] >= self.epochs:  # the last row: the bar is done
                 self.progress.close()
 
@@ -1980,9 +2069,3 @@ class LiveLog(_Callback):
         self._live_plot.update(self.history, best_epoch=self.best_epoch, in_epoch=in_epoch)
         self._drawn = _time.perf_counter()
         self._draw_seconds = self._drawn - started
-
-def _rows(batch) -> int:
-    """Rows in a batch: the length of its first tensor (in a tuple, list or dict), or 1."""
-    while isinstance(batch, (tuple, list, _Mapping)) and len(batch):
-        batch = next(iter(batch.values())) if isinstance(batch, _Mapping) else batch[0]
-    return len(batch) if isinstance(batch, torch.Tensor) and batch.dim() else 1
