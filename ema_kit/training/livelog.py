@@ -165,6 +165,11 @@ class LiveLog(Callback):
     def add(self, row: Mapping | None = None, /, **columns) -> None:
         """Add a row to ``history``, then show and write it (the table, the plot, the files).
 
+        Each model's scores come as a dict under its name, ``live`` or one that starts with ``ema`` (``ema``,
+        ``emaslow``, ``ema0.999``: no underscore, as the columns are ``<model>_<quantity>``); any other
+        keyword is a column of its own (``lr=...``). Tensors and numpy values of one element are logged as
+        numbers. A row that cannot be logged is refused before anything is written.
+
         Example:
             >>> log = LiveLog(progress="off")
             >>> log.add(live={"loss": 0.5}, ema={"loss": 0.4}, lr=0.1)
