@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -201,22 +202,37 @@ def batches_per_epoch(loader) -> int | None:
         return None
 
 
-def rows(batch) -> int:
-    """Rows in a batch, or in its targets: the length of the first tensor in it (looked for in tuples, lists
-    and dicts, first item first), as for multi-task targets ``(labels, boxes)``; a list of other items
-    (strings) counts its items; anything else is one row.
+def rows(inputs, targets=None) -> int:
+    """Rows in a batch of ``inputs`` and ``targets`` (or in one batch given whole as ``inputs``).
+
+    Counted on the inputs when they are a tensor (or a dict whose first entry is one): images, token ids.
+    Else on the targets (or the whole batch): a tensor's length; a dict's first entry; fields of one batch,
+    tensors of one length (``(labels, boxes)`` as the default collate makes them), by that length; and any
+    other list, of per-image dicts or tensors (detection) or of strings, by its items.
 
     Example:
-        >>> rows((torch.zeros(8, 3), {"label": torch.zeros(8), "box": torch.zeros(8, 4)}))
+        >>> rows(torch.zeros(8, 3), (torch.zeros(8), torch.zeros(8, 4)))
         8
-        >>> rows(["a cat", "a dog"]), rows(torch.tensor(3.0))
-        (2, 1)
+        >>> images = [torch.zeros(3, 9, 9), torch.zeros(3, 5, 5)]  # detection: a list per batch
+        >>> rows(images, [{"boxes": torch.zeros(1, 4)}, {"boxes": torch.zeros(0, 4)}])
+        2
+        >>> rows(["a cat", "a dog"]), rows({"image": torch.zeros(5, 3), "label": torch.zeros(5)})
+        (2, 5)
     """
-    holder = None
-    while isinstance(batch, (tuple, list, Mapping)) and len(batch):
-        holder, batch = batch, next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
-    if isinstance(batch, torch.Tensor) and batch.dim():
-        return len(batch)
-    if isinstance(batch, (tuple, list, Mapping)):  # empty
-        return 0
-    return len(holder) if isinstance(holder, (tuple, list)) else 1
+    for value in (inputs, targets):
+        while isinstance(value, Mapping) and value:
+            value = next(iter(value.values()))
+        if _length(value) is not None:
+            return _length(value)
+    value = inputs if targets is None else targets
+    if not isinstance(value, (tuple, list)):
+        return 1
+    lengths = {_length(item) for item in value}
+    return lengths.pop() if len(lengths) == 1 and None not in lengths else len(value)
+
+
+def _length(value) -> int | None:
+    """The length of a tensor or numpy array of at least one dimension, else None."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim:
+        return len(value)
+    return None

@@ -1,5 +1,6 @@
 """The batch contract and the one loop over a loader (ema_kit/_batches.py)."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -81,18 +82,29 @@ def test_a_dict_batch_for_a_model_without_those_keywords_keeps_torchs_error_and_
     assert "model(**inputs)" in note and "(image, label) pairs" in note
 
 
+IMAGES = [torch.zeros(3, 9, 9), torch.zeros(3, 5, 5)]  # a detection batch: a list of images, any size
+
+
 @pytest.mark.parametrize(
-    ("batch", "count"),
+    ("inputs", "targets", "count"),
     [
-        ((torch.ones(8, 3), torch.zeros(8)), 8),
-        ((torch.ones(8, 3), (torch.zeros(8), torch.zeros(8, 4))), 8),  # multi-task targets: rows, not tasks
-        ({"image": torch.ones(5, 3), "label": torch.zeros(5)}, 5),
-        ((["a cat", "a dog", "a cow"], torch.zeros(3)), 3),  # raw text
-        (torch.tensor(2.0), 1),
-        ([torch.tensor(1), torch.tensor(2)], 2),  # a list of one-row tensors
-        (torch.zeros(0, 3), 0),
-        ([], 0),
+        (torch.ones(8, 3), torch.zeros(8), 8),
+        (torch.ones(8, 3), (torch.zeros(8), torch.zeros(8, 4)), 8),  # multi-task targets: rows, not tasks
+        (torch.ones(8, 3), [torch.zeros(3, 4), torch.zeros(5, 4)], 8),  # per-image tensors: the images count
+        ({"input_ids": torch.ones(5, 7), "mask": torch.ones(5, 7)}, torch.zeros(5), 5),
+        (IMAGES, [{"boxes": torch.zeros(1, 4)}, {"boxes": torch.zeros(1, 4)}], 2),  # 1 box each: 2 images
+        (IMAGES, [{"boxes": torch.zeros(0, 4)}, {"boxes": torch.zeros(3, 4)}], 2),
+        (IMAGES, [torch.zeros(1, 4), torch.zeros(3, 4)], 2),  # ragged per-image tensors
+        (IMAGES, (torch.zeros(2), torch.zeros(2, 4)), 2),  # fields of one batch
+        (["a cat", "a dog", "a cow"], torch.zeros(3), 3),  # raw text, labels
+        (["a cat", "a dog", "a cow"], None, 3),  # raw text alone
+        (IMAGES, [[1, 2, 3], [4, 5]], 2),  # token lists (CTC)
+        (IMAGES, np.zeros(2), 2),  # numpy targets from a custom collate
+        (torch.tensor(2.0), torch.tensor(1.0), 1),
+        (torch.zeros(0, 3), torch.zeros(0), 0),
+        ({"image": torch.zeros(6, 3), "label": torch.zeros(6)}, None, 6),  # a dict batch, whole
+        ((torch.zeros(6, 3), torch.zeros(6), torch.ones(6)), None, 6),  # (inputs, targets, weights), whole
     ],
 )
-def test_rows_counts_the_rows_of_a_batch_or_its_targets(batch, count):
-    assert rows(batch) == count
+def test_rows_counts_the_rows_of_a_batch(inputs, targets, count):
+    assert rows(inputs, targets) == count

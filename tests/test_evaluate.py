@@ -79,6 +79,16 @@ def test_with_one_hot_or_soft_targets_accuracy_counts_the_most_likely_class():
     model, batches = small_cnn(), uneven_batches(sizes=(10, 16, 10))  # a batch as long as the classes
     soft = [(x, 0.9 * nn.functional.one_hot(y, 10).float() + 0.01) for x, y in batches]
     assert evaluate(model, soft)["accuracy"] == evaluate(model, batches)["accuracy"]
+    one_hot = [(x, nn.functional.one_hot(y, 10)) for x, y in batches]  # integers
+    metrics = {"accuracy": accuracy}
+    assert evaluate(model, one_hot, loss_fn=lambda o, t: o.sum(), metrics=metrics)["accuracy"] == (
+        evaluate(model, batches)["accuracy"]
+    )
+
+
+def test_accuracy_refuses_one_logit_per_row_naming_what_to_score_instead():
+    with pytest.raises(ValueError, match=r"got \(4, 1\)\. For one logit per row, score \(\(outputs > 0\)"):
+        accuracy(torch.zeros(4, 1), torch.zeros(4, 1))
 
 
 @pytest.mark.parametrize("reduction", ["none", "per-image"])

@@ -199,29 +199,32 @@ def test_rows_without_scores_log_and_plot_the_training_loss_alone(tmp_path):
     assert (tmp_path / "history.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_an_epoch_stopped_midway_is_tracked_again_as_the_same_epoch_without_its_losses():
+def test_a_loop_stopped_midway_and_run_again_counts_on_and_the_stopped_loops_late_close_changes_nothing():
     loader = [(torch.zeros(2, 1), torch.zeros(2)) for _ in range(4)]
-    live_log, stream = LiveLog(progress="text", plot=False, epochs=3), io.StringIO()
-    live_log.progress.stream = stream
+    live_log = LiveLog(progress="off", plot=False)
+    stopped = live_log.track(loader)  # held by a name, it stays open after the stop button
+    with pytest.raises(KeyboardInterrupt):
+        for batch_index, _ in enumerate(stopped):
+            if batch_index == 2:
+                raise KeyboardInterrupt
+    for batch_index, _ in enumerate(live_log.track(loader), start=1):
+        if batch_index == 2:
+            stopped.close()  # in the middle of this epoch
+            live_log.add(live={"loss": 0.5})
+    assert live_log.history["epoch"].tolist() == [1.5]
 
-    def run_epoch(loss, stop_at=None):
-        for batch_index, _ in enumerate(live_log.track(loader)):
-            if batch_index == stop_at:
-                raise KeyboardInterrupt  # the stop button
-            live_log.add_loss(loss)
 
-    run_epoch(1.0)
-    live_log.add(live={"loss": 0.5})
-    kept = []  # as a notebook's last traceback keeps the stopped loop's frames, and its generator open
-    with pytest.raises(KeyboardInterrupt) as stopped:
-        run_epoch(100.0, stop_at=2)
-    kept.append(stopped)
-    for loss in (2.0, 3.0):  # the cell run again: epoch 2, then 3
-        run_epoch(loss)
-        live_log.add(live={"loss": 0.5})
-    assert live_log.history["epoch"].tolist() == [1, 2, 3]
-    assert live_log.history["train_loss"].tolist() == [1.0, 2.0, 3.0]
-    assert "epoch 4" not in stream.getvalue()
+def test_epochs_capped_by_a_break_with_a_row_every_other_epoch_count_every_epoch_and_loss():
+    live_log = LiveLog(progress="off", plot=False)
+    for epoch in range(1, 5):
+        for step, _ in enumerate(live_log.track(iter(lambda: torch.zeros(2, 1), None))):  # endless
+            if step == 3:
+                break
+            live_log.add_loss(float(epoch))
+        if epoch % 2 == 0:
+            live_log.add(live={"loss": 0.5})
+    assert live_log.history["epoch"].tolist() == [2, 4]
+    assert live_log.history["train_loss"].tolist() == [1.5, 3.5]
 
 
 def test_the_progress_shown_with_a_row_has_that_rows_train_loss():

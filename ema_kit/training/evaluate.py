@@ -40,7 +40,13 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
         >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([[0.2, 0.8], [0.3, 0.7]]))
         0.5
     """
-    if targets.is_floating_point() and targets.shape == outputs.shape:
+    if outputs.ndim < 2 or outputs.shape[1] < 2:
+        raise ValueError(
+            f"accuracy takes a score per class, outputs of shape (N, C, ...) with C >= 2, got "
+            f"{tuple(outputs.shape)}. For one logit per row, score ((outputs > 0) == (targets > 0.5))"
+            ".float().mean() instead."
+        )
+    if targets.shape == outputs.shape:  # one-hot, or class probabilities
         targets = targets.argmax(dim=1)
     return (outputs.argmax(dim=1) == targets).sum().item() / targets.numel()
 
@@ -114,7 +120,7 @@ def evaluate(
     rows, kept_outputs, kept_targets = [0], [], []
 
     def score(inputs, targets) -> None:
-        count = _batches.rows(targets)
+        count = _batches.rows(inputs, targets)
         if count == 0:  # adds nothing to a mean; its loss and metrics would be NaN or 0/0
             return
         output = _batches.forward(model, inputs, output_key)

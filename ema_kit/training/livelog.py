@@ -102,7 +102,6 @@ class LiveLog(Callback):
         self._live_plot: LivePlot | None = None
         self._state: FitState | None = None  # fit's, while fit runs this log
         self._epoch = 0  # epochs tracked
-        self._cut_short = False  # the tracked epoch ended early (stop button, error, break), no row since
         self._tracking: object | None = None  # the track() call running now
         self._batch: int | None = None  # the batch of the tracked epoch being trained (1-based), if any
         self._rows = 1  # rows of the batch being trained, which weigh its loss
@@ -118,22 +117,18 @@ class LiveLog(Callback):
 
     def track(self, loader: Iterable) -> Iterator:
         """Yield ``loader``'s batches as one epoch, each counted on the progress bar when the loop is done
-        with it. An epoch cut short (the stop button, an error, a ``break``) and followed by no row is
-        tracked again as the same epoch, without the losses of its batches so far."""
-        if self._cut_short:
-            self._loss_sum, self._loss_rows = 0.0, 0
-        else:
-            self._epoch += 1
-        self._cut_short, self._tracking = True, (tracking := object())
+        with it."""
+        self._epoch += 1
+        self._tracking = tracking = object()
         self._start_epoch(self._epoch, batches_per_epoch(loader))
         try:
             for self._batch, batch in enumerate(loader, start=1):
-                self._rows = rows(batch)
+                pair = isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[0], str)
+                self._rows = rows(*batch) if pair else rows(batch)  # (inputs, targets), or one whole
                 yield batch
                 self._batch_done(self._rows)
-            self._cut_short = False
         finally:
-            if self._tracking is tracking:  # a loop stopped in a notebook may be closed much later
+            if self._tracking is tracking:  # a stopped loop held by a name may close in a later epoch
                 self._batch = None
 
     def add_loss(self, loss: torch.Tensor | float) -> None:
@@ -188,7 +183,6 @@ class LiveLog(Callback):
             self.history = append_row(self.history, new)
             self._show()  # the bar's last line still shows the loss of the row
             self._loss_sum, self._loss_rows, self._started = 0.0, 0, time.perf_counter()
-            self._cut_short = False
             if self.epochs is not None and new["epoch"] >= self.epochs:  # the last row: the bar is done
                 self.progress.close()
 
@@ -216,7 +210,7 @@ class LiveLog(Callback):
         self._start_epoch(state.epoch, batches_per_epoch(state.train_loader))
 
     def on_batch_end(self, state: FitState) -> None:
-        self._batch_done(rows(state.targets))
+        self._batch_done(rows(state.inputs, state.targets))
 
     def on_row_added(self, state: FitState) -> None:
         self.history, self.best_epoch = state.history, state.best_epoch

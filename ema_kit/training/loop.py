@@ -238,8 +238,9 @@ def _stopped(state: FitState, out_dir: Path | None) -> str:
     when = "after" if finished == state.epoch else "during"
     said = f"Stopped by the user {when} epoch {state.epoch} of {state.epochs}: "
     if not len(state.history):
+        parts = "model, optimizer" + (", scheduler" if state.scheduler is not None else "")
         trained = (
-            f" The model and optimizer (and scheduler) have taken {state.step} steps: build them afresh "
+            f" The {parts} and any ModelEMA you passed have taken {state.step} steps: build them afresh "
             "(rerun their cells) before running fit again, or it trains on from where they are."
             if state.step
             else ""
@@ -362,7 +363,7 @@ class _Trainer:
         group_loss, group_rows, pending = None, 0, 0
         for index, batch in enumerate(state.train_loader):
             inputs, targets = _batches.split(batch, state.target_key)
-            rows = _batches.rows(targets)
+            rows = _batches.rows(inputs, targets)
             if rows == 1 and self.batchnorm:
                 self._warn_once("one row", 4, _ONE_ROW_SKIPPED)
                 continue

@@ -60,7 +60,8 @@ class RunStatus(Callback):
 
     def on_batch_end(self, state: FitState) -> None:
         self.fields["batch"] = self.fields.get("batch", 0) + 1
-        self.fields["rows"] = self.fields.get("rows", 0) + _batches.rows(state.targets) * _processes()
+        rows = _batches.rows(state.inputs, state.targets)
+        self.fields["rows"] = self.fields.get("rows", 0) + rows * _processes()
         if time.time() - self._written >= self.every:
             self._write(state)
 
