@@ -15,7 +15,9 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 
 from ..files import atomic_write_text
 
@@ -67,31 +69,31 @@ def score_row(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
 
 
 def log_value(name: str, value, *, score: bool = False):
-    """``value`` as one cell of the log: a tensor or numpy value of one element as its Python number; a
-    score must be a number, and becomes a float.
+    """``value`` as one cell of the log: a tensor, or a numpy number or array, of one element as its Python
+    number; other values as they are. A score must be a number (None or NA: missing), and becomes a float.
 
     Example:
-        >>> import torch
         >>> log_value("lr", torch.tensor(0.5)), log_value("ema['acc']", 1, score=True)
         (0.5, 1.0)
     """
-    if not isinstance(value, (str, bytes)) and callable(getattr(value, "item", None)):
-        try:
-            value = value.item()  # a 0-d tensor would log as the text "tensor(0.5000)"
-        except (ValueError, RuntimeError):
-            shape = tuple(getattr(value, "shape", ()))
+    numpy_number = isinstance(value, np.ndarray | np.generic) and value.dtype.kind in "biuf"
+    if isinstance(value, torch.Tensor) or numpy_number:
+        if (value.numel() if isinstance(value, torch.Tensor) else value.size) != 1:
             raise TypeError(
-                f"{name} is a {type(value).__name__} of shape {shape}; a log cell holds one value per row (a "
-                "number, or a tensor or array with one element)."
-            ) from None
-    if score:
-        if not isinstance(value, numbers.Real):
-            raise TypeError(
-                f"{name} is {type(value).__name__} {value!r:.60}; a score is one number (a float, or a "
-                "tensor or array with one element)."
+                f"{name} is a {type(value).__name__} of shape {tuple(value.shape)}; a log cell holds one "
+                "value per row (a number, or a tensor or array with one element)."
             )
-        return float(value)
-    return value
+        value = value.item()  # a 0-d tensor would log as the text "tensor(0.5000)", with its graph
+    if not score:
+        return value
+    if value is None or value is pd.NA:
+        return math.nan
+    if not isinstance(value, numbers.Number) or isinstance(value, complex):
+        raise TypeError(
+            f"{name} is {type(value).__name__} {value!r:.60}; a score is one number (a float, or a tensor or "
+            "array with one element)."
+        )
+    return float(value)
 
 
 def append_row(history: pd.DataFrame, row: Mapping) -> pd.DataFrame:
