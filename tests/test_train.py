@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import OneCycleLR
 from torch.utils.data import DataLoader, TensorDataset
 
 from ema_kit import Callback, EarlyStopping, GradientClip, LiveLog, ModelEMA, ValidateEvery, evaluate, fit
@@ -605,6 +606,23 @@ def test_resume_auto_starts_fresh_then_continues_like_one_run(tmp_path):
     pd.testing.assert_frame_equal(rerun_log, resumed_log)
 
 
+def test_a_resume_with_a_one_cycle_built_for_more_epochs_is_refused_before_training(tmp_path):
+    def one_cycle(epochs):
+        return lambda optimizer, steps: OneCycleLR(optimizer, 0.1, total_steps=epochs * steps)
+
+    run_into(tmp_path, 1, scheduler=one_cycle(1), resume="auto")
+    with pytest.raises(ValueError, match=r"another schedule \(total_steps=6 in the checkpoint, 12 now\)"):
+        run_into(tmp_path, 2, scheduler=one_cycle(2), resume="auto")
+    assert pd.read_csv(tmp_path / "history.csv")["epoch"].tolist() == [1]
+
+
+def test_a_resume_with_fewer_epochs_than_trained_is_refused(tmp_path):
+    run_into(tmp_path, 2)
+    said = r"trained for 2 epochs, more than this run's epochs=1.*epochs=2 or more"
+    with pytest.raises(ValueError, match=said):
+        run_into(tmp_path, 1, resume="auto")
+
+
 def test_a_rerun_into_a_finished_run_folder_is_refused_unless_overwrite(tmp_path):
     run_into(tmp_path, 1)
     with pytest.raises(ValueError, match=r"holds a run.*resume='auto'.*resume='overwrite'"):
@@ -626,6 +644,10 @@ def test_a_rerun_into_a_finished_run_folder_is_refused_unless_overwrite(tmp_path
         (
             {"make_optimizer": lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)},
             r"lr.*0\.05.*0\.01",
+        ),
+        (
+            {"scheduler": lambda o, n: torch.optim.lr_scheduler.StepLR(o, step_size=2)},
+            r"another schedule \(step_size=1 in the checkpoint, 2 now\)",
         ),
     ],
 )

@@ -195,6 +195,14 @@ class Checkpoint(Callback):
                 "pass the same scheduler setup as the run that wrote it."
             )
         _check_same_optimizer(path, saved, state.optimizer, state.scheduler)
+        if state.scheduler is not None:
+            _check_same_plan(path, saved["scheduler"], state.scheduler.state_dict())
+        if saved["epoch"] > state.epochs:
+            raise ValueError(
+                f"{path} is a run trained for {saved['epoch']} epochs, more than this run's epochs="
+                f"{state.epochs}: a resume continues the same run, and cannot undo epochs. Pass epochs="
+                f"{saved['epoch']} or more, or start a new run in another out_dir."
+            )
         if saved["amp"] != _amp_name(state.amp):
             raise ValueError(
                 f"{path} was saved with amp={saved['amp']!r}, this run uses amp={_amp_name(state.amp)!r}; "
@@ -420,6 +428,27 @@ def _check_same_optimizer(path: Path, saved: dict, optimizer: torch.optim.Optimi
                 f"lr={now.get(key)!r}. A resume continues the same run: pass the same lr, or start a new "
                 "run in another out_dir."
             )
+
+
+# A learning-rate scheduler's plan, by the names torch's schedulers keep it under in their state dicts: the
+# length of the run (OneCycleLR's total_steps, CosineAnnealingLR's T_max, ...) and the shape of the curve.
+_PLAN = (
+    "total_steps", "T_max", "T_0", "T_mult", "total_iters", "step_size", "milestones", "gamma", "eta_min",
+    "start_factor", "end_factor",
+)  # fmt: skip
+
+
+def _check_same_plan(path: Path, saved: dict, now: dict) -> None:
+    """The same schedule as the checkpoint's: a resume with another number of epochs changes OneCycleLR's
+    total_steps, which would fail at its end (or shift a cosine's curve) rather than now."""
+    changed = [f"{key}={saved[key]!r} in the checkpoint, {now[key]!r} now" for key in _PLAN
+               if key in saved and key in now and saved[key] != now[key]]  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"{path}: the scheduler plans another schedule ({'; '.join(changed)}): built for another number "
+            "of epochs or steps? A resume continues the same run: build the scheduler as the run that wrote "
+            "it did, or start a new run in another out_dir."
+        )
 
 
 def _ema_settings(ema) -> list[dict]:
