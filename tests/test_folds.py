@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
 from ema_kit.examples.digits import digits
 from ema_kit.files import load_weights, save_weights
@@ -29,7 +29,17 @@ def data():
     return images[:ROWS], labels[:ROWS]
 
 
-def _trainer(data, *, epochs=2, calls=None, shuffle_val=False, val_rows=None, out_dir=None, extra=()):
+def _trainer(
+    data,
+    *,
+    epochs=2,
+    calls=None,
+    shuffle_val=False,
+    val_rows=None,
+    out_dir=None,
+    extra=(),
+    val_loader_of=None,
+):
     """A train_fold over the digits: a linear model, fit into fold.out_dir with resume="auto"."""
     images, labels = data
 
@@ -41,6 +51,8 @@ def _trainer(data, *, epochs=2, calls=None, shuffle_val=False, val_rows=None, ou
         val_index = fold.val if val_rows is None else fold.val[:val_rows]
         val_loader = DataLoader(TensorDataset(images[val_index], labels[val_index]), batch_size=64,
                                 shuffle=shuffle_val)  # fmt: skip
+        if val_loader_of is not None:
+            val_loader = val_loader_of(TensorDataset(images, labels), fold)
         quiet = LiveLog(progress="off", plot=False)
         fit(model, DataLoader(train, batch_size=32, shuffle=True), val_loader, epochs=epochs, ema=0.8,
             optimizer=torch.optim.Adam(model.parameters(), lr=1e-2), out_dir=out_dir or fold.out_dir,
@@ -165,6 +177,29 @@ def test_a_rerun_with_another_split_is_refused_before_any_fold_trains(data, tmp_
 def test_a_shuffled_val_loader_is_refused_naming_the_fold(data, tmp_path):
     with pytest.raises(ValueError, match="fold 0: the val_loader shuffles"):
         fit_folds(_trainer(data, shuffle_val=True), data[1], out_dir=tmp_path, k=3)
+
+
+def test_a_val_loader_sampling_the_whole_set_at_random_is_refused_and_in_fold_order_scores(data, tmp_path):
+    def at_random(whole, fold):
+        return DataLoader(whole, batch_size=64, sampler=SubsetRandomSampler(fold.val))
+
+    with pytest.raises(ValueError, match="fold 0: the val_loader shuffles, or reads .* SubsetRandomSampler"):
+        fit_folds(_trainer(data, val_loader_of=at_random), data[1], out_dir=tmp_path / "random", k=3)
+
+    def in_order(whole, fold):
+        return DataLoader(whole, batch_size=64, sampler=fold.val)
+
+    table = fit_folds(_trainer(data, val_loader_of=in_order), data[1], out_dir=tmp_path / "ordered", k=3)
+    usual = fit_folds(_trainer(data), data[1], out_dir=tmp_path / "usual", k=3)
+    pd.testing.assert_frame_equal(table, usual)
+
+
+def test_labels_that_are_not_class_indices_are_refused_before_any_fold_trains(data, tmp_path):
+    calls = []
+    names = np.array(["cat", "dog"])[data[1].numpy() % 2]
+    with pytest.raises(TypeError, match=r"labels must hold one integer class index per row.*pd\.factorize"):
+        fit_folds(_trainer(data, calls=calls), names, out_dir=tmp_path, k=3)
+    assert calls == []
 
 
 def test_a_val_loader_over_other_rows_than_the_fold_is_refused(data, tmp_path):

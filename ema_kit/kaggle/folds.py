@@ -28,6 +28,7 @@ import torch
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
+from .._checks import check_int
 from ..files import atomic_write_bytes, atomic_write_text, load_weights
 from ..training.callbacks import Callback, FitState
 from ..training.evaluate import accuracy, check_metrics, metric_value
@@ -150,6 +151,13 @@ def fit_folds(
         raise TypeError(f"train_fold must be a function(fold) -> (model, val_loader), got {train_fold!r}.")
     metrics, _ = check_metrics({"accuracy": accuracy} if metrics is None else metrics)
     labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.dtype.kind not in "biu":
+        raise TypeError(
+            f"labels must hold one integer class index per row (0 to C-1), got {labels.dtype} of shape "
+            f"{labels.shape}: the out-of-fold scores read them as the classes of the models' outputs. Map "
+            "other labels to indices first, e.g. labels, classes = pd.factorize(frame['label'])."
+        )
+    seed = check_int("seed", seed, minimum=0)  # numpy integers too: it is written to folds.json
     folds = stratified_folds(labels, k=k, seed=seed)
     out_dir = Path(out_dir)
     _record_split(out_dir, k=k, seed=seed, folds=folds)
@@ -179,6 +187,16 @@ def fit_folds(
     figure.savefig(png, format="png", dpi=100)
     atomic_write_bytes(png.getvalue(), out_dir / "folds.png")
     return table
+
+
+def _order(loader) -> list[int] | None:
+    """The dataset indices ``loader`` reads, in order (a random sampler gives another order each time);
+    None where it cannot tell (an IterableDataset, or a plain list of batches)."""
+    data = torch.utils.data
+    if not isinstance(loader, data.DataLoader) or isinstance(loader.dataset, data.IterableDataset):
+        return None
+    batches = loader.batch_sampler or loader.sampler
+    return [int(i) for batch in batches for i in (batch if isinstance(batch, (list, tuple)) else [batch])]
 
 
 def fold_models(run: str | os.PathLike, build: Callable[[], nn.Module]) -> list[nn.Module]:
@@ -323,11 +341,14 @@ def _predict_fold(fold: Fold, trained, labels: np.ndarray, *, tta: bool) -> None
             f"fold {fold.index}: fit wrote to out_dir={ended.out_dir}, not to fold.out_dir ({fold.out_dir}), "
             "where fit_folds looks for the fold's files and checkpoint: pass out_dir=fold.out_dir."
         )
-    sampler = getattr(val_loader, "sampler", None)
-    if isinstance(sampler, torch.utils.data.RandomSampler):
+    order = _order(val_loader)
+    in_order = order in (list(range(len(order or []))), fold.val.tolist())
+    if order is not None and not (in_order and order == _order(val_loader)):
         raise ValueError(
-            f"fold {fold.index}: the val_loader shuffles, so its predictions cannot be matched to the rows "
-            "fold.val; build it with shuffle=False."
+            f"fold {fold.index}: the val_loader shuffles, or reads its dataset in another order than "
+            "fold.val (a SubsetRandomSampler, say), so its predictions cannot be matched to the rows: build "
+            "it over exactly the rows fold.val in order, with shuffle=False (a dataset of those rows, or "
+            "sampler=fold.val over the whole dataset)."
         )
     weights = fold.out_dir / "model_ema.pth"
     if not weights.is_file():
