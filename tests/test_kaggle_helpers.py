@@ -1,6 +1,8 @@
 """ema_kit.kaggle: paths in either mount layout, the pixel-CSV dataset, timm models with offline weights,
 prediction and submissions. The timm tests need the Kaggle stack (marked kaggle_stack)."""
 
+import re
+
 import pandas as pd
 import pytest
 import torch
@@ -108,6 +110,34 @@ def test_input_dir_refuses_to_guess_between_two_inputs_holding_the_files(fake_ka
         FileNotFoundError, match=r"Several attached inputs hold train.csv: .*other/copy-b, .*someone/copy-a"
     ):
         input_dir("digit-recognizer", files=["train.csv"])
+
+
+def test_input_dir_refuses_a_named_input_without_the_files_rather_than_read_another_holding_them(
+    fake_kaggle, capsys
+):
+    named = attach(fake_kaggle, "competitions/digit-recognizer", files=["train.csv"])
+    attach(fake_kaggle, "datasets/bob/mnist-as-csv")  # holds train.csv and sample_submission.csv
+    with pytest.raises(FileNotFoundError, match=f"{named}: attached under the name asked for, but without "):
+        input_dir("digit-recognizer", files=["train.csv", "sample_submission.csv"])
+    named.rename(named.with_name("elsewhere"))  # now not attached under that name: found by its files
+    folder = input_dir("digit-recognizer", files=["train.csv", "sample_submission.csv"])
+    assert (
+        folder.name == "mnist-as-csv" and "(attached under another name; it holds" in capsys.readouterr().out
+    )
+
+
+def test_input_dir_refuses_to_guess_between_two_inputs_attached_under_one_name(fake_kaggle):
+    attach(fake_kaggle, "datasets/alice/ema-kit", files=["ema_kit-0.1.0-py3-none-any.whl"])
+    attach(fake_kaggle, "datasets/zed/ema-kit", files=["ema_kit-0.1.0-py3-none-any.whl"])
+    with pytest.raises(FileNotFoundError, match=r"Several attached inputs are named 'ema-kit': .*alice.*zed"):
+        input_dir("ema-kit")
+
+
+@pytest.mark.parametrize("name", ["", "*", "data-v[12]", "datasets/someone/x", ".."])
+def test_an_input_name_that_is_no_slug_is_refused_not_matched_as_a_pattern(fake_kaggle, name):
+    attach(fake_kaggle, "datasets/someone/data-v1")
+    with pytest.raises(ValueError, match=f"name: {re.escape(repr(name))} is not an input's slug"):
+        input_dir(name, files=["train.csv"])
 
 
 def test_input_dir_on_kaggle_never_falls_back_and_names_what_to_attach(fake_kaggle, tmp_path):
@@ -442,7 +472,12 @@ def test_write_submission_writes_what_matches_the_sample(tmp_path):
         (pd.DataFrame({"ImageId": [1, 2], "Label": [1, 2]}), "2 rows but"),
         (pd.DataFrame({"ImageId": [1, 2, 2], "Label": [1, 2, 3]}), "each once"),
         (pd.DataFrame({"ImageId": [1, 2, 4], "Label": [1, 2, 3]}), "missing"),
-        (pd.DataFrame({"ImageId": [1, 2, 3], "Label": [1, None, 3]}), "missing values"),
+        (pd.DataFrame({"ImageId": [1, 2, 3], "Label": [1, None, 3]}), "missing or empty values"),
+        (pd.DataFrame({"ImageId": [1, 2, 3], "Label": ["a", "", "c"]}), "missing or empty values"),
+        (
+            pd.DataFrame({"ImageId": [1, 2, 3], "Label": [0.5, float("inf"), 0.1]}),
+            r"Inf in column\(s\) \['Label'\]",
+        ),
     ],
 )
 def test_write_submission_refuses_a_mismatch_and_keeps_the_old_file(tmp_path, frame, match):
@@ -451,3 +486,14 @@ def test_write_submission_refuses_a_mismatch_and_keeps_the_old_file(tmp_path, fr
     with pytest.raises(ValueError, match=match):
         write_submission(frame, _sample(tmp_path), target)
     assert target.read_text() == "previous"
+
+
+def test_write_submission_compares_ids_as_the_sample_writes_them(tmp_path):
+    sample = tmp_path / "sample_submission.csv"
+    sample.write_text("id,target\n0001,0\n0002,0\nNA,0\n")  # zero-padded ids, and an id "NA"
+    read = pd.read_csv(sample)  # pandas' guess: 1, 2, NaN
+    with pytest.raises(ValueError, match=r"3 are missing .*dtype=\{'id': str\}, keep_default_na=False"):
+        write_submission(read.assign(target=0.5), sample, tmp_path / "submission.csv")
+    as_text = pd.read_csv(sample, dtype={"id": str}, keep_default_na=False)
+    path = write_submission(as_text.assign(target=0.5), sample, tmp_path / "submission.csv")
+    assert path.read_text().splitlines() == ["id,target", "0001,0.5", "0002,0.5", "NA,0.5"]

@@ -90,7 +90,8 @@ def input_dir(
     or ``.../notebooks/<owner>/<name>``, or, when the input was mounted under another slug, the one
     attached folder holding every one of ``files`` (e.g. ``("train.csv", "sample_submission.csv")``).
     Not found there is an error that names the input to attach and lists what is attached: on Kaggle
-    nothing else is ever read in its place.
+    nothing else is ever read in its place (nor where an input attached as ``name`` lacks ``files``, or two
+    are attached under that name).
 
     Off Kaggle (see ``on_kaggle``) it is ``<local>/<name>``; with ``make``, a missing or empty folder is
     first filled by ``make(folder)`` (e.g. ``ema_kit.examples.digits.write_digit_recognizer``, stand-in
@@ -110,10 +111,12 @@ def input_dir(
     """
     files = _names("files", files)
     if on_kaggle(root=root):
-        folder = _locate([name], files, kaggle_root(root))
+        folder = _locate(_slugs("name", [name]), files, kaggle_root(root), named_only=True)
         if folder is None:
             raise FileNotFoundError(_not_attached(name, files, kaggle_root(root)))
-        print(f"{name}: the attached Kaggle input {folder}")
+        named = name in folder.relative_to(kaggle_root(root) / "input").parts
+        how = "" if named else f" (attached under another name; it holds {', '.join(files)})"
+        print(f"{name}: the attached Kaggle input {folder}{how}")
         return folder
     folder = Path(local) / name
     if make is not None and not (folder.is_dir() and any(folder.iterdir())):
@@ -183,7 +186,7 @@ def find_file(
         >>> find_file("model_ema.pth", inputs=["ema-kit-digit-recognizer"], root=kaggle).relative_to(kaggle)
         PosixPath('input/notebooks/someone/my-training-run/model_ema.pth')
     """
-    names = _names("inputs", inputs)
+    names = _slugs("inputs", inputs)
     if on_kaggle(root=root):
         base = kaggle_root(root)
         folder = _locate(names, [filename], base)
@@ -214,24 +217,50 @@ def _names(argument: str, values: Iterable[str]) -> list[str]:
     return list(values)
 
 
-def _locate(names: list[str], files: list[str], root: Path) -> Path | None:
+def _slugs(argument: str, values: Iterable[str]) -> list[str]:
+    """Input names: slugs, the last folder of an input's path (a glob pattern would match any input)."""
+    names = _names(argument, values)
+    for name in names:
+        if not name or any(c in name for c in "/\\*?[]") or name in (".", ".."):
+            raise ValueError(
+                f"{argument}: {name!r} is not an input's slug, the last folder of its path under "
+                "/kaggle/input (e.g. 'digit-recognizer')."
+            )
+    return names
+
+
+def _locate(names: list[str], files: list[str], root: Path, *, named_only: bool = False) -> Path | None:
     """The attached folder of an input named in ``names`` (holding ``files``), else the one holding ``files``.
 
     An input found by name may keep its files up to three folders down (a dataset made from a zip, a Kaggle
-    Model's ``<framework>/<variation>/<version>/``); found by its files alone, it must be the only
-    attached folder that holds them: two would be a guess.
+    Model's ``<framework>/<variation>/<version>/``); two attached under one name, or found by its files
+    alone, two holding them, would be a guess: an error. With ``named_only``, an input attached under a
+    name asked for but without ``files`` is an error too, not a reason to look elsewhere.
     """
     base = root / "input"
+    lacking = []  # inputs attached under a name asked for, without the files
     for name in names:
         mounts = [base / name] + [
             p for group, pattern in _GROUPS.items() for p in sorted((base / group).glob(pattern.format(name)))
         ]
+        found = []
         for mount in (m for m in mounts if m.is_dir()):
-            if not files:
-                return mount
             holding = [folder for folder in _folders(mount, _NAMED_DEPTH) if _holds(folder, files)]
-            if holding:
-                return holding[0]
+            found += holding[:1]
+            lacking += [] if holding else [mount]
+        if len(found) > 1:
+            raise FileNotFoundError(
+                f"Several attached inputs are named {name!r}: {', '.join(map(str, found))}. Remove all but "
+                "the one to use from the notebook's inputs: which one is meant would be a guess."
+            )
+        if found:
+            return found[0]
+    if lacking and named_only:
+        raise FileNotFoundError(
+            f"{', '.join(map(str, lacking))}: attached under the name asked for, but without "
+            f"{' + '.join(files)} (within {_NAMED_DEPTH} folders down), and nothing else is read in its "
+            f"place. Attach the version that holds them. {_attached_text(root)}"
+        )
     if not files:
         return None
     holding = [folder for folder in _folders(base, _SEARCH_DEPTH) if _holds(folder, files)]

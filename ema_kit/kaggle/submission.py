@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -103,13 +104,21 @@ def write_submission(
             "every row of the test set, once."
         )
     ids = expected.columns[0]
-    missing = set(expected[ids].astype(str)) - set(frame[ids].astype(str))
+    # The ids as the sample writes them: "0001" stays "0001", and an id "NA" is an id, not a missing value.
+    written = pd.read_csv(sample, usecols=[0], dtype=str, keep_default_na=False).iloc[:, 0]
+    missing = set(written) - set(frame[ids].astype(str))
     if missing or frame[ids].duplicated().any():
         raise ValueError(
-            f"The submission's {ids} column must hold the sample's ids, each once; "
-            f"{len(missing)} are missing (e.g. {sorted(missing)[:3]}) or some appear twice."
+            f"The submission's {ids} column must hold the sample's ids as it writes them, each once; "
+            f"{len(missing)} are missing (e.g. {sorted(missing)[:3]}) or some appear twice. Take them from "
+            f"the sample read as text, pd.read_csv(sample, dtype={{{ids!r}: str}}, keep_default_na=False), "
+            "so that ids such as 0001 keep their zeros."
         )
-    empty = [c for c in frame.columns if frame[c].isna().any()]
+    empty = [c for c in frame.columns if frame[c].isna().any() or frame[c].astype(str).eq("").any()]
     if empty:
-        raise ValueError(f"The submission has missing values in column(s) {empty}; fill every cell.")
+        raise ValueError(f"The submission has missing or empty values in column(s) {empty}; fill every cell.")
+    numbers = frame.select_dtypes("number")
+    infinite = [c for c in numbers.columns if not np.isfinite(numbers[c].to_numpy(dtype=float)).all()]
+    if infinite:
+        raise ValueError(f"The submission has Inf in column(s) {infinite}; every value must be finite.")
     return atomic_write_text(frame.to_csv(index=False), path)
