@@ -1,7 +1,8 @@
-# ema_kit_paste.py: ema_kit 0.1.0's ModelEMA, evaluate and LiveLog in one cell (119 definitions
+# ema_kit_paste.py: ema_kit 0.1.0's ModelEMA, evaluate and LiveLog in one cell (120 definitions
 # from 15 modules). Paste this whole file into a notebook cell and run it; then use ModelEMA,
 # LiveLog, evaluate (whole_set for its metrics), plot_history and decay_from_half_life as the README
-# shows, without the `from ema_kit import ...` line. Needs torch, numpy, pandas and matplotlib (a Kaggle image has them).
+# shows, without the `from ema_kit import ...` line. Needs torch, numpy, pandas and matplotlib (a Kaggle
+# image has them).
 # Left out to keep it one readable cell; asking for one raises LeftOut, which names it and the fix
 # (15 one-line stubs stand in for the package's definitions where these features start):
 #   - an EMA of a model sharded by FSDP2 (fully_shard)
@@ -856,19 +857,24 @@ def _batches_per_epoch(loader) -> int | None:
     except TypeError:
         return None
 
-def _rows(batch) -> int:
-    """Rows in a batch, or in its targets: the length of the first tensor in it (looked for in tuples, lists
-    and dicts, first item first), as for multi-task targets ``(labels, boxes)``; a list of other items
-    (strings) counts its items; anything else is one row.
-    """
-    holder = None
-    while isinstance(batch, (tuple, list, _Mapping)) and len(batch):
-        holder, batch = batch, next(iter(batch.values())) if isinstance(batch, _Mapping) else batch[0]
-    if isinstance(batch, torch.Tensor) and batch.dim():
-        return len(batch)
-    if isinstance(batch, (tuple, list, _Mapping)):  # empty
-        return 0
-    return len(holder) if isinstance(holder, (tuple, list)) else 1
+def _rows(inputs, targets=None) -> int:
+    """Rows in a batch of ``inputs`` and ``targets`` (or in one batch given whole as ``inputs``)."""
+    for value in (inputs, targets):
+        while isinstance(value, _Mapping) and value:
+            value = next(iter(value.values()))
+        if _length(value) is not None:
+            return _length(value)
+    value = inputs if targets is None else targets
+    if not isinstance(value, (tuple, list)):
+        return 1
+    lengths = {_length(item) for item in value}
+    return lengths.pop() if len(lengths) == 1 and None not in lengths else len(value)
+
+def _length(value) -> int | None:
+    """The length of a tensor or numpy array of at least one dimension, else None."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim:
+        return len(value)
+    return None
 
 
 # -- ema_kit/files.py
@@ -1212,7 +1218,13 @@ def _accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Share of rows (or pixels, for outputs shaped ``(N, C, H, W)``) whose highest score is the target class:
     the class index, or for class probabilities (one-hot, mixup, label smoothing) the most likely class.
     """
-    if targets.is_floating_point() and targets.shape == outputs.shape:
+    if outputs.ndim < 2 or outputs.shape[1] < 2:
+        raise ValueError(
+            f"accuracy takes a score per class, outputs of shape (N, C, ...) with C >= 2, got "
+            f"{tuple(outputs.shape)}. For one logit per row, score ((outputs > 0) == (targets > 0.5))"
+            ".float().mean() instead."
+        )
+    if targets.shape == outputs.shape:  # one-hot, or class probabilities
         targets = targets.argmax(dim=1)
     return (outputs.argmax(dim=1) == targets).sum().item() / targets.numel()
 
@@ -1253,7 +1265,7 @@ def evaluate(
     rows, kept_outputs, kept_targets = [0], [], []
 
     def score(inputs, targets) -> None:
-        count = _rows(targets)
+        count = _rows(inputs, targets)
         if count == 0:  # adds nothing to a mean; its loss and metrics would be NaN or 0/0
             return
         output = _forward(model, inputs, output_key)
@@ -1511,26 +1523,27 @@ def _score_row(scores: _Mapping[str, _Mapping[str, float]]) -> dict[str, float]:
     }
 
 def _log_value(name: str, value, *, score: bool = False):
-    """``value`` as one cell of the log: a tensor or numpy value of one element as its Python number; a
-    score must be a number, and becomes a float.
+    """``value`` as one cell of the log: a tensor, or a numpy number or array, of one element as its Python
+    number; other values as they are. A score must be a number (None or NA: missing), and becomes a float.
     """
-    if not isinstance(value, (str, bytes)) and callable(getattr(value, "item", None)):
-        try:
-            value = value.item()  # a 0-d tensor would log as the text "tensor(0.5000)"
-        except (ValueError, RuntimeError):
-            shape = tuple(getattr(value, "shape", ()))
+    numpy_number = isinstance(value, np.ndarray | np.generic) and value.dtype.kind in "biuf"
+    if isinstance(value, torch.Tensor) or numpy_number:
+        if (value.numel() if isinstance(value, torch.Tensor) else value.size) != 1:
             raise TypeError(
-                f"{name} is a {type(value).__name__} of shape {shape}; a log cell holds one value per row (a "
-                "number, or a tensor or array with one element)."
-            ) from None
-    if score:
-        if not isinstance(value, _numbers.Real):
-            raise TypeError(
-                f"{name} is {type(value).__name__} {value!r:.60}; a score is one number (a float, or a "
-                "tensor or array with one element)."
+                f"{name} is a {type(value).__name__} of shape {tuple(value.shape)}; a log cell holds one "
+                "value per row (a number, or a tensor or array with one element)."
             )
-        return float(value)
-    return value
+        value = value.item()  # a 0-d tensor would log as the text "tensor(0.5000)", with its graph
+    if not score:
+        return value
+    if value is None or value is pd.NA:
+        return _math.nan
+    if not isinstance(value, _numbers.Number) or isinstance(value, complex):
+        raise TypeError(
+            f"{name} is {type(value).__name__} {value!r:.60}; a score is one number (a float, or a tensor or "
+            "array with one element)."
+        )
+    return float(value)
 
 def _append_row(history: pd.DataFrame, row: _Mapping) -> pd.DataFrame:
     """``history`` with ``row`` added; a column new in ``row`` goes last (empty in the rows before it)."""
@@ -1944,7 +1957,6 @@ class LiveLog(_Callback):
         self._live_plot: _LivePlot | None = None
         self._state: FitState | None = None  # fit's, while fit runs this log
         self._epoch = 0  # epochs tracked
-        self._cut_short = False  # the tracked epoch ended early (stop button, error, break), no row since
         self._tracking: object | None = None  # the track() call running now
         self._batch: int | None = None  # the batch of the tracked epoch being trained (1-based), if any
         self._rows = 1  # rows of the batch being trained, which weigh its loss
@@ -1960,22 +1972,18 @@ class LiveLog(_Callback):
 
     def track(self, loader: _Iterable) -> _Iterator:
         """Yield ``loader``'s batches as one epoch, each counted on the progress bar when the loop is done
-        with it. An epoch cut short (the stop button, an error, a ``break``) and followed by no row is
-        tracked again as the same epoch, without the losses of its batches so far."""
-        if self._cut_short:
-            self._loss_sum, self._loss_rows = 0.0, 0
-        else:
-            self._epoch += 1
-        self._cut_short, self._tracking = True, (tracking := object())
+        with it."""
+        self._epoch += 1
+        self._tracking = tracking = object()
         self._start_epoch(self._epoch, _batches_per_epoch(loader))
         try:
             for self._batch, batch in enumerate(loader, start=1):
-                self._rows = _rows(batch)
+                pair = isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[0], str)
+                self._rows = _rows(*batch) if pair else _rows(batch)  # (inputs, targets), or one whole
                 yield batch
                 self._batch_done(self._rows)
-            self._cut_short = False
         finally:
-            if self._tracking is tracking:  # a loop stopped in a notebook may be closed much later
+            if self._tracking is tracking:  # a stopped loop held by a name may close in a later epoch
                 self._batch = None
 
     def add_loss(self, loss: torch.Tensor | float) -> None:
@@ -2016,7 +2024,6 @@ class LiveLog(_Callback):
             self.history = _append_row(self.history, new)
             self._show()  # the bar's last line still shows the loss of the row
             self._loss_sum, self._loss_rows, self._started = 0.0, 0, _time.perf_counter()
-            self._cut_short = False
             if self.epochs is not None and new["epoch"] >= self.epochs:  # the last row: the bar is done
                 self.progress.close()
 
