@@ -205,10 +205,10 @@ def batches_per_epoch(loader) -> int | None:
 def rows(inputs, targets=None) -> int:
     """Rows in a batch of ``inputs`` and ``targets`` (or in one batch given whole as ``inputs``).
 
-    Counted on the inputs when they are a tensor (or a dict whose first entry is one): images, token ids.
-    Else on the targets (or the whole batch): a tensor's length; a dict's first entry; fields of one batch,
-    tensors of one length (``(labels, boxes)`` as the default collate makes them), by that length; and any
-    other list, of per-image dicts or tensors (detection) or of strings, by its items.
+    Counted on the targets when they are a tensor (or a dict holding one), else on the inputs (images, token
+    ids); else on the targets' (or the whole batch's) fields: the length of its tensors when they agree
+    (``(labels, boxes)`` as the default collate makes them, beside a list of file names), and otherwise its
+    items: a list of per-image dicts or tensors (detection), or of strings.
 
     Example:
         >>> rows(torch.zeros(8, 3), (torch.zeros(8), torch.zeros(8, 4)))
@@ -216,19 +216,19 @@ def rows(inputs, targets=None) -> int:
         >>> images = [torch.zeros(3, 9, 9), torch.zeros(3, 5, 5)]  # detection: a list per batch
         >>> rows(images, [{"boxes": torch.zeros(1, 4)}, {"boxes": torch.zeros(0, 4)}])
         2
-        >>> rows(["a cat", "a dog"]), rows({"image": torch.zeros(5, 3), "label": torch.zeros(5)})
-        (2, 5)
+        >>> rows(["a cat", "a dog"]), rows({"id": ["a", "b", "c"], "image": torch.zeros(3, 5)})
+        (2, 3)
     """
-    for value in (inputs, targets):
-        while isinstance(value, Mapping) and value:
-            value = next(iter(value.values()))
+    for value in (targets, inputs):
+        if isinstance(value, Mapping):  # fields by name: the first tensor's
+            value = next((v for v in value.values() if _length(v) is not None), None)
         if _length(value) is not None:
             return _length(value)
     value = inputs if targets is None else targets
     if not isinstance(value, (tuple, list)):
         return 1
-    lengths = {_length(item) for item in value}
-    return lengths.pop() if len(lengths) == 1 and None not in lengths else len(value)
+    lengths = {_length(item) for item in value} - {None}
+    return lengths.pop() if len(lengths) == 1 else len(value)
 
 
 def _length(value) -> int | None:

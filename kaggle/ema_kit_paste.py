@@ -859,16 +859,16 @@ def _batches_per_epoch(loader) -> int | None:
 
 def _rows(inputs, targets=None) -> int:
     """Rows in a batch of ``inputs`` and ``targets`` (or in one batch given whole as ``inputs``)."""
-    for value in (inputs, targets):
-        while isinstance(value, _Mapping) and value:
-            value = next(iter(value.values()))
+    for value in (targets, inputs):
+        if isinstance(value, _Mapping):  # fields by name: the first tensor's
+            value = next((v for v in value.values() if _length(v) is not None), None)
         if _length(value) is not None:
             return _length(value)
     value = inputs if targets is None else targets
     if not isinstance(value, (tuple, list)):
         return 1
-    lengths = {_length(item) for item in value}
-    return lengths.pop() if len(lengths) == 1 and None not in lengths else len(value)
+    lengths = {_length(item) for item in value} - {None}
+    return lengths.pop() if len(lengths) == 1 else len(value)
 
 def _length(value) -> int | None:
     """The length of a tensor or numpy array of at least one dimension, else None."""

@@ -104,6 +104,10 @@ IMAGES = [torch.zeros(3, 9, 9), torch.zeros(3, 5, 5)]  # a detection batch: a li
         (torch.zeros(0, 3), torch.zeros(0), 0),
         ({"image": torch.zeros(6, 3), "label": torch.zeros(6)}, None, 6),  # a dict batch, whole
         ((torch.zeros(6, 3), torch.zeros(6), torch.ones(6)), None, 6),  # (inputs, targets, weights), whole
+        ((torch.zeros(4, 3), torch.zeros(4), ["a.png", "b.png", "c.png", "d.png"]), None, 4),  # file names
+        ({"id": ["a", "b", "c", "d"], "image": torch.zeros(4, 3)}, None, 4),  # a dict batch, a list first
+        (torch.zeros(7, 4, 16), torch.zeros(4), 4),  # sequence-first inputs (T, B, ...): counted on targets
+        ((torch.zeros(4, 3), torch.zeros(4, 2)), (torch.zeros(4), ["w", "x", "y", "z"]), 4),  # two inputs
     ],
 )
 def test_rows_counts_the_rows_of_a_batch(inputs, targets, count):
