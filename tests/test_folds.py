@@ -189,7 +189,12 @@ def test_a_val_loader_sampling_the_whole_set_at_random_is_refused_and_in_fold_or
     def in_order(whole, fold):
         return DataLoader(whole, batch_size=64, sampler=fold.val)
 
+    def in_order_batches(whole, fold):  # batches of indices as numpy arrays
+        return DataLoader(whole, batch_sampler=np.array_split(fold.val, 3))
+
     table = fit_folds(_trainer(data, val_loader_of=in_order), data[1], out_dir=tmp_path / "ordered", k=3)
+    batched = fit_folds(_trainer(data, val_loader_of=in_order_batches), data[1], out_dir=tmp_path / "b", k=3)
+    pd.testing.assert_frame_equal(table, batched)
     usual = fit_folds(_trainer(data), data[1], out_dir=tmp_path / "usual", k=3)
     pd.testing.assert_frame_equal(table, usual)
 
@@ -197,9 +202,15 @@ def test_a_val_loader_sampling_the_whole_set_at_random_is_refused_and_in_fold_or
 def test_labels_that_are_not_class_indices_are_refused_before_any_fold_trains(data, tmp_path):
     calls = []
     names = np.array(["cat", "dog"])[data[1].numpy() % 2]
-    with pytest.raises(TypeError, match=r"labels must hold one integer class index per row.*pd\.factorize"):
+    said = r"labels must hold one class index per row.*factorize\(.*sort=True\)"
+    with pytest.raises(TypeError, match=said):
         fit_folds(_trainer(data, calls=calls), names, out_dir=tmp_path, k=3)
+    with pytest.raises(TypeError, match=r"labels must hold one class index per row.*got float64"):
+        fit_folds(_trainer(data, calls=calls), data[1].numpy() + 0.5, out_dir=tmp_path, k=3)
     assert calls == []
+    as_floats = fit_folds(_trainer(data), data[1].double(), out_dir=tmp_path / "floats", k=3)  # 0.0, 1.0, ...
+    as_ints = fit_folds(_trainer(data), data[1], out_dir=tmp_path / "ints", k=3)
+    pd.testing.assert_frame_equal(as_floats, as_ints)
 
 
 def test_a_val_loader_over_other_rows_than_the_fold_is_refused(data, tmp_path):

@@ -151,12 +151,14 @@ def fit_folds(
         raise TypeError(f"train_fold must be a function(fold) -> (model, val_loader), got {train_fold!r}.")
     metrics, _ = check_metrics({"accuracy": accuracy} if metrics is None else metrics)
     labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.dtype.kind not in "biu":
+    whole = labels.dtype.kind == "f" and bool(np.isfinite(labels).all() and (labels == labels.round()).all())
+    if labels.ndim != 1 or not (labels.dtype.kind in "biu" or whole):
         raise TypeError(
-            f"labels must hold one integer class index per row (0 to C-1), got {labels.dtype} of shape "
-            f"{labels.shape}: the out-of-fold scores read them as the classes of the models' outputs. Map "
-            "other labels to indices first, e.g. labels, classes = pd.factorize(frame['label'])."
+            f"labels must hold one class index per row (0 to C-1, as the model's outputs number the "
+            f"classes), got {labels.dtype} of shape {labels.shape}. Map other labels to the indices your "
+            "model is trained on first, e.g. labels, classes = pd.factorize(frame['label'], sort=True)."
         )
+    labels = labels.astype(np.int64) if whole else labels
     seed = check_int("seed", seed, minimum=0)  # numpy integers too: it is written to folds.json
     folds = stratified_folds(labels, k=k, seed=seed)
     out_dir = Path(out_dir)
@@ -196,7 +198,7 @@ def _order(loader) -> list[int] | None:
     if not isinstance(loader, data.DataLoader) or isinstance(loader.dataset, data.IterableDataset):
         return None
     batches = loader.batch_sampler or loader.sampler
-    return [int(i) for batch in batches for i in (batch if isinstance(batch, (list, tuple)) else [batch])]
+    return [int(i) for batch in batches for i in np.asarray(batch).ravel()]  # indices, or batches of them
 
 
 def fold_models(run: str | os.PathLike, build: Callable[[], nn.Module]) -> list[nn.Module]:
