@@ -140,6 +140,17 @@ def test_an_input_name_that_is_no_slug_is_refused_not_matched_as_a_pattern(fake_
         input_dir(name, files=["train.csv"])
 
 
+def test_an_input_is_found_by_owner_and_slug_and_once_where_it_is_mounted_at_two_paths(fake_kaggle):
+    mine = attach(fake_kaggle, "datasets/me/digits")
+    attach(fake_kaggle, "datasets/someone/digits")
+    assert input_dir("me/digits", files=["train.csv"]) == mine
+    with pytest.raises(FileNotFoundError, match="Several attached inputs are named 'digits'"):
+        input_dir("digits", files=["train.csv"])
+    competition = attach(fake_kaggle, "competitions/digit-recognizer")
+    (fake_kaggle / "input" / "digit-recognizer").symlink_to(competition)  # the classic path, too
+    assert input_dir("digit-recognizer", files=["train.csv"]).resolve() == competition
+
+
 def test_input_dir_on_kaggle_never_falls_back_and_names_what_to_attach(fake_kaggle, tmp_path):
     attach(fake_kaggle, "datasets/someone/ema-kit", files=["ema_kit-0.1.0-py3-none-any.whl"])
     attach(fake_kaggle, "competitions/titanic")
@@ -472,8 +483,7 @@ def test_write_submission_writes_what_matches_the_sample(tmp_path):
         (pd.DataFrame({"ImageId": [1, 2], "Label": [1, 2]}), "2 rows but"),
         (pd.DataFrame({"ImageId": [1, 2, 2], "Label": [1, 2, 3]}), "each once"),
         (pd.DataFrame({"ImageId": [1, 2, 4], "Label": [1, 2, 3]}), "missing"),
-        (pd.DataFrame({"ImageId": [1, 2, 3], "Label": [1, None, 3]}), "missing or empty values"),
-        (pd.DataFrame({"ImageId": [1, 2, 3], "Label": ["a", "", "c"]}), "missing or empty values"),
+        (pd.DataFrame({"ImageId": [1, 2, 3], "Label": [1, None, 3]}), "missing values"),
         (
             pd.DataFrame({"ImageId": [1, 2, 3], "Label": [0.5, float("inf"), 0.1]}),
             r"Inf in column\(s\) \['Label'\]",
@@ -497,3 +507,11 @@ def test_write_submission_compares_ids_as_the_sample_writes_them(tmp_path):
     as_text = pd.read_csv(sample, dtype={"id": str}, keep_default_na=False)
     path = write_submission(as_text.assign(target=0.5), sample, tmp_path / "submission.csv")
     assert path.read_text().splitlines() == ["id,target", "0001,0.5", "0002,0.5", "NA,0.5"]
+
+
+def test_write_submission_takes_an_empty_answer_as_an_answer(tmp_path):
+    sample = tmp_path / "sample_submission.csv"
+    sample.write_text("ImageId,EncodedPixels\na,1 2\nb,1 2\n")
+    frame = pd.DataFrame({"ImageId": ["a", "b"], "EncodedPixels": ["3 4", ""]})  # b: no object
+    path = write_submission(frame, sample, tmp_path / "submission.csv")
+    assert path.read_text().splitlines() == ["ImageId,EncodedPixels", "a,3 4", "b,"]

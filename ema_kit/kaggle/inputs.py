@@ -218,13 +218,15 @@ def _names(argument: str, values: Iterable[str]) -> list[str]:
 
 
 def _slugs(argument: str, values: Iterable[str]) -> list[str]:
-    """Input names: slugs, the last folder of an input's path (a glob pattern would match any input)."""
+    """Input names: slugs, the last folder of an input's path, or ``owner/slug`` as kernel-metadata.json
+    names datasets (a glob pattern would match any input)."""
     names = _names(argument, values)
     for name in names:
-        if not name or any(c in name for c in "/\\*?[]") or name in (".", ".."):
+        parts = name.split("/")
+        if len(parts) > 2 or not all(parts) or any(c in name for c in "\\*?[]") or {".", ".."} & set(parts):
             raise ValueError(
                 f"{argument}: {name!r} is not an input's slug, the last folder of its path under "
-                "/kaggle/input (e.g. 'digit-recognizer')."
+                "/kaggle/input (e.g. 'digit-recognizer'), or owner/slug."
             )
     return names
 
@@ -240,11 +242,16 @@ def _locate(names: list[str], files: list[str], root: Path, *, named_only: bool 
     base = root / "input"
     lacking = []  # inputs attached under a name asked for, without the files
     for name in names:
-        mounts = [base / name] + [
-            p for group, pattern in _GROUPS.items() for p in sorted((base / group).glob(pattern.format(name)))
+        owner, _, slug = name.rpartition("/")
+        mounts = [base / slug] + [
+            p
+            for group, pattern in _GROUPS.items()
+            for p in sorted((base / group).glob(pattern.format(slug)))
+            if not owner or p.parent.name == owner
         ]
         found = []
-        for mount in (m for m in mounts if m.is_dir()):
+        mounts = list({m.resolve(): m for m in mounts if m.is_dir()}.values())  # one input at two paths: once
+        for mount in mounts:
             holding = [folder for folder in _folders(mount, _NAMED_DEPTH) if _holds(folder, files)]
             found += holding[:1]
             lacking += [] if holding else [mount]

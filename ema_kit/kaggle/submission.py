@@ -106,7 +106,7 @@ def write_submission(
     ids = expected.columns[0]
     # The ids as the sample writes them: "0001" stays "0001", and an id "NA" is an id, not a missing value.
     written = pd.read_csv(sample, usecols=[0], dtype=str, keep_default_na=False).iloc[:, 0]
-    missing = set(written) - set(frame[ids].astype(str))
+    missing = set(written.str.strip()) - set(frame[ids].astype(str).str.strip())
     if missing or frame[ids].duplicated().any():
         raise ValueError(
             f"The submission's {ids} column must hold the sample's ids as it writes them, each once; "
@@ -114,9 +114,9 @@ def write_submission(
             f"the sample read as text, pd.read_csv(sample, dtype={{{ids!r}: str}}, keep_default_na=False), "
             "so that ids such as 0001 keep their zeros."
         )
-    empty = [c for c in frame.columns if frame[c].isna().any() or frame[c].astype(str).eq("").any()]
-    if empty:
-        raise ValueError(f"The submission has missing or empty values in column(s) {empty}; fill every cell.")
+    empty = [c for c in frame.columns if frame[c].isna().any()]
+    if empty:  # an empty string is an answer (no object: an empty EncodedPixels or PredictionString)
+        raise ValueError(f"The submission has missing values in column(s) {empty}; fill every cell.")
     numbers = frame.select_dtypes("number")
     infinite = [c for c in numbers.columns if not np.isfinite(numbers[c].to_numpy(dtype=float)).all()]
     if infinite:
