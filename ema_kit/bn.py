@@ -65,10 +65,15 @@ def recompute_bn(
         for norm in norms:
             norm.reset_running_stats()
             norm.momentum = None  # a cumulative average over the pass, every batch weighted alike
+        def measure(inputs, _) -> None:
+            for norm in norms:  # also where the model's own train() keeps BatchNorm frozen (fine-tuning)
+                norm.training = True
+            _batches.call(module, inputs)
+
         batches = _batches.each_batch(
             module,
             loader,
-            lambda inputs, _: _batches.call(module, inputs),
+            measure,
             train=True,
             device=None if device is None else torch.device(device),
             target_key=target_key,

@@ -276,7 +276,7 @@ class ModelEMA:
         self._shadows.blend(weights)
 
     def copy_to(self, model: nn.Module) -> None:
-        """Write the EMA weights (and buffers) into ``model`` for good (``fit(ema_switch=...)`` calls it)."""
+        """Write the EMA weights (and buffers) into ``model`` for good (the ``SwitchEMA`` callback does)."""
         lives, shadows = self._shadows.pair(model, self._index)
         with torch.no_grad():
             torch._foreach_copy_(lives, shadows)
@@ -284,8 +284,8 @@ class ModelEMA:
     def recompute_bn(self, loader, **options) -> int:
         """The EMA's BatchNorm statistics measured afresh: ``ema_kit.recompute_bn(ema.module, loader, ...)``.
 
-        In place: call it after training (later updates average on from these statistics), or use
-        ``fit(recompute_ema_bn=True)``, which measures them on a copy each epoch.
+        In place: call it after training (later updates average on from these statistics), or give ``fit``
+        the ``RecomputeEMABatchNorm`` callback, which measures them on a copy each epoch.
         """
         return recompute_bn(self.module, loader, **options)
 

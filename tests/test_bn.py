@@ -49,6 +49,26 @@ def test_statistics_match_update_bn_on_input_target_pairs():
     assert_same_stats(model, reference)
 
 
+class FrozenNorms(nn.Sequential):
+    """A model whose train() keeps its BatchNorm in eval mode, as fine-tuning code often does."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
+
+
+def test_a_model_whose_train_keeps_batchnorm_frozen_has_its_statistics_measured_not_reset():
+    model, reference = trained_cnn(), trained_cnn()
+    frozen = FrozenNorms(*model).train()  # its BatchNorm in eval mode
+    assert recompute_bn(frozen, batches()) == 6
+    update_bn(batches(), reference)  # BatchNorm in train mode
+    assert_same_stats(frozen, reference)
+    assert not any(m.training for m in frozen.modules() if isinstance(m, nn.BatchNorm2d))
+
+
 def test_dict_batches_with_target_key_give_the_same_statistics_as_pairs():
     reference = trained_cnn()
     update_bn(batches(), reference)
