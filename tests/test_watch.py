@@ -79,6 +79,17 @@ def test_a_run_whose_process_is_gone_is_reported_with_the_last_epoch_saved(tmp_p
     assert "resume=True" in str(error.value)
 
 
+def test_a_run_that_finishes_and_exits_between_reading_its_status_and_its_process_is_not_taken_for_dead(
+    tmp_path, monkeypatch, capsys
+):
+    _fit(tmp_path / "run")  # finished: 2 of 2
+    finished = read_status(tmp_path / "run")
+    reads = iter([finished | {"state": "running", "pid": _dead_pid()}])  # then the file: finished
+    monkeypatch.setattr(watch_module, "read_status", lambda folder: next(reads, finished))
+    shown = watch(tmp_path / "run", progress="off", plot=False)
+    assert len(shown) == 2 and "finished: 2 of 2 epochs" in capsys.readouterr().out
+
+
 def test_a_run_on_another_machine_without_a_heartbeat_is_reported(tmp_path):
     _fit(tmp_path / "run")
     _edit_status(tmp_path / "run", state="running", host="another-kernel", time=time.time() - 60)

@@ -82,6 +82,11 @@ def watch(
             gone = f"no run started in {folder} within {stale_after:g} s (no status.json)"
         else:
             gone = None
+        if gone and status is not None:  # it may have written its last status and exited since the read
+            last = read_status(folder)
+            if last is not None and last["started"] == status["started"] and last["state"] != "running":
+                follower.show(_read_history(folder), last)
+                return follower.end(last, job)
         if gone:
             raise RuntimeError(follower.died(gone, status, job))
         time.sleep(every)
