@@ -1279,3 +1279,19 @@ def test_the_stop_button_after_a_row_within_an_epoch_says_so(tmp_path):
         "Stopped by the user during epoch 2 of 3: kept 1 finished epoch and 1 row scored within epoch 2 "
         f"(the last kept: epoch 1.5); {tmp_path} holds them, with a checkpoint of epoch 1 to resume from."
     )
+
+
+def test_how_many_emas_are_scored_does_not_change_how_the_live_model_trains():
+    def trained(ema):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), nn.Linear(32, 3))  # draws from torch's RNG
+        generator = torch.Generator().manual_seed(1)
+        data = TensorDataset(torch.randn(96, 16, generator=generator), torch.arange(96) % 3)
+        train = DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        quiet_fit(model, train, DataLoader(data, batch_size=32), epochs=3, optimizer=optimizer, ema=ema)
+        return list(model.parameters())
+
+    alone = trained(None)
+    for ema in (0.9, (0.9, 0.99, 0.999)):
+        assert all(torch.equal(a, b) for a, b in zip(alone, trained(ema)))

@@ -287,11 +287,18 @@ class _Scoring:
 
     def __call__(self, state: FitState, trainer: _Trainer, *, epoch: float) -> None:
         state.scored = _scored(state.emas)
-        self.hooks.call("on_validation_start", state)
-        scores = {
-            prefix: _score(scored, self.model, self.val_loader, self.scoring)
-            for prefix, scored in [("live", self.model), *state.scored.items()]
-        }
+        # Each pass over val_loader draws from torch's random generator (its iterator's seed), so without
+        # this the number of EMAs scored, or none, would change the dropout and shuffles of training after.
+        generators = loader_generators(self.val_loader)
+        drawn = rng_state(*generators)
+        try:
+            self.hooks.call("on_validation_start", state)
+            scores = {
+                prefix: _score(scored, self.model, self.val_loader, self.scoring)
+                for prefix, scored in [("live", self.model), *state.scored.items()]
+            }
+        finally:
+            set_rng_state(drawn, *generators)
         per_epoch = self.steps_per_epoch or max(1, state.step - trainer.first_step)  # no len(): as measured
         state.row = {
             "epoch": epoch,
