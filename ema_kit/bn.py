@@ -8,7 +8,8 @@ timm's experience is that it can hurt; ``benchmarks/RESULTS_extras.md`` says wha
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -65,20 +66,22 @@ def recompute_bn(
         for norm in norms:
             norm.reset_running_stats()
             norm.momentum = None  # a cumulative average over the pass, every batch weighted alike
+
         def measure(inputs, _) -> None:
             for norm in norms:  # also where the model's own train() keeps BatchNorm frozen (fine-tuning)
                 norm.training = True
             _batches.call(module, inputs)
 
-        batches = _batches.each_batch(
-            module,
-            loader,
-            measure,
-            train=True,
-            device=None if device is None else torch.device(device),
-            target_key=target_key,
-            caller="recompute_bn",
-        )
+        with _in_float32(norms):
+            batches = _batches.each_batch(
+                module,
+                loader,
+                measure,
+                train=True,
+                device=None if device is None else torch.device(device),
+                target_key=target_key,
+                caller="recompute_bn",
+            )
         if batches == 0:
             raise ValueError("recompute_bn got an empty loader; pass the training loader (one pass is read).")
     except BaseException:
@@ -90,3 +93,26 @@ def recompute_bn(
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
     return batches
+
+
+@contextlib.contextmanager
+def _in_float32(norms: list[_BatchNorm]) -> Iterator[None]:
+    """BatchNorm layers held in bfloat16 or float16 (a bf16 EMA) measured in float32 and rounded once at
+    the end: an average over hundreds of batches kept in bfloat16 drifts, its small steps rounded away. The
+    layers keep their tensor objects (an EMA's shadows); BatchNorm takes low-precision inputs beside them."""
+    swapped = []  # (holder, name, the layer's own tensor)
+    for norm in norms:
+        for holder in (norm._parameters, norm._buffers):
+            for name, tensor in holder.items():
+                if tensor is not None and tensor.dtype in (torch.bfloat16, torch.float16):
+                    wide = tensor.detach().float()
+                    if isinstance(tensor, nn.Parameter):
+                        wide = nn.Parameter(wide, tensor.requires_grad)
+                    holder[name] = wide
+                    swapped.append((holder, name, tensor))
+    try:
+        yield
+    finally:
+        for holder, name, tensor in swapped:
+            tensor.copy_(holder[name])  # the statistics rounded once; the weights, unchanged, exactly
+            holder[name] = tensor

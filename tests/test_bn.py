@@ -1,6 +1,7 @@
 """recompute_bn: the same statistics as swa_utils.update_bn, for every batch shape, with modes restored."""
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -67,6 +68,21 @@ def test_a_model_whose_train_keeps_batchnorm_frozen_has_its_statistics_measured_
     update_bn(batches(), reference)  # BatchNorm in train mode
     assert_same_stats(frozen, reference)
     assert not any(m.training for m in frozen.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_a_bfloat16_model_averages_its_statistics_in_float32_over_a_long_pass_and_keeps_its_tensors():
+    model = trained_cnn().to(torch.bfloat16)
+    reference = copy.deepcopy(model).double()
+    long_pass = batches(400)
+    tensors = list(model.state_dict(keep_vars=True).values())
+    recompute_bn(model, [(x.bfloat16(), y) for x, y in long_pass])
+    update_bn([(x.double(), y) for x, y in long_pass], reference)
+    for key, value in stats(reference).items():
+        if value.is_floating_point():
+            error = ((stats(model)[key].double() - value).abs() / value.abs().clamp_min(0.1)).max().item()
+            assert error < 0.03, key  # a bfloat16 average drifted to 0.1-0.4 over such a pass
+    assert all(map(operator.is_, model.state_dict(keep_vars=True).values(), tensors))
+    assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
 
 
 def test_dict_batches_with_target_key_give_the_same_statistics_as_pairs():
