@@ -1121,7 +1121,7 @@ class ModelEMA:
         self._shadows.blend(weights)
 
     def copy_to(self, model: nn.Module) -> None:
-        """Write the EMA weights (and buffers) into ``model`` for good (``fit(ema_switch=...)`` calls it)."""
+        """Write the EMA weights (and buffers) into ``model`` for good (the ``SwitchEMA`` callback does)."""
         lives, shadows = self._shadows.pair(model, self._index)
         with torch.no_grad():
             torch._foreach_copy_(lives, shadows)
