@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import OneCycleLR
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from ema_kit import Callback, EarlyStopping, GradientClip, LiveLog, ModelEMA, ValidateEvery, evaluate, fit
 from ema_kit.examples.demo import SmallCNN
@@ -1295,3 +1295,28 @@ def test_how_many_emas_are_scored_does_not_change_how_the_live_model_trains():
     alone = trained(None)
     for ema in (0.9, (0.9, 0.99, 0.999)):
         assert all(torch.equal(a, b) for a, b in zip(alone, trained(ema)))
+
+
+def test_every_model_is_scored_on_the_same_random_draws_of_a_random_validation_subset():
+    model, optimizer, train, val = setup(seed=1)
+    subset = RandomSampler(val.dataset, replacement=True, num_samples=8)  # a new random subset each pass
+    random_val = DataLoader(val.dataset, batch_size=8, sampler=subset)
+    ema = ModelEMA(model, decay=0.9, update_after_step=10**6)  # copies the live weights: the same model
+    log = quiet_fit(model, train, random_val, epochs=2, optimizer=optimizer, ema=ema)
+    assert log["live_loss"].tolist() == log["ema_loss"].tolist()
+
+
+def test_a_resume_is_bit_identical_with_a_batch_sampler_that_shuffles_with_its_own_generator(tmp_path):
+    def run(epochs, folder):
+        model, optimizer, train, val = setup(seed=1)
+        sampler = RandomSampler(train.dataset, generator=torch.Generator().manual_seed(3))
+        train = DataLoader(train.dataset, batch_sampler=BatchSampler(sampler, 16, drop_last=False))
+        log = quiet_fit(model, train, val, epochs=epochs, optimizer=optimizer, out_dir=tmp_path / folder,
+                        resume="auto")  # fmt: skip
+        return log, model
+
+    log, model = run(3, "whole")
+    run(2, "split")
+    resumed_log, resumed = run(3, "split")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+    pd.testing.assert_frame_equal(log.drop(columns="seconds"), resumed_log.drop(columns="seconds"))

@@ -110,9 +110,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def loader_generators(loader) -> list:
-    """The loader's own random generators (its and its sampler's), whose state decides its shuffle order."""
+    """The loader's own random generators (its, its sampler's, and its batch sampler's sampler's), whose
+    state decides its shuffle order."""
     sampler = getattr(loader, "sampler", None)
-    return [getattr(loader, "generator", None), getattr(sampler, "generator", None)]
+    batched = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    return [getattr(holder, "generator", None) for holder in (loader, sampler, batched)]
 
 
 def _without_numpy(value):

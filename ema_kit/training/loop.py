@@ -287,31 +287,34 @@ class _Scoring:
 
     def __call__(self, state: FitState, trainer: _Trainer, *, epoch: float) -> None:
         state.scored = _scored(state.emas)
-        # Each pass over val_loader draws from torch's random generator (its iterator's seed), so without
-        # this the number of EMAs scored, or none, would change the dropout and shuffles of training after.
+        # Each pass over val_loader draws from the random generators (its iterator's seed, a random subset
+        # or crop): every model is scored from the same state, and training goes on from its own, whatever
+        # the validation and its callbacks drew. Else how many EMAs were scored, or none, would change the
+        # live model's scores and the dropout and shuffles of the training after.
         generators = loader_generators(self.val_loader)
-        drawn = rng_state(*generators)
+        training = rng_state(*generators)
         try:
             self.hooks.call("on_validation_start", state)
-            scores = {
-                prefix: _score(scored, self.model, self.val_loader, self.scoring)
-                for prefix, scored in [("live", self.model), *state.scored.items()]
+            scoring = rng_state(*generators)
+            scores = {}
+            for prefix, scored in [("live", self.model), *state.scored.items()]:
+                set_rng_state(scoring, *generators)
+                scores[prefix] = _score(scored, self.model, self.val_loader, self.scoring)
+            per_epoch = self.steps_per_epoch or max(1, state.step - trainer.first_step)  # no len(): measured
+            state.row = {
+                "epoch": epoch,
+                "train_loss": trainer.take_train_loss(state),
+                **score_row(scores),
+                **{
+                    f"half_life_epochs_{name}": effective_half_life_epochs(e, steps_per_epoch=per_epoch)
+                    for name, e in state.emas.items()
+                },
+                "lr": trainer.lr,
+                "seconds": time.perf_counter() - trainer.row_started,
             }
+            self.hooks.call("on_validation_end", state)
         finally:
-            set_rng_state(drawn, *generators)
-        per_epoch = self.steps_per_epoch or max(1, state.step - trainer.first_step)  # no len(): as measured
-        state.row = {
-            "epoch": epoch,
-            "train_loss": trainer.take_train_loss(state),
-            **score_row(scores),
-            **{
-                f"half_life_epochs_{name}": effective_half_life_epochs(e, steps_per_epoch=per_epoch)
-                for name, e in state.emas.items()
-            },
-            "lr": trainer.lr,
-            "seconds": time.perf_counter() - trainer.row_started,
-        }
-        self.hooks.call("on_validation_end", state)
+            set_rng_state(training, *generators)
         state.row = _rank_zero_row(state.row)
         with _env.finish_before_stopping():
             state.history = append_row(state.history, state.row)
