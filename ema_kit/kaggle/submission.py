@@ -92,7 +92,8 @@ def write_submission(
     """
     if not isinstance(frame, pd.DataFrame):
         raise TypeError(f"frame must be a pandas DataFrame, got {type(frame).__name__}.")
-    expected = pd.read_csv(sample)
+    # As the sample writes it: an id "0001" keeps its zeros, and an id "NA" is an id, not a missing value.
+    expected = pd.read_csv(sample, dtype=str, keep_default_na=False)
     if list(frame.columns) != list(expected.columns):
         raise ValueError(
             f"The submission's columns {list(frame.columns)} differ from the sample submission's "
@@ -104,9 +105,7 @@ def write_submission(
             "every row of the test set, once."
         )
     ids = expected.columns[0]
-    # The ids as the sample writes them: "0001" stays "0001", and an id "NA" is an id, not a missing value.
-    written = pd.read_csv(sample, usecols=[0], dtype=str, keep_default_na=False).iloc[:, 0]
-    missing = set(written.str.strip()) - set(frame[ids].astype(str).str.strip())
+    missing = set(expected[ids].str.strip()) - set(frame[ids].astype(str).str.strip())
     if missing or frame[ids].duplicated().any():
         raise ValueError(
             f"The submission's {ids} column must hold the sample's ids as it writes them, each once; "

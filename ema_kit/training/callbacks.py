@@ -97,6 +97,7 @@ class FitState:
     # Per batch (on_batch_start .. on_batch_end).
     inputs: object = None  # on the device; replaceable in on_batch_start
     targets: object = None  # on the device; replaceable in on_batch_start
+    rows: int = 0  # the batch's rows (ema_kit._batches.rows), which weigh its loss
     outputs: object = None  # the prediction the loss sees
     loss: torch.Tensor | None = None  # this batch's loss; replaceable in on_before_backward
     train_loss: float = float("nan")  # the mean training loss per sample since the last row (steps taken)

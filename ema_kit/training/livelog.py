@@ -210,7 +210,7 @@ class LiveLog(Callback):
         self._start_epoch(state.epoch, batches_per_epoch(state.train_loader))
 
     def on_batch_end(self, state: FitState) -> None:
-        self._batch_done(rows(state.inputs, state.targets))
+        self._batch_done(state.rows)
 
     def on_row_added(self, state: FitState) -> None:
         self.history, self.best_epoch = state.history, state.best_epoch

@@ -373,7 +373,7 @@ class _Trainer:
         group_loss, group_rows, pending = None, 0, 0
         for index, batch in enumerate(state.train_loader):
             inputs, targets = _batches.split(batch, state.target_key)
-            rows = _batches.rows(inputs, targets)
+            state.rows = rows = _batches.rows(inputs, targets)
             if rows == 1 and self.batchnorm:
                 self._warn_once("one row", 4, _ONE_ROW_SKIPPED)
                 continue

@@ -60,8 +60,7 @@ class RunStatus(Callback):
 
     def on_batch_end(self, state: FitState) -> None:
         self.fields["batch"] = self.fields.get("batch", 0) + 1
-        rows = _batches.rows(state.inputs, state.targets)
-        self.fields["rows"] = self.fields.get("rows", 0) + rows * _processes()
+        self.fields["rows"] = self.fields.get("rows", 0) + state.rows * _processes()
         if time.time() - self._written >= self.every:
             self._write(state)
 
